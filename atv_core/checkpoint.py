@@ -1,0 +1,69 @@
+"""Generator checkpoints: a folder with `atv_config.json` (every setting, see GeneratorConfig) and
+`atv_weights.safetensors` (expansion, gate centroids, and the backbone only if it was fine-tuned).
+
+No pickle anywhere. The backbone is re-loaded from `config.backbone` unless its weights are stored.
+Loading against a target checks the target's layer count and hidden size and refuses a mismatch.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .generator import ATVGenerator, GeneratorConfig
+from .models import load_backbone
+
+CONFIG_FILE = "atv_config.json"
+WEIGHTS_FILE = "atv_weights.safetensors"
+FORMAT_VERSION = 1
+
+
+def save_generator(generator: ATVGenerator, path: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    meta = {"format_version": FORMAT_VERSION, "generator": generator.config.to_dict()}
+    (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+             for k, v in generator.trainable_state_dict().items()}
+    save_file(state, str(path / WEIGHTS_FILE), metadata={"format": "atv", "version": str(FORMAT_VERSION)})
+    return path
+
+
+def read_config(path: str | Path) -> GeneratorConfig:
+    path = Path(path)
+    if not (path / CONFIG_FILE).exists():
+        raise ValueError(f"{path} is not an ATV generator checkpoint (no {CONFIG_FILE}); "
+                         "train one with `atv train` or pass --generator none")
+    meta = json.loads((path / CONFIG_FILE).read_text())
+    return GeneratorConfig.from_dict(meta["generator"])
+
+
+def check_target(config: GeneratorConfig, target_layers: int, target_hidden: int) -> None:
+    if (config.target_layers, config.target_hidden) != (target_layers, target_hidden):
+        raise ValueError(
+            f"generator was trained for a target with {config.target_layers} layers x hidden {config.target_hidden} "
+            f"({config.target}), but the target has {target_layers} layers x hidden {target_hidden}; "
+            "use the target it was trained for or train a generator for this one")
+
+
+def load_generator(path: str | Path, target=None, device: torch.device | str = "cpu",
+                   backbone=None, tokenizer=None) -> ATVGenerator:
+    """Load a checkpoint folder. `target` (an HF causal LM), when given, is checked for a matching L and d."""
+    config = read_config(path)
+    if target is not None:
+        from .layers import find_decoder_layers
+
+        check_target(config, len(find_decoder_layers(target)), target.config.hidden_size)
+    if backbone is None:
+        backbone, tokenizer = load_backbone(config.backbone, device)
+    generator = ATVGenerator(config, backbone, tokenizer)
+    state = load_file(str(Path(path) / WEIGHTS_FILE))
+    generator.centroids = torch.zeros_like(state.get("centroids", generator.centroids))
+    own = generator.state_dict()
+    missing = [k for k in own if k not in state and not k.startswith("backbone.")]
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks weights {missing}")
+    generator.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
+    return generator.to(device).eval()

@@ -1,0 +1,355 @@
+"""The serving engine: continuous batching where every request carries its own task vector.
+
+    add_request ──> Scheduler.waiting ──schedule()──> Batch(prefill | decode)
+                                                           │
+       prefill: generator(prompts) -> vectors -> runner.assign_vector -> runner.prefill
+       decode:  runner.decode(last tokens of every running request)
+                                                           │
+                         sampler.sample(logits) -> tokens -> _append(): stop / length / EOS
+                                                           │
+                         RequestOutput (text delta) -> request.on_output(...)
+
+`LLMEngine` is synchronous and single-threaded (`step()`); `AsyncEngine` runs it on a background thread
+with an asyncio bridge so nothing blocks the event loop. No HTTP here (see server/).
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable
+
+import torch
+
+from .request import Request, RequestOutput, SamplingParams, SteeringSpec, Status
+from .runner import ModelRunner
+from .sampler import make_generator, sample, token_logprobs
+from .scheduler import QueueFull, Scheduler, SchedulerConfig
+
+log = logging.getLogger("atv.engine")
+
+
+class PromptTooLong(ValueError):
+    """Prompt plus max_tokens does not fit the context (HTTP 413)."""
+
+
+class EngineDead(RuntimeError):
+    """The engine loop hit an unrecoverable error."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_running: int = 32
+    max_waiting: int = 256
+    max_prefill_tokens: int = 4096
+    max_model_len: int | None = None    # default: the model's max_position_embeddings, capped at 8192
+    initial_columns: int = 256
+
+
+@dataclass(frozen=True)
+class StepStats:
+    phase: str
+    duration_s: float
+    batch_size: int
+    num_running: int
+    num_waiting: int
+    slots_used: int
+    new_tokens: int
+
+
+class LLMEngine:
+    def __init__(self, model, tokenizer, generator=None, config: EngineConfig = EngineConfig()):
+        self.model, self.tokenizer, self.generator, self.config = model, tokenizer, generator, config
+        gen_cfg = generator.config if generator is not None else None
+        self.runner = ModelRunner(model, config.max_running, gen_cfg.selected_layers if gen_cfg else None,
+                                  gen_cfg.position if gen_cfg else "all", config.initial_columns)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_running, config.max_prefill_tokens, config.max_waiting))
+        limit = getattr(model.config, "max_position_embeddings", None) or 8192
+        self.max_model_len = config.max_model_len or min(limit, 8192)
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self._generators: dict[str, torch.Generator] = {}
+        self.step_listeners: list[Callable[[StepStats], None]] = []
+
+    @property
+    def has_generator(self) -> bool:
+        return self.generator is not None
+
+    # ---- admission ------------------------------------------------------------------------------
+    def validate(self, request: Request) -> None:
+        """Checks that need no engine state (safe from any thread). Raises ValueError / PromptTooLong."""
+        if not request.prompt_ids:
+            raise ValueError("prompt is empty: send at least one token")
+        total = request.num_prompt_tokens + request.params.max_tokens
+        if total > self.max_model_len:
+            raise PromptTooLong(f"prompt ({request.num_prompt_tokens} tokens) + max_tokens "
+                                f"({request.params.max_tokens}) = {total} exceeds the context of "
+                                f"{self.max_model_len} tokens; shorten the prompt or lower max_tokens")
+        if request.steering.mode == "atv" and self.generator is None:
+            raise ValueError("steering mode 'atv' needs a generator, and this server has none; use mode 'off'")
+
+    def add_request(self, request: Request) -> None:
+        self.validate(request)
+        self.scheduler.add(request)  # raises QueueFull
+        self._generators[request.request_id] = make_generator(request.params.seed)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        request = self.scheduler.find(request_id)
+        if request is None:
+            return None
+        request.finish("abort")
+        return self._retire(request, [], None)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- one step -------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        start = time.perf_counter()
+        outputs: list[RequestOutput] = []
+        if batch.phase == "prefill":
+            ready = self._attach_vectors(list(batch.requests), outputs)
+            logits = self.runner.prefill(ready) if ready else None
+            stepped = ready
+        else:
+            stepped = list(self.runner.rows)
+            logits = self.runner.decode([r.output_ids[-1] for r in stepped])
+        if stepped:
+            outputs += self._sample_and_append(stepped, logits)
+        duration = time.perf_counter() - start
+        stats = StepStats(batch.phase, duration, len(stepped), len(self.scheduler.running),
+                          len(self.scheduler.waiting), self.runner.slots_used, len(stepped))
+        for listener in self.step_listeners:
+            listener(stats)
+        return outputs
+
+    def _attach_vectors(self, requests: list[Request], outputs: list[RequestOutput]) -> list[Request]:
+        """Run the generator once for the admitted ATV requests; fail alone any whose vector is unusable."""
+        now = time.monotonic()
+        for request in requests:
+            request.scheduled_time = now
+            request.steering_info = {"mode": request.steering.mode, "scale": request.steering.scale}
+        steered = [r for r in requests if r.steering.mode == "atv" and r.steering.scale != 0]
+        if steered:
+            t0 = time.perf_counter()
+            try:
+                with torch.no_grad():
+                    out = self.generator([r.prompt_text for r in steered])
+                vectors, gates = out.vectors.float(), out.gates.float().tolist()
+            except Exception as exc:  # a generator fault fails these requests, not the engine
+                log.exception("generator failed for %d requests", len(steered))
+                for request in steered:
+                    request.finish("error", f"vector generation failed: {exc}")
+                vectors = None
+            elapsed = time.perf_counter() - t0
+            for i, request in enumerate(steered if vectors is not None else []):
+                vector = vectors[i] * request.steering.scale
+                norm = float(vector.norm())
+                request.steering_info.update(gate=gates[i], vector_norm=norm, generator_s=elapsed)
+                if not math.isfinite(norm):
+                    request.finish("error", "the generator produced a non-finite steering vector")
+                    continue
+                self.runner.assign_vector(request, vector)
+        failed = [r for r in requests if r.finished]
+        for request in failed:
+            outputs.append(self._retire(request, [], None))
+        return [r for r in requests if not r.finished]
+
+    def _sample_and_append(self, requests: list[Request], logits: torch.Tensor) -> list[RequestOutput]:
+        params = [r.params for r in requests]
+        tokens = sample(logits, params, [self._generators[r.request_id] for r in requests])
+        want = [i for i, p in enumerate(params) if p.logprobs is not None]
+        logprobs = {}
+        if want:
+            index = torch.tensor(want)
+            top_n = max(params[i].logprobs for i in want)
+            for i, lp in zip(want, token_logprobs(logits[index], tokens[index], top_n)):
+                lp.top = lp.top[: params[i].logprobs]
+                logprobs[i] = lp
+        now = time.monotonic()
+        outputs = []
+        for i, (request, token) in enumerate(zip(requests, tokens.tolist())):
+            request.first_token_time = request.first_token_time or now
+            request.last_token_time = now
+            outputs.append(self._append(request, token, logprobs.get(i)))
+        return outputs
+
+    def _append(self, request: Request, token: int, logprob) -> RequestOutput:
+        params = request.params
+        request.output_ids.append(token)
+        stop_token = (token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids
+        text_ids = request.output_ids[:-1] if stop_token else request.output_ids
+        text = self.tokenizer.decode(text_ids, skip_special_tokens=True)
+        hit = _find_stop(text, params.stop, len(request.output_text))
+        if hit is not None:
+            text = text[:hit]
+        request.output_text = text
+        if stop_token or hit is not None:
+            request.finish("stop")
+        elif len(request.output_ids) >= params.max_tokens or request.kv_len + 1 >= self.max_model_len + request.kv_start:
+            request.finish("length")
+        if request.finished:
+            return self._retire(request, [token], logprob)
+        return self._emit(request, [token], logprob)
+
+    def _emit(self, request: Request, token_ids: list[int], logprob) -> RequestOutput:
+        text = request.output_text
+        end = len(text)
+        if not request.finished:  # hold back what could still become a stop string or a split character
+            end -= max((len(s) for s in request.params.stop), default=1) - 1
+            while end > request.emitted_chars and text[end - 1] == "\ufffd":
+                end -= 1
+        end = max(end, request.emitted_chars)
+        delta, request.emitted_chars = text[request.emitted_chars:end], end
+        out = RequestOutput(request.request_id, delta, token_ids, [logprob] if logprob else None,
+                            request.finished, request.finish_reason, request.error, request.num_prompt_tokens,
+                            len(request.output_ids), request.steering_info)
+        if request.on_output is not None:
+            request.on_output(out)
+        return out
+
+    def _retire(self, request: Request, token_ids: list[int], logprob) -> RequestOutput:
+        self.scheduler.finish(request)
+        self.runner.release(request)
+        self._generators.pop(request.request_id, None)
+        if request.status is not Status.FINISHED:
+            request.finish("abort")
+        return self._emit(request, token_ids, logprob)
+
+
+def _find_stop(text: str, stops: tuple[str, ...], checked: int) -> int | None:
+    """Earliest index where a stop string starts, searching only text that can contain a new match."""
+    hits = []
+    for stop in stops:
+        index = text.find(stop, max(0, checked - len(stop) + 1))
+        if index >= 0:
+            hits.append(index)
+    return min(hits) if hits else None
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    for value in (getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(value)
+    return ids
+
+
+class AsyncEngine:
+    """Runs an LLMEngine on its own thread; `generate()` is an async iterator of RequestOutput."""
+
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._ids = itertools.count()
+        self._pending = 0   # requests handed to the thread but not yet in its scheduler
+        self.error: str | None = None
+        self.num_running = 0
+        self.num_waiting = 0
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> "AsyncEngine":
+        self._thread = threading.Thread(target=self._loop, name="atv-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def is_alive(self) -> bool:
+        return self.error is None and self._thread is not None and self._thread.is_alive()
+
+    def has_work(self) -> bool:
+        return self._pending > 0 or self.num_running > 0 or self.num_waiting > 0
+
+    # ---- requests -------------------------------------------------------------------------------
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, steering: SteeringSpec,
+                       prompt_text: str = "", request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        if not self.is_alive:
+            raise EngineDead(self.error or "engine is not running")
+        request_id = request_id or f"req-{next(self._ids)}"
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        request = Request(request_id, list(prompt_ids), params, steering, prompt_text,
+                          on_output=lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out))
+        self.engine.validate(request)
+        if self.num_waiting + self._pending >= self.engine.config.max_waiting:
+            raise QueueFull(f"waiting queue is full ({self.engine.config.max_waiting} requests)")
+        self._pending += 1
+        self._inbox.put(("add", request))
+        self._wake.set()
+        finished = False
+        try:
+            while not finished:
+                out = await outputs.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:  # the consumer went away (client disconnect, timeout): stop generating
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    # ---- the engine thread ----------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._drain_inbox()
+                if self.engine.has_work():
+                    self.engine.step()  # outputs reach each request's on_output callback
+                else:
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+                self.num_running = len(self.engine.scheduler.running)
+                self.num_waiting = len(self.engine.scheduler.waiting)
+        except Exception as exc:  # unrecoverable: report it, fail everything in flight
+            log.exception("engine loop died")
+            self.error = f"{type(exc).__name__}: {exc}"
+            self._fail_all(self.error)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                self._pending -= 1
+                try:
+                    self.engine.add_request(item)
+                except (ValueError, QueueFull) as exc:
+                    item.finish("error", str(exc))
+                    self.engine._emit(item, [], None)
+            else:
+                self.engine.abort(item)
+
+    def _fail_all(self, reason: str) -> None:
+        pending = []
+        while True:
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "add":
+                pending.append(item)
+        for request in (*self.engine.scheduler.running, *self.engine.scheduler.waiting, *pending):
+            request.finish("error", f"engine failed: {reason}")
+            self.engine._emit(request, [], None)

@@ -1,0 +1,175 @@
+"""The ATV generator: reads a query and writes one steering vector per selected target layer.
+
+    query text --input_template--> backbone (any HF AutoModel) --pool--> q [B, d_s]
+    q --expansion--> v [B, L_sel, d]             full rank: Linear(d_s, L_sel*d)   (the paper)
+                                                  low rank:  Linear(d_s, r) -> Linear(r, L_sel*d)
+    out = lambda * gate(q) * v                    gate in [0, 1] (1 when no gate is configured)
+
+Every setting that must be identical in training and serving (input template, pooling, position policy,
+selected layers, lambda, gate) lives in the frozen `GeneratorConfig`, which the checkpoint stores.
+This module does not inject vectors (injection.py) and does not train (train.py).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .injection import POSITION_POLICIES
+
+POOLINGS = ("mean", "last", "cls")
+GATES = ("none", "distance")
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    backbone: str                      # HF id, local path, or "embedded:all-minilm-l6-v2"
+    target: str                        # the target model it was made for (id or path; informational)
+    target_layers: int                 # L of the target
+    target_hidden: int                 # d of the target
+    layers: tuple[int, ...] | None = None   # selected target layers; None = all
+    backbone_kind: Literal["encoder", "decoder"] = "encoder"
+    pooling: Literal["mean", "last", "cls"] | None = None   # None: mean for encoders, last for decoders
+    rank: int | None = 64              # None = full-rank expansion
+    scale: float = 1.0                 # lambda
+    position: Literal["all", "last"] = "all"
+    input_template: str = "{prompt}"   # what the generator reads; {prompt} is the request's prompt text
+    max_input_tokens: int = 256
+    gate: Literal["none", "distance"] = "none"
+    gate_threshold: float = 0.0        # distance gate: g = sigmoid((max cos(q, centroid) - threshold) / temperature)
+    gate_temperature: float = 0.05
+    train_backbone: bool = False
+    recipe: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.backbone_kind not in ("encoder", "decoder"):
+            raise ValueError(f"backbone_kind must be 'encoder' or 'decoder', got {self.backbone_kind!r}")
+        if self.pooling is not None and self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.position not in POSITION_POLICIES:
+            raise ValueError(f"position must be one of {POSITION_POLICIES}, got {self.position!r}")
+        if self.gate not in GATES:
+            raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
+        if "{prompt}" not in self.input_template:
+            raise ValueError(f"input_template must contain '{{prompt}}', got {self.input_template!r}")
+        if self.rank is not None and self.rank < 1:
+            raise ValueError(f"rank must be a positive int or None (full rank), got {self.rank}")
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+            bad = [i for i in self.layers if not 0 <= i < self.target_layers]
+            if bad or len(set(self.layers)) != len(self.layers):
+                raise ValueError(f"layers must be distinct indices in [0, {self.target_layers}), got {self.layers}")
+
+    @property
+    def selected_layers(self) -> tuple[int, ...]:
+        return self.layers if self.layers is not None else tuple(range(self.target_layers))
+
+    @property
+    def pooling_mode(self) -> str:
+        return self.pooling or ("mean" if self.backbone_kind == "encoder" else "last")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["layers"] = list(self.layers) if self.layers is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GeneratorConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown generator config keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class GeneratorOutput:
+    vectors: torch.Tensor   # [B, L_sel, d], already multiplied by lambda * gate
+    gates: torch.Tensor     # [B]
+    pooled: torch.Tensor    # [B, d_s]
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """hidden [B, T, d_s], mask [B, T] (1 = real token) -> [B, d_s]."""
+    if mode == "mean":
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+    if mode == "last":  # last real token, whatever the padding side
+        positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+        last = torch.where(mask.bool(), positions, -1).max(dim=1).values
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    if mode == "cls":
+        return hidden[:, 0]
+    raise ValueError(f"pooling must be one of {POOLINGS}, got {mode!r}")
+
+
+class Expansion(nn.Module):
+    """d_s -> [L_sel, d]; the last projection starts at zero so an untrained generator steers nothing."""
+
+    def __init__(self, d_s: int, n_layers: int, d: int, rank: int | None):
+        super().__init__()
+        self.n_layers, self.d = n_layers, d
+        self.down = nn.Linear(d_s, rank, bias=False) if rank else None
+        self.up = nn.Linear(rank or d_s, n_layers * d)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        if self.down is not None:
+            q = self.down(q)
+        return self.up(q).view(q.shape[0], self.n_layers, self.d)
+
+
+class ATVGenerator(nn.Module):
+    def __init__(self, config: GeneratorConfig, backbone: nn.Module, tokenizer):
+        super().__init__()
+        self.config = config
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        d_s = backbone.config.hidden_size
+        self.expansion = Expansion(d_s, len(config.selected_layers), config.target_hidden, config.rank)
+        self.register_buffer("centroids", torch.zeros(0, d_s))  # [K, d_s], unit norm, for the distance gate
+        if not config.train_backbone:
+            backbone.requires_grad_(False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.expansion.up.weight.device
+
+    def format_inputs(self, prompts: list[str]) -> list[str]:
+        return [self.config.input_template.replace("{prompt}", p) for p in prompts]
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """Prompts -> pooled backbone states [B, d_s] (fp32)."""
+        batch = self.tokenizer(self.format_inputs(prompts), return_tensors="pt", padding=True, truncation=True,
+                               max_length=self.config.max_input_tokens).to(self.device)
+        grad = self.config.train_backbone and self.training
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            out = self.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return pool(out.last_hidden_state, batch["attention_mask"], self.config.pooling_mode).float()
+
+    def gate(self, pooled: torch.Tensor) -> torch.Tensor:
+        """[B, d_s] -> [B] in [0, 1]."""
+        if self.config.gate == "none" or self.centroids.shape[0] == 0:
+            return pooled.new_ones(pooled.shape[0])
+        q = nn.functional.normalize(pooled, dim=-1)
+        nearest = (q @ self.centroids.T.to(q)).max(dim=-1).values
+        return torch.sigmoid((nearest - self.config.gate_threshold) / self.config.gate_temperature)
+
+    def forward(self, prompts: list[str], use_gate: bool = True) -> GeneratorOutput:
+        pooled = self.encode(prompts)
+        gates = self.gate(pooled) if use_gate else pooled.new_ones(pooled.shape[0])
+        vectors = self.expansion(pooled.to(self.expansion.up.weight.dtype))
+        vectors = vectors * (self.config.scale * gates.to(vectors.dtype)).view(-1, 1, 1)
+        return GeneratorOutput(vectors=vectors, gates=gates, pooled=pooled)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint stores: expansion, gate buffers, and the backbone only if it was trained."""
+        state = {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
+        if self.config.train_backbone:
+            state.update({f"backbone.{k}": v for k, v in self.backbone.state_dict().items()})
+        return state

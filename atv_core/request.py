@@ -1,0 +1,124 @@
+"""The life of one request, as plain data (no torch).
+
+`Request` is the single object the scheduler, the runner and the engine pass around: prompt ids, sampling
+parameters, steering spec, where its KV cache row and vector slot are, what it has produced, and its
+timestamps. `RequestOutput` is what the engine emits to the caller after each step.
+"""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+SteeringMode = Literal["atv", "off"]
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0          # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0                    # 0 = no top-k
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None       # number of top alternatives to report per token (0..20)
+
+    def __post_init__(self):
+        checks = [
+            (self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
+            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be an int >= 0, got {self.top_k!r}"),
+            (self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+@dataclass(frozen=True)
+class SteeringSpec:
+    mode: SteeringMode = "atv"
+    scale: float = 1.0
+
+    def __post_init__(self):
+        if self.mode not in ("atv", "off"):
+            raise ValueError(f"steering mode must be 'atv' or 'off', got {self.mode!r}")
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]      # (token id, logprob), best first
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    text_delta: str
+    token_ids: list[int]              # tokens produced this step
+    logprobs: list[TokenLogprob] | None
+    finished: bool
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    steering: dict | None = None      # what was applied: mode, scale, gate, vector norm, generator time
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    steering: SteeringSpec = field(default_factory=SteeringSpec)
+    prompt_text: str = ""             # what the generator reads (through its input template)
+    on_output: Callable[[RequestOutput], None] | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    status: Status = Status.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    output_text: str = ""             # detokenized output, stop strings removed once matched
+    emitted_chars: int = 0            # how much of output_text has been streamed
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    vector_slot: int = 0              # 0 = unsteered
+    kv_row: int = -1                  # row of the runner's KV cache while running
+    kv_start: int = 0                 # first valid cache column (prefill is left-padded)
+    kv_len: int = 0                   # cache columns written so far
+    steering_info: dict | None = None
+    scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finished_time: float | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def finish(self, reason: FinishReason, error: str | None = None) -> None:
+        self.status = Status.FINISHED
+        self.finish_reason = reason
+        self.error = error
+        self.finished_time = time.monotonic()

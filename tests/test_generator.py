@@ -1,0 +1,106 @@
+"""Generator (pooling, expansion, gate) and checkpoint round trips on tiny backbones."""
+import json
+
+import pytest
+import torch
+
+from atv_core.checkpoint import load_generator, read_config, save_generator
+from atv_core.generator import ATVGenerator, GeneratorConfig, pool
+from tests.tiny import make_model, make_tiny_model_dir, make_tokenizer
+
+
+def _generator(tmp_path, kind="encoder", rank=8, layers=None, **kw):
+    arch = "bert" if kind == "encoder" else "gpt2"
+    backbone_dir = make_tiny_model_dir(tmp_path / f"backbone-{arch}", arch)
+    config = GeneratorConfig(backbone=str(backbone_dir), target="tiny-llama", target_layers=3, target_hidden=32,
+                             layers=layers, backbone_kind=kind, rank=rank, **kw)
+    from atv_core.models import load_backbone
+    backbone, tokenizer = load_backbone(str(backbone_dir))
+    generator = ATVGenerator(config, backbone, tokenizer)
+    with torch.no_grad():
+        for p in generator.expansion.parameters():
+            p.normal_(0, 0.5)
+    return generator.eval()
+
+
+def test_pooling_modes():
+    hidden = torch.arange(12.0).view(2, 3, 2)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    assert torch.equal(pool(hidden, mask, "mean")[0], hidden[0, :2].mean(0))
+    assert torch.equal(pool(hidden, mask, "last"), torch.stack([hidden[0, 1], hidden[1, 2]]))
+    left = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    assert torch.equal(pool(hidden, left, "last")[0], hidden[0, 2])
+    assert torch.equal(pool(hidden, mask, "cls"), hidden[:, 0])
+
+
+@pytest.mark.parametrize("kind,rank,layers", [("encoder", 8, None), ("decoder", None, (0, 2))])
+def test_shapes_and_padding_invariance(tmp_path, kind, rank, layers):
+    generator = _generator(tmp_path, kind, rank, layers)
+    with torch.no_grad():
+        both = generator(["short", "a much longer query than the other one"])
+        alone = generator(["short"])
+    n_layers = len(layers) if layers else 3
+    assert both.vectors.shape == (2, n_layers, 32)
+    torch.testing.assert_close(both.vectors[0], alone.vectors[0], atol=1e-5, rtol=1e-5)  # padding does not leak
+
+
+def test_untrained_generator_steers_nothing(tmp_path):
+    backbone_dir = make_tiny_model_dir(tmp_path / "b", "bert")
+    from atv_core.models import load_backbone
+    backbone, tok = load_backbone(str(backbone_dir))
+    gen = ATVGenerator(GeneratorConfig(str(backbone_dir), "t", 3, 32), backbone, tok)
+    assert torch.equal(gen(["anything"]).vectors, torch.zeros(1, 3, 32))
+
+
+def test_input_template_is_applied(tmp_path):
+    generator = _generator(tmp_path, input_template="Query: {prompt}")
+    assert generator.format_inputs(["x"]) == ["Query: x"]
+
+
+def test_distance_gate_steps_back_far_from_training_queries(tmp_path):
+    generator = _generator(tmp_path, gate="distance", gate_threshold=0.9, gate_temperature=0.01)
+    with torch.no_grad():
+        near = generator.encode(["positive review"])
+        generator.centroids = torch.nn.functional.normalize(near, dim=-1)
+        g_near = generator(["positive review"]).gates
+        g_far = generator(["zzzz qqqq 1234 %%%%"]).gates
+    assert g_near.item() > 0.99 and g_far.item() < g_near.item()
+
+
+def test_checkpoint_round_trip_gives_identical_vectors(tmp_path):
+    generator = _generator(tmp_path, gate="distance")
+    generator.centroids = torch.randn(4, generator.backbone.config.hidden_size)
+    path = save_generator(generator, tmp_path / "ckpt")
+    assert sorted(p.name for p in path.iterdir()) == ["atv_config.json", "atv_weights.safetensors"]
+    loaded = load_generator(path, target=make_model("llama"))
+    assert loaded.config == generator.config
+    prompts = ["hello", "what is the capital of France?"]
+    with torch.no_grad():
+        assert torch.equal(loaded(prompts).vectors, generator(prompts).vectors)
+    meta = json.loads((path / "atv_config.json").read_text())
+    assert meta["generator"]["position"] == "all" and meta["generator"]["input_template"] == "{prompt}"
+
+
+def test_checkpoint_refuses_a_target_with_other_shapes(tmp_path):
+    path = save_generator(_generator(tmp_path), tmp_path / "ckpt")
+    other = make_model("llama", layers=4, hidden=48)
+    with pytest.raises(ValueError, match=r"3 layers x hidden 32.*4 layers x hidden 48"):
+        load_generator(path, target=other)
+
+
+def test_bad_configs_and_paths_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="input_template"):
+        GeneratorConfig("b", "t", 3, 32, input_template="no placeholder")
+    with pytest.raises(ValueError, match="layers must be distinct"):
+        GeneratorConfig("b", "t", 3, 32, layers=(0, 5))
+    with pytest.raises(ValueError, match="position"):
+        GeneratorConfig("b", "t", 3, 32, position="first")
+    with pytest.raises(ValueError, match="unknown generator config keys"):
+        GeneratorConfig.from_dict({"backbone": "b", "target": "t", "target_layers": 3, "target_hidden": 32, "x": 1})
+    with pytest.raises(ValueError, match="not an ATV generator checkpoint"):
+        read_config(tmp_path)
+
+
+def test_no_pickle_in_checkpoints(tmp_path):
+    path = save_generator(_generator(tmp_path), tmp_path / "ckpt")
+    assert not list(path.glob("*.pt")) and not list(path.glob("*.bin")) and not list(path.glob("*.pkl"))

@@ -1,0 +1,87 @@
+"""Tiny randomly initialised HF models and a byte-level tokenizer, built from configs (no downloads).
+
+Used by the tests and by the deployment integration test: `make_tiny_model_dir(path, arch)` writes a
+folder that `from_pretrained` loads like any real checkpoint.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def make_tokenizer():
+    """A byte-level BPE tokenizer with no merges: one token per UTF-8 byte, plus ChatML specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {s: i for i, s in enumerate(SPECIALS)}
+    for ch in _bytes_to_unicode().values():
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   additional_special_tokens=SPECIALS[3:], chat_template=CHAT_TEMPLATE)
+
+
+VOCAB = len(SPECIALS) + 256
+
+
+def make_config(arch: str = "llama", layers: int = 3, hidden: int = 32):
+    from transformers import (BertConfig, Gemma3TextConfig, GPT2Config, GPTNeoXConfig, LlamaConfig)
+
+    common = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if arch == "llama":
+        return LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **common)
+    if arch == "gpt2":
+        return GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=512, **common)
+    if arch == "gpt_neox":
+        return GPTNeoXConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                             num_attention_heads=4, max_position_embeddings=512, **common)
+    if arch == "gemma3":
+        return Gemma3TextConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                                num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                max_position_embeddings=512, sliding_window=16, **common)
+    if arch == "bert":
+        return BertConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=512, vocab_size=VOCAB, pad_token_id=0)
+    raise ValueError(f"unknown tiny arch {arch!r}")
+
+
+def make_model(arch: str = "llama", seed: int = 0, **kw):
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = make_config(arch, **kw)
+    cls = AutoModel if arch == "bert" else AutoModelForCausalLM
+    model = cls.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # random init is tiny; widen it so logits differ clearly between inputs
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.2)
+    return model.eval()
+
+
+def make_tiny_model_dir(path: str | Path, arch: str = "llama", seed: int = 0) -> Path:
+    path = Path(path)
+    make_model(arch, seed).save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
