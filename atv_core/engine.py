@@ -89,7 +89,7 @@ class LLMEngine:
             raise PromptTooLong(f"prompt ({request.num_prompt_tokens} tokens) + max_tokens "
                                 f"({request.params.max_tokens}) = {total} exceeds the context of "
                                 f"{self.max_model_len} tokens; shorten the prompt or lower max_tokens")
-        if request.steering.mode == "atv" and self.generator is None:
+        if request.steering.mode == "atv" and self.generator is None and request.vector is None:
             raise ValueError("steering mode 'atv' needs a generator, and this server has none; use mode 'off'")
 
     def add_request(self, request: Request) -> None:
@@ -136,7 +136,10 @@ class LLMEngine:
         for request in requests:
             request.scheduled_time = now
             request.steering_info = {"mode": request.steering.mode, "scale": request.steering.scale}
-        steered = [r for r in requests if r.steering.mode == "atv" and r.steering.scale != 0]
+        atv = [r for r in requests if r.steering.mode == "atv" and r.steering.scale != 0]
+        for request in (r for r in atv if r.vector is not None):  # precomputed (static task vectors, eval)
+            self._assign(request, request.vector.float() * request.steering.scale, 1.0, 0.0)
+        steered = [r for r in atv if r.vector is None]
         if steered:
             t0 = time.perf_counter()
             try:
@@ -150,17 +153,19 @@ class LLMEngine:
                 vectors = None
             elapsed = time.perf_counter() - t0
             for i, request in enumerate(steered if vectors is not None else []):
-                vector = vectors[i] * request.steering.scale
-                norm = float(vector.norm())
-                request.steering_info.update(gate=gates[i], vector_norm=norm, generator_s=elapsed)
-                if not math.isfinite(norm):
-                    request.finish("error", "the generator produced a non-finite steering vector")
-                    continue
-                self.runner.assign_vector(request, vector)
+                self._assign(request, vectors[i] * request.steering.scale, gates[i], elapsed)
         failed = [r for r in requests if r.finished]
         for request in failed:
             outputs.append(self._retire(request, [], None))
         return [r for r in requests if not r.finished]
+
+    def _assign(self, request: Request, vector: torch.Tensor, gate: float, generator_s: float) -> None:
+        norm = float(vector.norm())
+        request.steering_info.update(gate=gate, vector_norm=norm, generator_s=generator_s)
+        if not math.isfinite(norm):
+            request.finish("error", "the generator produced a non-finite steering vector")
+        else:
+            self.runner.assign_vector(request, vector)
 
     def _sample_and_append(self, requests: list[Request], logits: torch.Tensor) -> list[RequestOutput]:
         params = [r.params for r in requests]

