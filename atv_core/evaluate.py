@@ -75,7 +75,7 @@ def normalise(text: str) -> str:
     return text.strip().split("\n")[0].strip().rstrip(".").strip().lower()
 
 
-def run_engine(engine: LLMEngine, prompts: list[str], vectors=None, mode="off", max_new_tokens=8) -> list[Request]:
+def run_engine(engine: LLMEngine, prompts: list[str], vectors=None, mode="off", max_new_tokens=6) -> list[Request]:
     tok = engine.tokenizer
     params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0, stop=("\n",))
     requests = []
@@ -126,15 +126,59 @@ def train_lora(cfg: TrainConfig, model, tokenizer, rank: int, out: Path):
     return merged, n_params
 
 
-def evaluate_seed(seed: int, args, model, tokenizer, tasks: list[Task]) -> dict:
+def method_prompts(method: str, task: Task, prompts: list[str], seed: int, k: int, generator, shared_path):
+    """-> (prompts to send, per-request vectors or None, steering mode) for one method on one task."""
+    if method == "icl":
+        demos = icl_prefix(task, k, seed, None)
+        return [with_demos(task, i, p, demos) for i, p in enumerate(prompts)], None, "off"
+    if method == "atv":
+        return prompts, None, "atv"
+    with torch.no_grad():
+        if method == "atv_nogate":
+            return prompts, list(generator(prompts, use_gate=False).vectors), "atv"
+        if method == "task_vector":
+            train_prompts = [task.prompt(e.input, i % len(task.templates)) for i, e in enumerate(task.examples("train"))]
+            return prompts, [generator(train_prompts, use_gate=False).vectors.mean(0)] * len(prompts), "atv"
+    if method == "shared":
+        from safetensors.torch import load_file
+        v = load_file(str(shared_path))["v"] * generator.config.scale
+        return prompts, [v] * len(prompts), "atv"
+    return prompts, None, "off"  # zero_shot, and lora (through its own merged model)
+
+
+def run_method(engine, method, tasks, seed, args, generator, shared_path) -> dict:
+    """All tasks' prompts of one method through the engine in one go (full batches); scores per task."""
+    plan, all_prompts, all_vectors, modes = [], [], [], set()
+    for task in tasks:
+        items = test_prompts(task, args.limit)
+        prompts, vectors, mode = method_prompts(method, task, [p for p, _ in items], seed, args.k, generator,
+                                                shared_path)
+        plan.append((task, [g for _, g in items], len(all_prompts), len(prompts)))
+        all_prompts += prompts
+        all_vectors += vectors if vectors is not None else [None] * len(prompts)
+        modes.add(mode)
+    requests = run_engine(engine, all_prompts, all_vectors, modes.pop())
+    results = {}
+    for task, golds, offset, n in plan:
+        chunk = requests[offset: offset + n]
+        results[task.name] = dict(zip(("first_token", "exact_match"), score(engine.tokenizer, chunk, golds)))
+        if method == "atv":
+            results[task.name]["mean_gate"] = statistics.mean(r.steering_info["gate"] for r in chunk)
+    return results
+
+
+def evaluate_seed(seed: int, args, model, tokenizer, tasks: list[Task], cached: dict) -> dict:
     out = Path(args.out) / f"seed{seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "results.json").exists():
+        return json.loads((out / "results.json").read_text())
     cfg = replace(PRESETS["default"], seed=seed, epochs=args.epochs, max_per_task=args.max_per_task,
                   out=str(out / "atv"))
     if args.generator and seed == args.seeds[0]:
         atv_dir = Path(args.generator)
     else:
         atv_dir = out / "atv" / "generator"
-        if not (atv_dir / "atv_config.json").exists() or not (out / "atv" / "DONE").exists():
+        if not (out / "atv" / "DONE").exists():
             train(cfg, model, tokenizer)
             (out / "atv" / "DONE").write_text("")
     generator = load_generator(atv_dir, target=model)
@@ -142,49 +186,22 @@ def evaluate_seed(seed: int, args, model, tokenizer, tasks: list[Task]) -> dict:
     if "shared" in args.methods and not (out / "shared" / "DONE").exists():
         train(replace(cfg, shared=True, out=str(out / "shared")), model, tokenizer)
         (out / "shared" / "DONE").write_text("")
-    engine = LLMEngine(model, tokenizer, generator, EngineConfig(max_running=32, max_waiting=10_000))
-    results = {}
-    for task in tqdm(tasks, desc=f"seed {seed}: tasks"):
-        items = test_prompts(task, args.limit)
-        prompts, golds = [p for p, _ in items], [g for _, g in items]
-        per = {}
-        for method in args.methods:
-            if method == "lora":
-                continue
-            vectors, mode, run_prompts = None, "off", prompts
-            if method == "icl":
-                demos = icl_prefix(task, args.k, seed, None)
-                run_prompts = [with_demos(task, i, p, demos) for i, p in enumerate(prompts)]
-            elif method == "atv":
-                mode = "atv"
-            elif method == "atv_nogate":
-                with torch.no_grad():
-                    vectors, mode = generator(prompts, use_gate=False).vectors, "atv"
-            elif method == "task_vector":
-                train_prompts = [task.prompt(e.input, i % len(task.templates))
-                                 for i, e in enumerate(task.examples("train"))]
-                with torch.no_grad():
-                    mean = generator(train_prompts, use_gate=False).vectors.mean(0)
-                vectors, mode = [mean] * len(prompts), "atv"
-            elif method == "shared":
-                from safetensors.torch import load_file
-                v = load_file(str(shared_path))["v"] * generator.config.scale
-                vectors, mode = [v] * len(prompts), "atv"
-            requests = run_engine(engine, run_prompts, vectors, mode)
-            per[method] = dict(zip(("first_token", "exact_match"), score(tokenizer, requests, golds)))
-            if method == "atv":
-                per[method]["mean_gate"] = statistics.mean(r.steering_info["gate"] for r in requests)
-        results[task.name] = per
-    if "lora" in args.methods:
-        lora_dir = out / "lora"
-        lora_dir.mkdir(parents=True, exist_ok=True)
-        merged, _ = train_lora(cfg, model, tokenizer, args.lora_rank, lora_dir)
-        lora_engine = LLMEngine(merged, tokenizer, None, EngineConfig(max_running=32, max_waiting=10_000))
-        for task in tasks:
-            items = test_prompts(task, args.limit)
-            requests = run_engine(lora_engine, [p for p, _ in items])
-            results[task.name]["lora"] = dict(zip(("first_token", "exact_match"),
-                                                  score(tokenizer, requests, [g for _, g in items])))
+    engine = LLMEngine(model, tokenizer, generator, EngineConfig(max_running=32, max_waiting=100_000))
+    by_method = {}
+    for method in tqdm(args.methods, desc=f"seed {seed}: methods"):
+        if method == "lora":
+            lora_dir = out / "lora"
+            lora_dir.mkdir(parents=True, exist_ok=True)
+            merged, _ = train_lora(cfg, model, tokenizer, args.lora_rank, lora_dir)
+            lora_engine = LLMEngine(merged, tokenizer, None, EngineConfig(max_running=32, max_waiting=100_000))
+            by_method[method] = run_method(lora_engine, method, tasks, seed, args, generator, shared_path)
+        elif method == "zero_shot" and "zero_shot" in cached:  # deterministic: the same for every seed
+            by_method[method] = cached["zero_shot"]
+        else:
+            by_method[method] = run_method(engine, method, tasks, seed, args, generator, shared_path)
+            if method == "zero_shot":
+                cached["zero_shot"] = by_method[method]
+    results = {task.name: {m: by_method[m][task.name] for m in by_method} for task in tasks}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     return results
 
@@ -260,9 +277,11 @@ def cli(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     model, tokenizer = load_target(PRESETS["default"].target, "auto", "float32")
     tasks = load_suite(names=args.tasks) + [load_task_file(p) for p in args.task_file]
-    per_seed = [evaluate_seed(seed, args, model, tokenizer, tasks) for seed in args.seeds]
+    cached: dict = {}
+    per_seed = [evaluate_seed(seed, args, model, tokenizer, tasks, cached) for seed in args.seeds]
     summary = aggregate(per_seed, tasks, args.methods)
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps({"seeds": args.seeds, "summary": summary}, indent=2))
     report = ["## first-token accuracy (%)", markdown_table(summary, tasks, "first_token"),
               "", "## exact match (%)", markdown_table(summary, tasks, "exact_match")]

@@ -46,8 +46,8 @@ class TrainConfig:
     gate: str = "distance"
     tasks: tuple[str, ...] | None = None        # suite task names (default: every seen task)
     task_files: tuple[str, ...] = ()            # extra user JSONL files
-    max_per_task: int | None = None
-    epochs: int = 3
+    max_per_task: int | None = 80
+    epochs: int = 2
     batch_size: int = 16
     grad_accum: int = 1
     lr: float = 2e-3

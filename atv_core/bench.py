@@ -1,0 +1,205 @@
+"""`atv bench engine`: the engine driven directly, side by side with the ways people serve today.
+
+Measured in one run on one machine, same prompts and token counts (greedy, EOS ignored, so every request
+produces exactly --new-tokens tokens):
+- atv:              our engine, a distinct generator vector per request
+- off:              our engine, steering off
+- naive_generate:   sequential batch-1 `model.generate` with per-layer hooks adding the vector at every
+                    position (the research code's way of serving)
+- hf_generate_batch: transformers' own continuous batching (`generate_batch`), unsteered
+plus a staggered-arrival variant of atv/off (requests arrive --stagger-ms apart).
+`atv bench serve` (HTTP under load) lives in bench_serve.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_generator
+from .engine import EngineConfig, LLMEngine
+from .layers import find_decoder_layers
+from .models import EMBEDDED_TARGET, load_target
+from .request import Request, SamplingParams, SteeringSpec
+from .tasks import load_suite
+
+DEFAULT_GENERATOR = Path(__file__).parent / "default_generator"
+log = logging.getLogger("atv.bench")
+
+
+def machine_info() -> dict:
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def workload_prompts(n: int, seed: int = 0) -> list[str]:
+    """n prompts of varied length drawn round-robin from the task suite's test splits (all tasks)."""
+    tasks = load_suite()
+    prompts = []
+    i = 0
+    while len(prompts) < n:
+        task = tasks[i % len(tasks)]
+        examples = task.examples("test")
+        ex = examples[(i // len(tasks) + seed) % len(examples)]
+        prompts.append(task.prompt(ex.input, i % len(task.templates)))
+        i += 1
+    return prompts
+
+
+def run_engine(engine: LLMEngine, prompts: list[str], mode: str, new_tokens: int, stagger_s: float = 0.0) -> dict:
+    """Drive the engine to completion; requests arrive stagger_s apart. Returns throughput and latencies."""
+    tok = engine.tokenizer
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    requests = [Request(f"b{i}", tok(p)["input_ids"], params, SteeringSpec(mode), p) for i, p in enumerate(prompts)]
+    start = time.perf_counter()
+    arrivals = [start + i * stagger_s for i in range(len(requests))]
+    pending = list(zip(arrivals, requests))
+    while pending or engine.has_work():
+        now = time.perf_counter()
+        while pending and pending[0][0] <= now:
+            engine.add_request(pending.pop(0)[1])
+        if engine.has_work():
+            engine.step()
+        else:
+            time.sleep(max(0.0, pending[0][0] - now))
+    elapsed = time.perf_counter() - start
+    tokens = sum(len(r.output_ids) for r in requests)
+    ttft = sorted(r.first_token_time - r.arrival_time for r in requests)
+    return {"tok_per_s": tokens / elapsed, "seconds": elapsed, "tokens": tokens,
+            "ttft_p50_s": ttft[len(ttft) // 2], "outputs": [r.output_ids for r in requests]}
+
+
+def naive_generate(model, tokenizer, prompts: list[str], vectors: torch.Tensor, layers, new_tokens: int) -> dict:
+    """Batch 1, one request after another, a forward hook per layer adding that request's vector."""
+    blocks = find_decoder_layers(model)
+    start, tokens = time.perf_counter(), 0
+    for prompt, vector in zip(prompts, vectors):
+        handles = [blocks[l].register_forward_hook(
+            lambda _m, _i, out, v=vector[j]: (out[0] + v, *out[1:]) if isinstance(out, tuple) else out + v)
+            for j, l in enumerate(layers)]
+        try:
+            ids = tokenizer(prompt, return_tensors="pt")
+            out = model.generate(**ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+            tokens += out.shape[1] - ids["input_ids"].shape[1]
+        finally:
+            for h in handles:
+                h.remove()
+    elapsed = time.perf_counter() - start
+    return {"tok_per_s": tokens / elapsed, "seconds": elapsed, "tokens": tokens}
+
+
+def hf_generate_batch(model, tokenizer, prompts: list[str], new_tokens: int) -> dict:
+    from transformers import GenerationConfig
+
+    inputs = [tokenizer(p)["input_ids"] for p in prompts]
+    config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                              eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
+    previous = model.config._attn_implementation
+    start = time.perf_counter()
+    try:
+        results = model.generate_batch(inputs=inputs, generation_config=config, progress_bar=False)
+    finally:
+        model.config._attn_implementation = previous
+    elapsed = time.perf_counter() - start
+    tokens = sum(len(r.generated_tokens) for r in results.values())
+    return {"tok_per_s": tokens / elapsed, "seconds": elapsed, "tokens": tokens}
+
+
+def bench_engine(args) -> dict:
+    model, tokenizer = load_target(args.model, args.device, args.dtype)
+    generator = load_generator(args.generator, target=model, device=model.device)
+    engine = LLMEngine(model, tokenizer, generator, EngineConfig(max_running=max(args.requests, 1)))
+    prompts = workload_prompts(args.requests)
+    prompt_lens = [len(tokenizer(p)["input_ids"]) for p in prompts]
+    run_engine(engine, prompts[:4], "atv", 4)  # warm-up
+    results = {}
+    log.info("engine, distinct ATV vector per request")
+    results["atv"] = run_engine(engine, prompts, "atv", args.new_tokens)
+    log.info("engine, steering off")
+    results["off"] = run_engine(engine, prompts, "off", args.new_tokens)
+    stagger = args.stagger_ms / 1000
+    results["atv_staggered"] = run_engine(engine, prompts, "atv", args.new_tokens, stagger)
+    results["off_staggered"] = run_engine(engine, prompts, "off", args.new_tokens, stagger)
+    with torch.no_grad():
+        vectors = generator(prompts).vectors.to(model.dtype)
+    n_naive = min(args.naive_requests, len(prompts))
+    log.info("sequential batch-1 hooked generate on %d requests", n_naive)
+    results["naive_generate"] = naive_generate(model, tokenizer, prompts[:n_naive], vectors,
+                                               generator.config.selected_layers, args.new_tokens)
+    log.info("transformers generate_batch")
+    try:
+        results["hf_generate_batch"] = hf_generate_batch(model, tokenizer, prompts, args.new_tokens)
+    except Exception as exc:  # report, do not hide: the figure is then missing from the ratios
+        log.exception("generate_batch failed")
+        results["hf_generate_batch"] = {"tok_per_s": None, "error": f"{type(exc).__name__}: {exc}"}
+    tps = {k: v["tok_per_s"] for k, v in results.items()}
+    ratios = {
+        "atv_over_off": tps["atv"] / tps["off"],
+        "atv_over_naive_generate": tps["atv"] / tps["naive_generate"],
+        "atv_over_hf_generate_batch": tps["atv"] / tps["hf_generate_batch"] if tps["hf_generate_batch"] else None,
+        "atv_staggered_over_off_staggered": tps["atv_staggered"] / tps["off_staggered"],
+    }
+    same = sum(a == b for a, b in zip(results["atv"]["outputs"], results["off"]["outputs"]))
+    return {
+        "machine": machine_info(),
+        "workload": {"model": args.model, "generator": str(args.generator), "requests": args.requests,
+                     "new_tokens": args.new_tokens, "prompt_tokens_min": min(prompt_lens),
+                     "prompt_tokens_max": max(prompt_lens), "prompt_tokens_mean": sum(prompt_lens) / len(prompt_lens),
+                     "naive_requests": n_naive, "stagger_ms": args.stagger_ms, "dtype": str(model.dtype),
+                     "device": str(model.device), "sampling": "greedy, EOS ignored"},
+        "tok_per_s": {k: tps[k] for k in ("atv", "off", "naive_generate", "hf_generate_batch")},
+        "staggered_tok_per_s": {"atv": tps["atv_staggered"], "off": tps["off_staggered"]},
+        "ttft_p50_s": {k: results[k]["ttft_p50_s"] for k in ("atv", "off", "atv_staggered", "off_staggered")},
+        "ratios": ratios,
+        "atv_outputs_differ_from_off": len(prompts) - same,
+        "errors": {k: v["error"] for k, v in results.items() if "error" in v},
+    }
+
+
+def print_report(report: dict) -> None:
+    print(f"machine: {report['machine']}")
+    print(f"workload: {report['workload']}")
+    print(f"{'method':<22}{'tok/s':>10}")
+    for k, v in report["tok_per_s"].items():
+        print(f"{k:<22}{(f'{v:.1f}' if v else 'n/a'):>10}")
+    for k, v in report["staggered_tok_per_s"].items():
+        print(f"{k + ' (staggered)':<22}{v:>10.1f}")
+    for k, v in report["ratios"].items():
+        print(f"{k:<36}{(f'{v:.2f}x' if v else 'n/a'):>10}")
+
+
+def cli(argv: list[str]) -> int:
+    if argv and argv[0] == "serve":
+        from .bench_serve import cli as serve_cli
+        return serve_cli(argv[1:])
+    if not argv or argv[0] != "engine":
+        print("usage: atv bench {engine,serve} [options]")
+        return 2
+    parser = argparse.ArgumentParser(prog="atv bench engine", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=EMBEDDED_TARGET)
+    parser.add_argument("--generator", default=str(DEFAULT_GENERATOR))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--naive-requests", type=int, default=8,
+                        help="requests for the sequential baseline (its tok/s does not depend on the count)")
+    parser.add_argument("--stagger-ms", type=float, default=50.0)
+    parser.add_argument("--json", help="write the figures here")
+    args = parser.parse_args(argv[1:])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    report = bench_engine(args)
+    print_report(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
