@@ -15,8 +15,3 @@ def _deterministic():
     torch.use_deterministic_algorithms(False)
     yield
 
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(pytest.mark.timeout(900)) if hasattr(pytest.mark, "timeout") else None

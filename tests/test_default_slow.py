@@ -1,0 +1,91 @@
+"""Slow tests on the real embedded default: SmolLM2-135M-Instruct + the shipped generator."""
+import pytest
+import torch
+
+from atv_core.bench import DEFAULT_GENERATOR
+from atv_core.checkpoint import load_generator
+from atv_core.engine import EngineConfig, LLMEngine
+from atv_core.models import EMBEDDED_TARGET, load_target
+from atv_core.request import Request, SamplingParams, SteeringSpec
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def default():
+    model, tok = load_target(EMBEDDED_TARGET, "cpu", "float32")
+    return model, tok, load_generator(DEFAULT_GENERATOR, target=model)
+
+
+def _req(tok, rid, prompt, mode="atv", n=10):
+    return Request(rid, tok(prompt)["input_ids"], SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True),
+                   SteeringSpec(mode), prompt)
+
+
+def test_plain_chat_answer_is_sane(default):
+    model, tok, gen = default
+    engine = LLMEngine(model, tok, gen, EngineConfig(max_running=4))
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                     tokenize=False, add_generation_prompt=True)
+    req = Request("c", tok(prompt, add_special_tokens=False)["input_ids"], SamplingParams(max_tokens=12, temperature=0),
+                  SteeringSpec("off"))
+    engine.add_request(req)
+    while engine.has_work():
+        engine.step()
+    assert "Paris" in req.output_text
+
+
+def test_steering_answers_a_seen_task_the_plain_model_misses(default):
+    model, tok, gen = default
+    engine = LLMEngine(model, tok, gen, EngineConfig(max_running=4))
+    prompt = "Review: A gorgeous, moving film with superb acting.\nSentiment:"
+    steered, off = _req(tok, "s", prompt), _req(tok, "o", prompt, "off")
+    engine.add_request(steered)
+    engine.add_request(off)
+    while engine.has_work():
+        engine.step()
+    assert steered.output_text.strip().lower().startswith("positive")
+    assert steered.output_ids != off.output_ids
+    assert 0 < steered.steering_info["gate"] <= 1 and steered.steering_info["vector_norm"] > 0
+
+
+def test_mid_flight_join_matches_solo_on_the_real_model(default):
+    model, tok, gen = default
+    prompts = ["Country: Japan\nCapital:", "Q: What is the opposite of \"hot\"?\nA:", "Write a haiku about rain."]
+    modes = ["atv", "atv", "off"]
+    solo = {}
+    for i, (p, m) in enumerate(zip(prompts, modes)):
+        engine = LLMEngine(model, tok, gen, EngineConfig(max_running=4))
+        logits = []
+        orig = engine._sample_and_append
+        engine._sample_and_append = lambda rs, lg, orig=orig, logits=logits: (logits.append(lg[0].clone()), orig(rs, lg))[1]
+        r = _req(tok, f"r{i}", p, m)
+        engine.add_request(r)
+        while engine.has_work():
+            engine.step()
+        solo[i] = (logits, r.output_ids)
+    engine = LLMEngine(model, tok, gen, EngineConfig(max_running=4))
+    seen = {}
+    orig = engine._sample_and_append
+
+    def record(rs, lg):
+        for r, row in zip(rs, lg):
+            seen.setdefault(r.request_id, []).append(row.clone())
+        return orig(rs, lg)
+    engine._sample_and_append = record
+    reqs = [_req(tok, f"r{i}", p, m) for i, (p, m) in enumerate(zip(prompts, modes))]
+    engine.add_request(reqs[0])
+    for _ in range(3):
+        engine.step()
+    engine.add_request(reqs[1])
+    engine.add_request(reqs[2])
+    while engine.has_work():
+        engine.step()
+    for i, r in enumerate(reqs):
+        ref_logits, ref_tokens = solo[i]
+        for got, ref in zip(seen[r.request_id], ref_logits):
+            # fp32 with another batch shape: last-bit differences through 30 layers stay below 1e-3 absolute
+            torch.testing.assert_close(got, ref, atol=2e-3, rtol=1e-4)
+        margins = [float(x.topk(2).values[0] - x.topk(2).values[1]) for x in ref_logits]
+        agree = next((k for k, m in enumerate(margins) if m < 1e-2), len(margins))
+        assert r.output_ids[:agree] == ref_tokens[:agree]

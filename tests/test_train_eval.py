@@ -1,0 +1,70 @@
+"""Training and evaluation plumbing on tiny models (the real recipe runs in `atv train` / `atv eval`)."""
+import json
+from dataclasses import replace
+
+import torch
+
+from atv_core.checkpoint import load_generator
+from atv_core.evaluate import first_content_token, icl_prefix, normalise, run_engine, score
+from atv_core.engine import EngineConfig, LLMEngine
+from atv_core.tasks import load_suite
+from atv_core.train import TrainConfig, encode, sequence_slots, train
+from tests.tiny import make_model, make_tiny_model_dir, make_tokenizer
+
+
+def _cfg(tmp_path, **kw):
+    backbone = make_tiny_model_dir(tmp_path / "bert", "bert")
+    base = dict(target="tiny", backbone=str(backbone), tasks=("antonym", "next_number"), max_per_task=12, epochs=2,
+                batch_size=4, lr=5e-3, device="cpu", out=str(tmp_path / "run"))
+    return TrainConfig(**{**base, **kw})
+
+
+def test_encode_masks_everything_but_the_answer():
+    tok = make_tokenizer()
+    batch = encode(tok, ["ab", "abcd"], [" x\n", " yz\n"], "cpu")
+    assert batch["prompt_lens"] == [2, 4] and batch["total_lens"] == [5, 8]
+    labels = batch["labels"]
+    assert (labels[0, :2] == -100).all() and (labels[0, 5:] == -100).all() and (labels[0, 2:5] != -100).all()
+    slots = sequence_slots(batch["prompt_lens"], batch["total_lens"], "last", 8)
+    assert slots[0].tolist() == [0, 1, 1, 1, 1, 0, 0, 0] and slots[1].tolist() == [0, 0, 0, 2, 2, 2, 2, 2]
+
+
+def test_train_lowers_loss_writes_a_loadable_checkpoint_and_resumes(tmp_path):
+    model, tok = make_model("llama"), make_tokenizer()
+    cfg = _cfg(tmp_path)
+    generator, shared, history = train(cfg, model, tok)
+    assert shared is None and len(history) == 2
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    run = tmp_path / "run"
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
+    loaded = load_generator(run / "generator", target=model)
+    assert loaded.config.recipe["epochs"] == 2 and loaded.centroids.shape[0] == 2 * 3   # tasks x templates
+    assert loaded.config.gate == "distance" and loaded.config.gate_threshold < 1
+    _, _, more = train(replace(cfg, epochs=3), model, tok)       # resumes after epoch 2
+    assert [h["epoch"] for h in more] == [3]
+
+
+def test_shared_vector_control_trains_one_vector(tmp_path):
+    model, tok = make_model("llama"), make_tokenizer()
+    _, shared, _ = train(_cfg(tmp_path, shared=True, epochs=1), model, tok)
+    assert shared.v.shape == (3, 32) and shared.v.abs().sum() > 0
+    assert (tmp_path / "run" / "shared_vector.safetensors").exists()
+
+
+def test_icl_demos_are_balanced_and_scoring_uses_the_first_content_token():
+    task = next(t for t in load_suite() if t.name == "sentiment_rt")
+    demos = icl_prefix(task, 4, 0, None)
+    assert sorted(d.output for d in demos) == ["negative", "negative", "positive", "positive"]
+    tok = make_tokenizer()
+    assert first_content_token(tok, " 48") == "4"
+    assert normalise(" Paris.\nmore") == "paris"
+
+
+def test_engine_scoring_end_to_end_on_a_tiny_model():
+    model, tok = make_model("llama"), make_tokenizer()
+    engine = LLMEngine(model, tok, None, EngineConfig(max_running=4, max_waiting=100))
+    requests = run_engine(engine, ["a", "bb", "ccc"], None, "off", 3)
+    assert all(len(r.output_ids) <= 3 and r.finished for r in requests)
+    first, em = score(tok, requests, [tok.decode(r.output_ids).strip() or "x" for r in requests])
+    assert 0 <= first <= 1 and 0 <= em <= 1
