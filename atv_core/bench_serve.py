@@ -36,7 +36,7 @@ def percentiles(values: list[float]) -> dict:
 
 
 async def one_request(client: httpx.AsyncClient, url: str, prompt: str, mode: str, new_tokens: int) -> dict:
-    body = {"model": "atv", "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "stream": True,
+    body = {"prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "stream": True,
             "ignore_eos": True, "stream_options": {"include_usage": True}, "atv": {"mode": mode}}
     start = time.perf_counter()
     stamps, tokens = [], 0
@@ -95,12 +95,13 @@ def start_server(extra: list[str], max_running: int) -> tuple[subprocess.Popen, 
     port = free_port()
     cmd = [sys.executable, "-m", "atv_core.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
            "--max-running", str(max_running), *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"atv-bench-server-{port}.log"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log_path.open("w"), text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
+            raise RuntimeError(f"server exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
         try:
             if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
                 return proc, url

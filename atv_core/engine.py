@@ -89,8 +89,12 @@ class LLMEngine:
             raise PromptTooLong(f"prompt ({request.num_prompt_tokens} tokens) + max_tokens "
                                 f"({request.params.max_tokens}) = {total} exceeds the context of "
                                 f"{self.max_model_len} tokens; shorten the prompt or lower max_tokens")
-        if request.steering.mode == "atv" and self.generator is None and request.vector is None:
-            raise ValueError("steering mode 'atv' needs a generator, and this server has none; use mode 'off'")
+        if request.steering.mode == "atv" and request.vector is None:
+            if self.generator is None:
+                raise ValueError("steering mode 'atv' needs a generator, and this server has none; use mode 'off'")
+            if not request.prompt_text.strip():
+                raise ValueError("steering mode 'atv' needs prompt text for the generator to read; "
+                                 "send a non-empty prompt or use mode 'off'")
 
     def add_request(self, request: Request) -> None:
         self.validate(request)
@@ -143,21 +147,30 @@ class LLMEngine:
         if steered:
             t0 = time.perf_counter()
             try:
-                with torch.no_grad():
-                    out = self.generator([r.prompt_text for r in steered])
-                vectors, gates = out.vectors.float(), out.gates.float().tolist()
-            except Exception as exc:  # a generator fault fails these requests, not the engine
-                log.exception("generator failed for %d requests", len(steered))
+                results = [self._generate([r.prompt_text for r in steered])]
+                groups = [steered]
+            except Exception:  # retry one by one so that only the request at fault fails
+                log.exception("generator failed on a batch of %d; retrying one by one", len(steered))
+                groups, results = [[r] for r in steered], []
                 for request in steered:
-                    request.finish("error", f"vector generation failed: {exc}")
-                vectors = None
+                    try:
+                        results.append(self._generate([request.prompt_text]))
+                    except Exception as exc:
+                        request.finish("error", f"vector generation failed: {type(exc).__name__}: {exc}")
+                        results.append(None)
             elapsed = time.perf_counter() - t0
-            for i, request in enumerate(steered if vectors is not None else []):
-                self._assign(request, vectors[i] * request.steering.scale, gates[i], elapsed)
+            for group, result in zip(groups, results):
+                for i, request in enumerate(group if result is not None else []):
+                    self._assign(request, result[0][i] * request.steering.scale, result[1][i], elapsed)
         failed = [r for r in requests if r.finished]
         for request in failed:
             outputs.append(self._retire(request, [], None))
         return [r for r in requests if not r.finished]
+
+    def _generate(self, prompts: list[str]) -> tuple[torch.Tensor, list[float]]:
+        with torch.no_grad():
+            out = self.generator(prompts)
+        return out.vectors.float(), out.gates.float().tolist()
 
     def _assign(self, request: Request, vector: torch.Tensor, gate: float, generator_s: float) -> None:
         norm = float(vector.norm())
@@ -192,7 +205,8 @@ class LLMEngine:
         stop_token = (token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids
         text_ids = request.output_ids[:-1] if stop_token else request.output_ids
         text = self.tokenizer.decode(text_ids, skip_special_tokens=True)
-        hit = _find_stop(text, params.stop, len(request.output_text))
+        # a trailing U+FFFD may merge with the next byte into one character: search again from before it
+        hit = _find_stop(text, params.stop, len(request.output_text.rstrip("\ufffd")))
         if hit is not None:
             text = text[:hit]
         request.output_text = text
@@ -215,7 +229,9 @@ class LLMEngine:
         delta, request.emitted_chars = text[request.emitted_chars:end], end
         out = RequestOutput(request.request_id, delta, token_ids, [logprob] if logprob else None,
                             request.finished, request.finish_reason, request.error, request.num_prompt_tokens,
-                            len(request.output_ids), request.steering_info)
+                            len(request.output_ids), request.steering_info,
+                            queue_time_s=(request.scheduled_time - request.arrival_time)
+                            if request.scheduled_time is not None else None)
         if request.on_output is not None:
             request.on_output(out)
         return out
@@ -260,6 +276,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._ids = itertools.count()
         self._pending = 0   # requests handed to the thread but not yet in its scheduler
+        self._lock = threading.Lock()
         self.error: str | None = None
         self.num_running = 0
         self.num_waiting = 0
@@ -294,9 +311,10 @@ class AsyncEngine:
         request = Request(request_id, list(prompt_ids), params, steering, prompt_text,
                           on_output=lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out))
         self.engine.validate(request)
-        if self.num_waiting + self._pending >= self.engine.config.max_waiting:
-            raise QueueFull(f"waiting queue is full ({self.engine.config.max_waiting} requests)")
-        self._pending += 1
+        with self._lock:
+            if self.num_waiting + self._pending >= self.engine.config.max_waiting:
+                raise QueueFull(f"waiting queue is full ({self.engine.config.max_waiting} requests)")
+            self._pending += 1
         self._inbox.put(("add", request))
         self._wake.set()
         finished = False
@@ -337,7 +355,8 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if kind == "add":
-                self._pending -= 1
+                with self._lock:
+                    self._pending -= 1
                 try:
                     self.engine.add_request(item)
                 except (ValueError, QueueFull) as exc:

@@ -28,7 +28,7 @@ from .engine import EngineConfig, LLMEngine
 from .models import load_target
 from .request import Request, SamplingParams, SteeringSpec
 from .tasks import Task, load_suite, load_task_file
-from .train import PRESETS, SharedVector, TrainConfig, answer_loss, encode, select_tasks, train, training_items
+from .train import PRESETS, TrainConfig, answer_loss, encode, select_tasks, train, training_items
 
 log = logging.getLogger("atv.eval")
 METHODS = ("zero_shot", "icl", "task_vector", "shared", "lora", "atv", "atv_nogate")

@@ -82,6 +82,7 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     steering: dict | None = None      # what was applied: mode, scale, gate, vector norm, generator time
+    queue_time_s: float | None = None # arrival -> admission into a prefill batch
 
 
 @dataclass(eq=False)

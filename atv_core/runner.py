@@ -24,7 +24,7 @@ import torch
 from torch.nn import functional as F
 from transformers import AttentionInterface
 
-from .injection import make_table, steering
+from .injection import steering
 from .layers import find_decoder_layers
 from .request import Request
 

@@ -36,16 +36,18 @@ def filtered_sorted_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> torch.Tensor:
     """logits [N, V] (fp32) -> token ids [N]."""
     tokens = logits.argmax(dim=-1)
-    rows = [i for i, p in enumerate(params) if not p.greedy]
+    finite = torch.isfinite(logits).all(dim=-1).tolist()
+    # near-zero temperatures are greedy (1/T overflows); rows with non-finite logits fall back to argmax
+    rows = [i for i, p in enumerate(params) if not p.greedy and p.temperature >= 1e-5 and finite[i]]
     if not rows:
         return tokens
     index = torch.tensor(rows, device=logits.device)
     pick = lambda f: torch.tensor([f(params[i]) for i in rows], device=logits.device)  # noqa: E731
     probs, ids = filtered_sorted_probs(logits.index_select(0, index), pick(lambda p: float(p.temperature)),
-                                       pick(lambda p: int(p.top_k)), pick(lambda p: float(p.top_p)))
+                                       pick(lambda p: int(p.top_k)), pick(lambda p: max(float(p.top_p), 1e-6)))
     u = torch.cat([torch.rand(1, generator=generators[i]) for i in rows]).to(logits.device)      # [n]
     choice = torch.searchsorted(probs.cumsum(-1), u.unsqueeze(1)).clamp(max=probs.shape[-1] - 1)
-    choice = torch.minimum(choice, (probs > 0).sum(-1, keepdim=True) - 1)  # never land on a filtered tail
+    choice = torch.minimum(choice, (probs > 0).sum(-1, keepdim=True) - 1).clamp(min=0)  # never a filtered tail
     tokens[index] = ids.gather(1, choice).squeeze(1)
     return tokens
 

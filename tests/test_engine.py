@@ -263,3 +263,45 @@ def test_engine_death_is_reported_and_fails_requests(parts):
         assert not engine.is_alive and "device lost" in engine.error
     finally:
         engine.shutdown()
+
+
+def test_sampler_survives_degenerate_parameters_and_non_finite_logits():
+    from atv_core.sampler import make_generator, sample
+    logits = torch.randn(3, 50)
+    logits[2] = float("nan")
+    params = [SamplingParams(temperature=1e-300), SamplingParams(temperature=1.0, top_p=1e-300),
+              SamplingParams(temperature=1.0)]
+    tokens = sample(logits, params, [make_generator(i) for i in range(3)])
+    assert tokens[0] == logits[0].argmax() and tokens[1] == logits[1].argmax() and 0 <= tokens[2] < 50
+
+
+def test_stop_string_after_a_multibyte_character_completes(parts):
+    tok = parts[1]
+    engine = _engine(parts)
+    req = Request("m", [5], SamplingParams(max_tokens=100, stop=("é",)), SteeringSpec("off"))
+    req.status = Status.RUNNING
+    for token in tok("aé!")["input_ids"]:
+        if req.finished:
+            break
+        engine._append(req, token, None)
+    assert req.finish_reason == "stop" and req.output_text == "a"
+
+
+def test_empty_prompt_text_is_refused_for_atv_and_a_bad_prompt_fails_alone(parts):
+    tok = parts[1]
+    engine = _engine(parts)
+    with pytest.raises(ValueError, match="prompt text"):
+        engine.add_request(Request("x", [5, 6], GREEDY, SteeringSpec("atv"), "  "))
+    real = engine.generator.forward
+
+    def fragile(prompts, use_gate=True):
+        if any("bad" in p for p in prompts):
+            raise RuntimeError("cannot encode")
+        return real(prompts, use_gate)
+    engine.generator.forward = fragile
+    good, bad = _request(tok, "g", "good"), _request(tok, "b", "bad one")
+    engine.add_request(good)
+    engine.add_request(bad)
+    _drain(engine)
+    assert bad.finish_reason == "error" and "cannot encode" in bad.error
+    assert good.finish_reason == "length" and good.steering_info["vector_norm"] > 0

@@ -6,7 +6,7 @@ import torch
 
 from atv_core.checkpoint import load_generator, read_config, save_generator
 from atv_core.generator import ATVGenerator, GeneratorConfig, pool
-from tests.tiny import make_model, make_tiny_model_dir, make_tokenizer
+from tests.tiny import make_model, make_tiny_model_dir
 
 
 def _generator(tmp_path, kind="encoder", rank=8, layers=None, **kw):

@@ -2,7 +2,6 @@
 import json
 from dataclasses import replace
 
-import torch
 
 from atv_core.checkpoint import load_generator
 from atv_core.evaluate import first_content_token, icl_prefix, normalise, run_engine, score

@@ -1,0 +1,120 @@
+"""The HTTP server: `create_app(async_engine, settings, metrics)` builds the FastAPI app (no import-time
+side effects, nothing global: tests build their own), and `cli(argv)` is `atv serve`.
+
+Routes: /v1/* (server/openai_api.py; behind the API key when one is set), and the open probes
+GET /health (liveness: 503 once the engine loop died), GET /ready (200 only when loaded, warmed and not
+draining), GET /metrics (Prometheus). A pure ASGI middleware counts /v1 responses by status and the
+in-flight requests that a SIGTERM drain waits for. Loading, warm-up and the drain live in
+server/lifecycle.py.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from fastapi import APIRouter, FastAPI
+from fastapi.responses import JSONResponse, Response
+
+from .errors import install_error_handlers
+from .metrics import Metrics
+from .openai_api import api_router
+from .settings import Settings, parse_settings
+from .state import ServingState
+
+log = logging.getLogger("atv.server")
+
+
+def create_app(async_engine=None, settings: Settings | None = None, metrics: Metrics | None = None) -> FastAPI:
+    """An app serving `async_engine` (a started, warmed AsyncEngine), or one still loading when it is None
+    (then `app.state.atv.attach(engine)` makes it ready)."""
+    settings = settings or Settings()
+    state = ServingState(settings, metrics or Metrics())
+    app = FastAPI(title="ATV", version="0.1.0", summary="OpenAI-compatible serving with per-request "
+                  "Adaptive Task Vector steering (extension field `atv`)")
+    app.state.atv = state
+    install_error_handlers(app)
+    app.add_middleware(APIAccounting, state=state)
+    app.include_router(probe_router(state))
+    app.include_router(api_router(state))
+    if async_engine is not None:
+        state.attach(async_engine)
+    return app
+
+
+def probe_router(state: ServingState) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/health")
+    async def health() -> JSONResponse:
+        if state.alive:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "dead", "error": state.engine.error}, status_code=503)
+
+    @router.get("/ready")
+    async def ready() -> JSONResponse:
+        status = state.readiness()
+        return JSONResponse({"status": status}, status_code=200 if status == "ready" else 503)
+
+    @router.get("/metrics")
+    async def metrics() -> Response:
+        body, content_type = state.metrics.render()
+        return Response(body, media_type=content_type)
+
+    return router
+
+
+class APIAccounting:
+    """Pure ASGI middleware: atv_http_requests_total{status} for /v1 paths, and the count of in-flight
+    /v1 POSTs (a stream counts until its last byte). 499: the client left before any response."""
+
+    def __init__(self, app, state: ServingState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        status = 499
+        counted = 1 if scope["method"] == "POST" else 0
+
+        async def send_and_note(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        self.state.in_flight += counted
+        try:
+            await self.app(scope, receive, send_and_note)
+        except Exception:
+            status = 500 if status == 499 else status
+            raise
+        finally:
+            self.state.in_flight -= counted
+            self.state.metrics.http_requests.labels(str(status)).inc()
+
+
+# ---- atv serve ----------------------------------------------------------------------------------
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """`atv serve [flags]`: listen at once, load and warm up, serve until SIGTERM, drain, exit 0."""
+    from .lifecycle import DrainingServer, serve
+
+    settings = parse_settings(argv)
+    configure_logging(settings.log_level)
+    app = create_app(None, settings, Metrics())
+    config = uvicorn_config(app, settings)
+    server = DrainingServer(config, app.state.atv, settings.drain_timeout)
+    log.info("loading target %s (generator %s, device %s, dtype %s); listening on http://%s:%d meanwhile",
+             settings.model, settings.generator, settings.device, settings.dtype, settings.host, settings.port)
+    return asyncio.run(serve(server, settings))
+
+
+def uvicorn_config(app: FastAPI, settings: Settings):
+    import uvicorn
+
+    return uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                          access_log=False, timeout_graceful_shutdown=5, lifespan="off")

@@ -1,0 +1,98 @@
+"""HTTP errors in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}` with the right status.
+
+`APIError` is what the routes raise; `from_engine_error` maps the engine's exceptions (bad input 400,
+prompt too long 413, queue full 429 with Retry-After, engine dead 503); `install_error_handlers` makes
+validation errors 400 and every other failure an OpenAI-shaped body. No status decisions live elsewhere.
+"""
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from atv_core.engine import EngineDead, PromptTooLong
+from atv_core.scheduler import QueueFull
+
+log = logging.getLogger("atv.server")
+
+RETRY_AFTER_S = 1
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+          405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+          500: "server_error", 503: "service_unavailable", 504: "timeout_error"}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return error_body(self.status, self.message, self.param, self.code)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def from_engine_error(exc: BaseException) -> APIError:
+    """Map an exception raised by AsyncEngine.generate at admission to its HTTP error."""
+    if isinstance(exc, PromptTooLong):
+        return APIError(413, str(exc), "prompt", "context_length_exceeded")
+    if isinstance(exc, ValueError):
+        return APIError(400, str(exc))
+    if isinstance(exc, QueueFull):
+        return APIError(429, f"{exc}; retry in {RETRY_AFTER_S} s", code="queue_full",
+                        headers={"Retry-After": str(RETRY_AFTER_S)})
+    if isinstance(exc, EngineDead):
+        return APIError(503, f"the engine is not running: {exc}", code="engine_dead")
+    log.error("unexpected engine error", exc_info=exc)
+    return APIError(500, f"internal error: {type(exc).__name__}: {exc}")
+
+
+def _is_field(part) -> bool:
+    """Field names and list indices, not pydantic's union-branch tags ('str', 'list[constrained-str]', 'TextPart')."""
+    text = str(part)
+    return text != "body" and not (set(text) & set("-[") or text in _TYPE_TAGS or text[:1].isupper())
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    # a type mismatch in one union branch says less than the constraint another branch broke
+    errors = sorted(exc.errors(), key=lambda e: str(e.get("type", "")).endswith("_type"))
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    param = ".".join(str(part) for part in first.get("loc", ()) if _is_field(part)) or None
+    more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
+    return f"{param + ': ' if param else ''}{first.get('msg', 'invalid value')}{more}", param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return APIError(400, message, param, "invalid_value").response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return APIError(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None)).response()
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return APIError(500, f"internal server error: {type(exc).__name__}").response()

@@ -1,0 +1,141 @@
+"""OpenAI response bodies and server-sent-event chunks, built from a Job's choices.
+
+`CompletionFormat` (object "text_completion") and `ChatFormat` ("chat.completion", chunks
+"chat.completion.chunk" with `delta`s) share one interface used by the routes:
+
+    opening(choice)     first chunk of a choice (chat: the assistant role; completions: the echoed prompt)
+    chunk(choice, out)  the chunk for one engine output (None when there is nothing to send yet)
+    usage_chunk(job)    the final `choices: []` chunk of `stream_options.include_usage`
+    response(job)       the whole non-streaming body
+
+Every body and every finishing chunk carries an `atv` object saying what steering was applied.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+from atv_core.request import RequestOutput, TokenLogprob
+
+from .jobs import Choice, Job
+from .schemas import (AssistantMessage, ChatChoice, ChatCompletionResponse, ChatLogprobs, CompletionChoice,
+                      CompletionLogprobs, CompletionResponse, SteeringReport, TokenLogprobEntry, TopLogprob, Usage)
+
+DONE = "data: [DONE]\n\n"
+
+
+def sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def steering_report(steering: dict | None) -> SteeringReport | None:
+    if not steering:
+        return None
+    return SteeringReport(**{k: v for k, v in steering.items() if k in SteeringReport.model_fields})
+
+
+def usage(job: Job) -> Usage:
+    return Usage(prompt_tokens=job.prompt_tokens, completion_tokens=job.completion_tokens,
+                 total_tokens=job.prompt_tokens + job.completion_tokens)
+
+
+class _Format:
+    chunk_object = ""
+
+    def __init__(self, response_id: str, model: str, tokenizer):
+        self.id, self.model, self.tokenizer = response_id, model, tokenizer
+        self.created = int(time.time())
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def envelope(self, obj: str, choices: list) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
+
+    def usage_chunk(self, job: Job) -> dict:
+        return {**self.envelope(self.chunk_object, []), "usage": usage(job).model_dump()}
+
+    def _finish_fields(self, choice: Choice, out: RequestOutput) -> dict:
+        if not out.finished:
+            return {"finish_reason": None}
+        report = steering_report(choice.steering)
+        return {"finish_reason": out.finish_reason, "atv": report.model_dump() if report else None}
+
+
+class CompletionFormat(_Format):
+    chunk_object = "text_completion"
+
+    def __init__(self, response_id: str, model: str, tokenizer, echo: bool):
+        super().__init__(response_id, model, tokenizer)
+        self.echo = echo
+        self._offsets: dict[int, int] = {}   # choice index -> text offset of its next token (streaming)
+
+    def logprobs(self, entries: list[TokenLogprob], offset: int) -> CompletionLogprobs:
+        tokens = [self.token_text(e.token_id) for e in entries]
+        offsets = []
+        for token in tokens:
+            offsets.append(offset)
+            offset += len(token)
+        return CompletionLogprobs(tokens=tokens, token_logprobs=[e.logprob for e in entries], text_offset=offsets,
+                                  top_logprobs=[{self.token_text(t): lp for t, lp in e.top} for e in entries])
+
+    def opening(self, choice: Choice) -> dict | None:
+        if not self.echo:
+            return None
+        return self.envelope(self.chunk_object, [{"index": choice.index, "text": choice.prompt_text,
+                                                  "logprobs": None, "finish_reason": None}])
+
+    def chunk(self, choice: Choice, out: RequestOutput) -> dict | None:
+        if not (out.text_delta or out.logprobs or out.finished):
+            return None
+        logprobs = None
+        if out.logprobs:
+            start = self._offsets.get(choice.index, len(choice.prompt_text) if self.echo else 0)
+            logprobs = self.logprobs(out.logprobs, start)
+            self._offsets[choice.index] = start + sum(len(t) for t in logprobs.tokens)
+        body = {"index": choice.index, "text": out.text_delta,
+                "logprobs": logprobs.model_dump() if logprobs else None, **self._finish_fields(choice, out)}
+        return self.envelope(self.chunk_object, [body])
+
+    def response(self, job: Job, want_logprobs: bool) -> CompletionResponse:
+        choices = []
+        for c in job.choices:
+            prefix = c.prompt_text if self.echo else ""
+            logprobs = self.logprobs(c.logprobs, len(prefix)) if want_logprobs else None
+            choices.append(CompletionChoice(index=c.index, text=prefix + c.text, logprobs=logprobs,
+                                            finish_reason=c.finish_reason, atv=steering_report(c.steering)))
+        return CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
+                                  usage=usage(job), atv=choices[0].atv)
+
+
+class ChatFormat(_Format):
+    chunk_object = "chat.completion.chunk"
+
+    def logprobs(self, entries: list[TokenLogprob]) -> ChatLogprobs:
+        def top(token_id: int, logprob: float) -> TopLogprob:
+            text = self.token_text(token_id)
+            return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
+
+        return ChatLogprobs(content=[TokenLogprobEntry(**top(e.token_id, e.logprob).model_dump(),
+                                                       top_logprobs=[top(t, lp) for t, lp in e.top])
+                                     for e in entries])
+
+    def opening(self, choice: Choice) -> dict:
+        return self.envelope(self.chunk_object, [{"index": choice.index, "delta": {"role": "assistant", "content": ""},
+                                                  "logprobs": None, "finish_reason": None}])
+
+    def chunk(self, choice: Choice, out: RequestOutput) -> dict | None:
+        if not (out.text_delta or out.logprobs or out.finished):
+            return None
+        delta = {"content": out.text_delta} if out.text_delta else {}
+        logprobs = self.logprobs(out.logprobs).model_dump() if out.logprobs else None
+        body = {"index": choice.index, "delta": delta, "logprobs": logprobs, **self._finish_fields(choice, out)}
+        return self.envelope(self.chunk_object, [body])
+
+    def response(self, job: Job, want_logprobs: bool) -> ChatCompletionResponse:
+        choices = [ChatChoice(index=c.index, message=AssistantMessage(content=c.text),
+                              logprobs=self.logprobs(c.logprobs) if want_logprobs else None,
+                              finish_reason=c.finish_reason, atv=steering_report(c.steering))
+                   for c in job.choices]
+        return ChatCompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
+                                      usage=usage(job), atv=choices[0].atv)

@@ -1,0 +1,190 @@
+"""The process around the app: load the models, warm up, listen, and drain on SIGTERM.
+
+    serve(app, settings):  uvicorn listens at once (/health 200, /ready 503 "loading")
+                           -> target + generator load on a thread -> one short warm-up request
+                           -> state.attach(engine): /ready 200
+    SIGTERM / SIGINT:      /ready and new requests 503 -> in-flight requests finish (up to drain_timeout;
+                           then they are stopped with 503 / an error event) -> uvicorn stops -> exit 0.
+                           A second signal stops at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+
+import uvicorn
+
+from .settings import Settings
+from .state import ServingState
+
+log = logging.getLogger("atv.server")
+
+DEFAULT_GENERATOR_DIR = Path(__file__).resolve().parent.parent / "atv_core" / "default_generator"
+WARMUP_PROMPT = "Hello"
+
+
+# ---- loading ------------------------------------------------------------------------------------
+def load_engine(settings: Settings):
+    """Target, generator, engine thread started. Runs on a worker thread (blocking, seconds to minutes)."""
+    from atv_core.engine import AsyncEngine, EngineConfig, LLMEngine
+    from atv_core.models import load_target
+
+    model, tokenizer = load_target(settings.model, settings.device, settings.dtype, settings.device_map)
+    device = model.get_input_embeddings().weight.device
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    log.info("target %s loaded: %s, %.1fM parameters on %s (%s)", settings.model,
+             type(model).__name__, params, device, model.dtype)
+    generator = load_generator(settings, model, device)
+    config = EngineConfig(settings.max_running, settings.max_waiting, settings.max_prefill_tokens,
+                          settings.max_model_len)
+    return AsyncEngine(LLMEngine(model, tokenizer, generator, config)).start()
+
+
+def load_generator(settings: Settings, model, device):
+    """The generator named by settings, or None. 'default' falls back to none (with a warning) when the
+    bundled checkpoint is missing or made for another target; an explicit path must load."""
+    from atv_core.checkpoint import load_generator as load_checkpoint
+
+    if settings.generator.lower() == "none":
+        log.info("generator: none (requests are served unsteered; atv.mode 'atv' is refused)")
+        return None
+    explicit = settings.generator != "default"
+    path = Path(settings.generator) if explicit else DEFAULT_GENERATOR_DIR
+    try:
+        generator = load_checkpoint(path, target=model, device=device)
+    except ValueError as exc:
+        if explicit:
+            raise
+        log.warning("no usable default generator (%s); serving without steering", exc)
+        return None
+    cfg = generator.config
+    log.info("generator %s loaded: backbone %s, rank %s, %d steered layers, position %s, gate %s", path,
+             cfg.backbone, cfg.rank, len(cfg.selected_layers), cfg.position, cfg.gate)
+    return generator
+
+
+async def warm_up(async_engine) -> None:
+    """One short request through every path a request takes (the generator too, when present)."""
+    from atv_core.request import SamplingParams, SteeringSpec
+
+    engine = async_engine.engine
+    ids = engine.tokenizer(WARMUP_PROMPT).input_ids or [next(iter(engine.eos_ids), 0)]
+    mode = "atv" if engine.has_generator else "off"
+    start = time.perf_counter()
+    async for out in async_engine.generate(ids, SamplingParams(max_tokens=2, temperature=0.0),
+                                           SteeringSpec(mode), prompt_text=WARMUP_PROMPT, request_id="warmup"):
+        if out.finish_reason == "error":
+            raise RuntimeError(f"warm-up request failed: {out.error}")
+    log.info("warm-up (%s) done in %.2f s", mode, time.perf_counter() - start)
+
+
+def _on_daemon_thread(fn, *args) -> asyncio.Future:
+    """Run fn on a daemon thread (a load still running at exit does not hold the process)."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def target():
+        try:
+            result, error = fn(*args), None
+        except BaseException as exc:  # handed to the awaiting coroutine
+            result, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+            loop.call_soon_threadsafe(_settle, future, result, error)
+
+    threading.Thread(target=target, name="atv-load", daemon=True).start()
+    return future
+
+
+def _settle(future: asyncio.Future, result, error) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+# ---- serving ------------------------------------------------------------------------------------
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server whose first SIGTERM/SIGINT drains instead of closing the listener, and which does
+    not re-raise the signal afterwards (uvicorn does), so a drained shutdown exits 0."""
+
+    def __init__(self, config: uvicorn.Config, state: ServingState, drain_timeout: float):
+        super().__init__(config)
+        self.state, self.drain_timeout = state, drain_timeout
+        self.drain_deadline: float | None = None
+        self._drain_logged = False
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        handled = (signal.SIGINT, signal.SIGTERM)
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+    def handle_exit(self, sig, frame) -> None:
+        """Signal handler: only flags (logging happens in on_tick)."""
+        if self.drain_deadline is None:
+            self.state.draining = True
+            self.drain_deadline = time.monotonic() + self.drain_timeout
+        else:
+            self.should_exit = True
+            self.force_exit = sig == signal.SIGINT
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.drain_deadline is not None and not self.should_exit:
+            self._drain_step()
+        return await super().on_tick(counter)
+
+    def _drain_step(self) -> None:
+        if not self._drain_logged:
+            self._drain_logged = True
+            log.info("signal received: draining %d in-flight requests (up to %g s)", self.state.in_flight,
+                     self.drain_timeout)
+        if self.state.in_flight == 0:
+            log.info("drained; shutting down")
+            self.should_exit = True
+        elif time.monotonic() > self.drain_deadline:
+            log.warning("drain timeout: stopping %d requests", len(self.state.jobs))
+            self.state.stop_all("shutdown")
+            self.should_exit = True
+
+
+async def serve(server: DrainingServer, settings: Settings) -> int:
+    """Listen at once, load and warm up meanwhile; 0 after a clean (drained) stop, 1 when loading failed."""
+    listening = asyncio.create_task(server.serve())
+    loading = _on_daemon_thread(load_engine, settings)
+    await asyncio.wait({listening, loading}, return_when=asyncio.FIRST_COMPLETED)
+    if not loading.done():  # stopped (or failed to bind) while loading
+        loading.cancel()
+        await listening
+        return 0 if server.started else 1
+    engine = None
+    try:
+        engine = loading.result()
+        await warm_up(engine)
+    except Exception:
+        log.exception("could not load %s; exiting", settings.model)
+        if engine is not None:
+            engine.shutdown()
+        server.should_exit = True
+        await listening
+        return 1
+    server.state.attach(engine)
+    log.info("ready: serving %s at http://%s:%d (max_running %d, max_waiting %d, max_model_len %d)",
+             settings.model_id, settings.host, settings.port, settings.max_running, settings.max_waiting,
+             engine.engine.max_model_len)
+    await listening
+    engine.shutdown()
+    return 0 if server.started else 1

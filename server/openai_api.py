@@ -1,0 +1,220 @@
+"""The OpenAI-compatible routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models.
+
+A route turns the validated body into choices (prompt ids through the tokenizer, chat through its chat
+template; SamplingParams; SteeringSpec), runs them as a Job, and answers JSON or an SSE stream. Checks
+that depend on the model or the settings (model name, prompt and max_tokens limits) are made here;
+everything else was refused by the schema.
+"""
+from __future__ import annotations
+
+import uuid
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response, StreamingResponse
+
+from atv_core.request import SamplingParams, SteeringSpec
+
+from .errors import APIError, error_body
+from .formatting import DONE, ChatFormat, CompletionFormat, sse
+from .jobs import Choice, Job, JobStopped, stopped_error
+from .schemas import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
+                      ModelCard, ModelList, SamplingFields)
+from .state import ServingState
+
+MAX_CHOICES = 128
+# Below this a temperature means greedy and a top_p keeps only the top token (vLLM's convention). Smaller
+# values underflow to 0 in float32, and the engine's sampler then indexes token -1, killing the engine loop.
+SAMPLING_EPS = 1e-5
+_ERRORS = {status: {"description": text} for status, text in [
+    (400, "invalid field"), (401, "missing or wrong API key"), (404, "unknown model"),
+    (413, "prompt does not fit the context"), (429, "waiting queue full (Retry-After)"),
+    (503, "loading, draining or engine dead"), (504, "request timed out")]}
+
+
+def api_router(state: ServingState) -> APIRouter:
+    router = APIRouter(prefix="/v1", dependencies=[Depends(state.check_api_key)], responses=_ERRORS)
+
+    @router.get("/models", response_model=ModelList)
+    async def models() -> ModelList:
+        engine = state.engine.engine if state.engine is not None else None
+        card = ModelCard(id=state.settings.model_id, created=state.started, root=state.settings.model,
+                         max_model_len=engine.max_model_len if engine else None,
+                         has_generator=bool(engine and engine.has_generator))
+        return ModelList(data=[card])
+
+    @router.post("/completions", response_model=CompletionResponse)
+    async def completions(body: CompletionRequest, request: Request):
+        engine = state.admit(body.model).engine
+        steering = steering_spec(body, engine)
+        choices = completion_choices(body, engine, state)
+        fmt = CompletionFormat(f"cmpl-{uuid.uuid4().hex[:24]}", state.settings.model_id, engine.tokenizer, body.echo)
+        return await respond(state, request, body, choices, steering, fmt, body.logprobs is not None, "completions")
+
+    @router.post("/chat/completions", response_model=ChatCompletionResponse)
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        engine = state.admit(body.model).engine
+        steering = steering_spec(body, engine)
+        choices = chat_choices(body, engine, state, steering)
+        fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex[:24]}", state.settings.model_id, engine.tokenizer)
+        return await respond(state, request, body, choices, steering, fmt, body.logprobs, "chat")
+
+    return router
+
+
+# ---- requests -> choices ------------------------------------------------------------------------
+def completion_choices(body: CompletionRequest, engine, state: ServingState) -> list[Choice]:
+    if body.echo and body.logprobs is not None:
+        raise APIError(400, "echo with logprobs is not supported (no prompt logprobs)", "echo")
+    _check_choice_count(len(body.prompts) * body.n)
+    choices = []
+    for p, prompt in enumerate(body.prompts):
+        ids = engine.tokenizer(prompt).input_ids
+        requested = body.max_tokens if body.max_tokens is not None else min(16, state.settings.max_tokens)
+        max_tokens = _max_tokens(requested, len(ids), engine, state, "prompt")
+        choices += _choices(body, p, ids, prompt, max_tokens, body.logprobs, len(choices))
+    return choices
+
+
+def chat_choices(body: ChatCompletionRequest, engine, state: ServingState, steering: SteeringSpec) -> list[Choice]:
+    _check_choice_count(body.n)
+    user_text = "\n".join(m.text for m in body.messages if m.role == "user")  # what the generator reads
+    if steering.mode == "atv" and not user_text:
+        raise APIError(400, "atv steering reads the user messages, and they are empty; send user content "
+                       "or atv.mode 'off'", "messages")
+    ids = chat_prompt_ids(engine.tokenizer, body)
+    max_tokens = _max_tokens(body.max_new_tokens, len(ids), engine, state, "messages")
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    return _choices(body, 0, ids, user_text, max_tokens, logprobs, 0)
+
+
+def chat_prompt_ids(tokenizer, body: ChatCompletionRequest) -> list[int]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
+    messages = [{"role": m.role, "content": m.text} for m in body.messages]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # jinja2 errors: the template refuses this conversation (e.g. role order)
+        raise APIError(400, f"the chat template refused these messages: {exc}", "messages") from exc
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def _check_choice_count(count: int) -> None:
+    if count > MAX_CHOICES:
+        raise APIError(400, f"{count} choices (prompts x n) in one request; at most {MAX_CHOICES}", "n")
+
+
+def _max_tokens(requested: int | None, prompt_len: int, engine, state: ServingState, prompt_param: str) -> int:
+    limit, prompt_limit = state.settings.max_tokens, state.settings.max_prompt_tokens
+    if prompt_limit is not None and prompt_len > prompt_limit:
+        raise APIError(413, f"prompt has {prompt_len} tokens; this server accepts at most {prompt_limit}",
+                       prompt_param, "context_length_exceeded")
+    if requested is None:  # as much as the context and the server limit allow
+        requested = min(limit, engine.max_model_len - prompt_len)
+        if requested < 1:
+            raise APIError(413, f"prompt has {prompt_len} tokens, which fills the context of "
+                           f"{engine.max_model_len}", prompt_param, "context_length_exceeded")
+    if requested > limit:
+        raise APIError(400, f"max_tokens is {requested}; this server allows at most {limit}", "max_tokens")
+    return requested
+
+
+def _choices(body: SamplingFields, prompt_index: int, ids: list[int], prompt_text: str, max_tokens: int,
+             logprobs: int | None, first_index: int) -> list[Choice]:
+    choices = []
+    for j in range(body.n):
+        seed = None if body.seed is None else body.seed + j
+        try:
+            params = SamplingParams(max_tokens=max_tokens, top_k=max(body.top_k, 0), seed=seed,
+                                    temperature=body.temperature if body.temperature >= SAMPLING_EPS else 0.0,
+                                    top_p=max(body.top_p, SAMPLING_EPS), stop=body.stop_strings,
+                                    ignore_eos=body.ignore_eos, logprobs=logprobs)
+        except ValueError as exc:
+            raise APIError(400, str(exc)) from exc
+        choices.append(Choice(first_index + j, prompt_index, ids, prompt_text, params))
+    return choices
+
+
+def steering_spec(body: SamplingFields, engine) -> SteeringSpec:
+    options = body.atv
+    mode = options.mode if options and options.mode else ("atv" if engine.has_generator else "off")
+    if mode == "atv" and not engine.has_generator:
+        raise APIError(400, "steering mode 'atv' needs a generator, and this server has none; "
+                       "send atv.mode 'off'", "atv.mode")
+    return SteeringSpec(mode, options.scale if options else 1.0)
+
+
+# ---- running and answering ----------------------------------------------------------------------
+async def respond(state: ServingState, request: Request, body: SamplingFields, choices: list[Choice],
+                  steering: SteeringSpec, fmt, want_logprobs: bool, endpoint: str):
+    log_fields = {"endpoint": endpoint, "user": body.user}
+    if state.settings.log_prompts:
+        log_fields["prompts"] = sorted({c.prompt_text for c in choices})
+    job = Job(state.engine, state.metrics, choices, steering, fmt.id, state.settings.request_timeout, state.jobs,
+              log_fields)
+    try:
+        await job.start(request)
+    except BaseException:
+        job.close()
+        raise
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return JobStreamingResponse(job, stream_events(job, fmt, include_usage, state.settings.request_timeout))
+    try:
+        await collect(job)
+        return fmt.response(job, want_logprobs)
+    except JobStopped as stopped:
+        if stopped.reason == "disconnect":
+            return Response(status_code=499)  # nobody is listening; the status is for the metrics
+        raise stopped_error(stopped, state.settings.request_timeout) from None
+    finally:
+        job.close()
+
+
+async def collect(job: Job) -> None:
+    async for choice, out in job.events():
+        if out.finish_reason == "error":
+            job.stop("failed")
+            raise APIError(500, f"generation failed: {out.error}", code="generation_failed")
+
+
+async def stream_events(job: Job, fmt, include_usage: bool, timeout_s: float):
+    """SSE text: openings, one chunk per output, usage, [DONE]; a failure mid-stream is an error event."""
+    try:
+        for choice in job.choices:
+            if (opening := fmt.opening(choice)) is not None:
+                yield sse(opening)
+        async for choice, out in job.events():
+            if out.finish_reason == "error":
+                job.stop("failed")
+                yield sse(error_body(500, f"generation failed: {out.error}", code="generation_failed"))
+                break
+            if (chunk := fmt.chunk(choice, out)) is not None:
+                yield sse(chunk)
+        else:
+            if include_usage:
+                yield sse(fmt.usage_chunk(job))
+    except JobStopped as stopped:
+        if stopped.reason == "disconnect":
+            return
+        yield sse(stopped_error(stopped, timeout_s).body())
+    except APIError as exc:
+        yield sse(exc.body())
+    finally:
+        job.close()
+    yield DONE
+
+
+class JobStreamingResponse(StreamingResponse):
+    """A StreamingResponse that closes its job however the response ends, even before the body started."""
+
+    def __init__(self, job: Job, content):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.job = job
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.close()
+

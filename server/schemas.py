@@ -1,0 +1,198 @@
+"""Pydantic models of the HTTP API: OpenAI completions and chat requests plus the `atv` steering extension,
+and the non-streaming response bodies.
+
+Bad input is refused by the schema itself (bounds, Literal, strict types: a float `top_k` or a string
+`temperature` is a 400), never by hand-written checks; the only checks left to the routes are the ones
+that depend on the loaded model or the settings (model name, prompt length, max_tokens limit). Unknown
+fields are ignored, as OpenAI clients send fields this server does not use. Streaming chunks are plain
+dicts built in server/formatting.py, in OpenAI's chunk shape.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+INT64_MAX = 2**63 - 1
+MAX_PROMPTS = 64
+
+# strict: a JSON int is accepted as a float, a string is not; NaN and Infinity are refused
+Scale = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-100.0, le=100.0)]
+Temperature = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0.0, le=2.0)]
+TopP = Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0.0, le=1.0)]
+NonEmptyStr = Annotated[StrictStr, Field(min_length=1)]
+StopStrings = NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=4)]
+
+
+class SteeringOptions(BaseModel):
+    """The `atv` extension: which steering to apply to this request."""
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["atv", "off"] | None = Field(None, description="atv: the generator's vector for this prompt; "
+                                               "off: the plain target. Default: atv when a generator is loaded")
+    scale: Scale = Field(1.0, description="multiplies the vector (after the checkpoint's "
+                                               "lambda and gate); 0 applies none")
+
+
+class StreamOptions(BaseModel):
+    include_usage: StrictBool = False
+
+
+class SamplingFields(BaseModel):
+    """Fields shared by completions and chat."""
+    model: StrictStr | None = Field(None, description="must be the served model id (GET /v1/models)")
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    top_k: Annotated[StrictInt, Field(ge=-1, le=2**31 - 1)] = Field(-1, description="-1 or 0: no top-k")
+    n: Annotated[StrictInt, Field(ge=1, le=16)] = 1
+    stop: StopStrings | None = None
+    seed: Annotated[StrictInt, Field(ge=-(2**63), le=INT64_MAX)] | None = Field(
+        None, description="choice i of n uses seed + i")
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    user: StrictStr | None = None
+    ignore_eos: StrictBool = Field(False, description="extension: keep generating past end-of-sequence")
+    atv: SteeringOptions | None = None
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+class CompletionRequest(SamplingFields):
+    prompt: NonEmptyStr | Annotated[list[NonEmptyStr], Field(min_length=1, max_length=MAX_PROMPTS)] = Field(
+        description="one string, or a list of strings (n choices each)")
+    max_tokens: Annotated[StrictInt, Field(ge=1, le=INT64_MAX)] | None = Field(
+        None, description="omitted or null: 16 (the server's limit if lower)")
+    logprobs: Annotated[StrictInt, Field(ge=0, le=5)] | None = None
+    echo: StrictBool = False
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: StrictStr | list[TextPart] | None = None
+    name: StrictStr | None = None
+
+    @property
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: Annotated[StrictInt, Field(ge=1, le=INT64_MAX)] | None = Field(
+        None, description="null: up to the server's limit and the context")
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1, le=INT64_MAX)] | None = None
+    logprobs: StrictBool = False
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=5)] | None = None
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+# ---- responses ----------------------------------------------------------------------------------
+class SteeringReport(BaseModel):
+    """What was applied to a request: mode and scale; for atv also the vector's norm, the gate, and the
+    generator time of the batch that made the vector."""
+    mode: str
+    scale: float
+    vector_norm: float | None = None
+    gate: float | None = None
+    generator_s: float | None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None
+    atv: SteeringReport | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    atv: SteeringReport | None = Field(None, description="the first choice's steering (each choice has its own)")
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprobEntry(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprobEntry]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None
+    atv: SteeringReport | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    atv: SteeringReport | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "atv"
+    root: str
+    max_model_len: int | None = None
+    has_generator: bool
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

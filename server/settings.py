@@ -1,0 +1,62 @@
+"""Settings of `atv serve`: one pydantic-settings class read from `ATV_*` environment variables and flags.
+
+A flag beats its environment variable, which beats the default. Every field is a flag named after it
+(`max_running` -> `--max-running`) and a variable (`ATV_MAX_RUNNING`). `ATV_CACHE_DIR` (where the embedded
+target is converted once) is read by atv_core.models, not here. This module loads nothing.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from atv_core.models import EMBEDDED_TARGET
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ATV_", extra="forbid")
+
+    model: str = Field(EMBEDDED_TARGET, description="target model: a local path, an HF id or an embedded: name")
+    generator: str = Field("default", description="generator checkpoint folder; 'default' = "
+                           "atv_core/default_generator when present, 'none' = serve without steering")
+    served_model_name: str | None = Field(None, description="model id in the API (default: --model)")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    dtype: str = Field("auto", description="auto, float32, bfloat16, float16")
+    device_map: str | None = Field(None, description="e.g. auto: spread a large target over the visible GPUs")
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535)
+    max_running: int = Field(32, ge=1, description="requests decoded together (KV rows, vector slots)")
+    max_waiting: int = Field(256, ge=0, description="queued requests; beyond this, HTTP 429")
+    max_prefill_tokens: int = Field(4096, ge=1, description="padded prompt tokens in one prefill step")
+    max_model_len: int | None = Field(None, ge=2, description="context length (default: the model's, capped at 8192)")
+    max_prompt_tokens: int | None = Field(None, ge=1, description="longest accepted prompt; longer is HTTP 413")
+    max_tokens: int = Field(2048, ge=1, description="most completion tokens one request may ask for")
+    request_timeout: float = Field(600.0, gt=0, description="seconds before a request is aborted (HTTP 504)")
+    drain_timeout: float = Field(30.0, ge=0, description="seconds SIGTERM waits for in-flight requests")
+    api_key: SecretStr | None = Field(None, description="when set, /v1/* needs 'Authorization: Bearer KEY'")
+    log_prompts: bool = Field(False, description="put prompt text in the per-request log line")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @property
+    def model_id(self) -> str:
+        return self.served_model_name or self.model
+
+
+def parse_settings(argv: list[str] | None) -> Settings:
+    """Flags from argv over ATV_* variables over defaults. Bad values exit with status 2 (argparse style)."""
+    parser = argparse.ArgumentParser(prog="atv serve", description="Serve a target LLM with per-request "
+                                     "ATV steering over an OpenAI-compatible HTTP API.")
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        text = f"{field.description or name} (env ATV_{name.upper()}, default {field.default!r})"
+        if field.annotation is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
+        else:
+            parser.add_argument(flag, default=argparse.SUPPRESS, help=text, metavar=name.upper())
+    given = vars(parser.parse_args(argv))
+    try:
+        return Settings(**given)
+    except ValueError as exc:  # pydantic.ValidationError
+        parser.error(str(exc))

@@ -1,0 +1,622 @@
+"""The HTTP server against a real uvicorn on a free port, with tiny random models built in-process.
+
+One module-wide server (tiny Llama target + tiny generator, 4 running / 4 waiting) serves most tests;
+settings that a test changes (API key, timeout, limits) are patched on its state for that test only.
+Counters are compared as deltas, so the order of the tests does not matter. Only the SIGTERM drain runs
+`atv serve` in a subprocess; tests/test_server_slow.py serves the real embedded model.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import pytest
+import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import SecretStr
+
+from atv_core.checkpoint import load_generator
+from atv_core.engine import AsyncEngine, EngineConfig, LLMEngine
+from atv_core.models import load_target
+from server.app import cli, create_app
+from server.metrics import Metrics
+from server.settings import Settings, parse_settings
+from tests.tiny import make_tiny_generator_dir, make_tiny_model_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+ERROR_KEYS = {"message", "type", "param", "code"}
+
+
+# ---- servers ------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerThread:
+    """uvicorn.Server running `app` on a thread (no signal handlers off the main thread)."""
+
+    def __init__(self, app):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off",
+                                access_log=False)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "ServerThread":
+        self.thread.start()
+        eventually(lambda: self.server.started, timeout=20)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@dataclass
+class Served:
+    url: str
+    app: object
+    engine: AsyncEngine
+
+    @property
+    def state(self):
+        return self.app.state.atv
+
+    def post(self, path: str, body=None, **kw) -> httpx.Response:
+        kw.setdefault("timeout", 60)
+        return httpx.post(self.url + path, json=body, **kw)
+
+
+def build_engine(model_dir: Path, generator_dir: Path | None, **limits) -> AsyncEngine:
+    model, tokenizer = load_target(str(model_dir), device="cpu")
+    generator = load_generator(generator_dir, target=model) if generator_dir else None
+    config = EngineConfig(**{"max_running": 4, "max_waiting": 4, **limits})
+    return AsyncEngine(LLMEngine(model, tokenizer, generator, config))
+
+
+def make_settings(**overrides) -> Settings:
+    base = dict(model="tiny", generator="none", api_key=None, max_tokens=64, max_prompt_tokens=None,
+                request_timeout=60.0, log_prompts=True)
+    return Settings(**{**base, **overrides})
+
+
+@contextlib.contextmanager
+def serving(engine: AsyncEngine | None, settings: Settings):
+    app = create_app(engine.start() if engine else None, settings, Metrics())
+    try:
+        with ServerThread(app) as thread:
+            yield Served(thread.url, app, engine)
+    finally:
+        if engine is not None:
+            engine.shutdown()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models run 10-100x slower with several intra-op threads on a busy machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> SimpleNamespace:
+    root = tmp_path_factory.mktemp("server-assets")
+    return SimpleNamespace(model=make_tiny_model_dir(root / "model"), generator=make_tiny_generator_dir(root / "gen"))
+
+
+@pytest.fixture(scope="module")
+def main(assets):
+    """Tiny target + tiny generator; 4 running, 4 waiting, max_tokens 64."""
+    with serving(build_engine(assets.model, assets.generator), make_settings()) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def plain(assets):
+    """The same target without a generator."""
+    with serving(build_engine(assets.model, None), make_settings()) as served:
+        yield served
+
+
+@pytest.fixture
+def slow_steps(main):
+    """Make every engine step take >= 20 ms, so that a 64-token request lasts over a second."""
+    listener = lambda stats: time.sleep(0.02)  # noqa: E731
+    main.engine.engine.step_listeners.append(listener)
+    yield
+    main.engine.engine.step_listeners.remove(listener)
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+def eventually(predicate, timeout: float = 10.0, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+
+
+def scrape(url: str) -> dict:
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def metric(samples: dict, name: str, **labels) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def idle(served: Served) -> bool:
+    m = scrape(served.url)
+    return (metric(m, "atv_num_requests_running") == 0 and metric(m, "atv_num_requests_waiting") == 0
+            and metric(m, "atv_vector_slots_used") == 0 and not served.engine.engine.runner.rows)
+
+
+def assert_error(response: httpx.Response, status: int, param: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == ERROR_KEYS and error["message"], error
+    if param is not None:
+        assert error["param"] == param, error
+    return error
+
+
+def sse_events(response: httpx.Response) -> list:
+    events = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events and events[-1] == "[DONE]", events[-3:]
+    return [json.loads(e) for e in events[:-1]]
+
+
+def completion(served: Served, **body) -> dict:
+    response = served.post("/v1/completions", {"prompt": "Hello there", "max_tokens": 4, **body})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+# ---- the official client ------------------------------------------------------------------------
+def test_openai_client_completions_and_chat(main):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=main.url + "/v1", api_key="unused", max_retries=0)
+    (model,) = [m.id for m in client.models.list().data]
+    done = client.completions.create(model=model, prompt="Hello", max_tokens=5, temperature=0,
+                                     extra_body={"ignore_eos": True})
+    assert done.choices[0].finish_reason == "length" and done.usage.completion_tokens == 5
+    assert done.model_extra["atv"]["mode"] == "atv" and done.model_extra["atv"]["vector_norm"] > 0
+    chunks = list(client.completions.create(model=model, prompt="Hello", max_tokens=5, temperature=0, stream=True,
+                                            extra_body={"ignore_eos": True}))
+    assert "".join(c.choices[0].text for c in chunks) == done.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    chat = client.chat.completions.create(model=model, messages=messages, max_tokens=6, temperature=0,
+                                          extra_body={"atv": {"mode": "off"}, "ignore_eos": True})
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens == 6
+    assert chat.model_extra["atv"] == {"mode": "off", "scale": 1.0, "vector_norm": None, "gate": None,
+                                       "generator_s": None}
+    stream = client.chat.completions.create(model=model, messages=messages, max_tokens=6, temperature=0, stream=True,
+                                            stream_options={"include_usage": True},
+                                            extra_body={"atv": {"mode": "off"}, "ignore_eos": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == 6 and chunks[-1].choices == []
+
+
+# ---- request fields -----------------------------------------------------------------------------
+def test_prompt_list_n_and_usage(main):
+    body = completion(main, prompt=["Hello", "Good morning"], n=2, temperature=0, ignore_eos=True)
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    assert body["choices"][0]["text"] == body["choices"][1]["text"]  # greedy: the n choices agree
+    tokenizer = main.engine.engine.tokenizer
+    prompt_tokens = len(tokenizer("Hello").input_ids) + len(tokenizer("Good morning").input_ids)
+    assert body["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 16,
+                             "total_tokens": prompt_tokens + 16}
+
+
+def test_seed_reproducible_and_choices_differ(main):
+    first = completion(main, seed=7, n=2, max_tokens=8, ignore_eos=True)
+    again = completion(main, seed=7, n=2, max_tokens=8, ignore_eos=True)
+    assert [c["text"] for c in first["choices"]] == [c["text"] for c in again["choices"]]
+    assert first["choices"][0]["text"] != first["choices"][1]["text"]  # choice i uses seed + i
+
+
+def test_stop_echo_logprobs_and_max_tokens_default(main):
+    free = completion(main, temperature=0, max_tokens=8, ignore_eos=True)["choices"][0]["text"]
+    stop = next(ch for ch in free[1:] if ch.isascii() and ch.isprintable())  # random bytes: pick a plain one
+    stopped = completion(main, temperature=0, max_tokens=8, ignore_eos=True, stop=[stop])["choices"][0]
+    assert stopped["finish_reason"] == "stop" and stopped["text"] == free[: free.index(stop)]
+    echoed = completion(main, temperature=0, max_tokens=8, ignore_eos=True, echo=True)["choices"][0]
+    assert echoed["text"] == "Hello there" + free
+    logprobs = completion(main, temperature=0, max_tokens=3, ignore_eos=True, logprobs=2)["choices"][0]["logprobs"]
+    assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == 3
+    assert all(len(top) <= 2 and lp <= 0 for top, lp in zip(logprobs["top_logprobs"], logprobs["token_logprobs"]))
+    default = main.post("/v1/completions", {"prompt": "Hi", "ignore_eos": True}).json()
+    assert default["usage"]["completion_tokens"] == 16
+
+
+def test_underflowing_temperature_and_top_p_are_served(main):
+    # 1e-300 is 0 in float32; the engine's sampler dies on it, so the server maps it (vLLM: below 1e-5 = greedy)
+    greedy = completion(main, temperature=0, ignore_eos=True)["choices"][0]["text"]
+    assert completion(main, temperature=1e-300, ignore_eos=True)["choices"][0]["text"] == greedy
+    assert completion(main, top_p=1e-300, ignore_eos=True)["choices"][0]["text"] == greedy
+    assert main.engine.is_alive
+
+
+def test_chat_logprobs_and_content_parts(main):
+    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}], "max_tokens": 3,
+            "logprobs": True, "top_logprobs": 2, "ignore_eos": True}
+    response = main.post("/v1/chat/completions", body)
+    assert response.status_code == 200, response.text
+    content = response.json()["choices"][0]["logprobs"]["content"]
+    assert len(content) == 3 and all(len(entry["top_logprobs"]) == 2 for entry in content)
+
+
+def test_steering_report_and_scale(main):
+    full = completion(main, temperature=0, atv={"mode": "atv", "scale": 1.0})["atv"]
+    half = completion(main, temperature=0, atv={"mode": "atv", "scale": 0.5})["atv"]
+    off = completion(main, temperature=0, atv={"mode": "off"})["atv"]
+    assert full["mode"] == "atv" and full["gate"] == 1.0 and full["generator_s"] > 0
+    assert half["vector_norm"] == pytest.approx(full["vector_norm"] / 2, rel=1e-4)
+    assert off == {"mode": "off", "scale": 1.0, "vector_norm": None, "gate": None, "generator_s": None}
+
+
+def test_default_mode_follows_the_generator(main, plain):
+    assert completion(main)["atv"]["mode"] == "atv"
+    assert completion(plain)["atv"]["mode"] == "off"
+    assert_error(plain.post("/v1/completions", {"prompt": "x", "atv": {"mode": "atv"}}), 400, "atv.mode")
+
+
+# ---- errors -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": "x", "top_k": 1.5}, "top_k"),
+    ({"prompt": "x", "temperature": "0.5"}, "temperature"),
+    ({"prompt": "x", "temperature": 2.5}, "temperature"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": []}, "prompt"),
+    ({"prompt": ["ok", ""]}, "prompt.1"),
+    ({}, "prompt"),
+    ({"prompt": "x", "atv": {"mode": "sideways"}}, "atv.mode"),
+    ({"prompt": "x", "atv": {"scale": 1e9}}, "atv.scale"),
+    ({"prompt": "x", "atv": {"mode": "off", "extra": 1}}, "atv.extra"),
+    ({"prompt": "x", "n": 0}, "n"),
+    ({"prompt": "x", "logprobs": 6}, "logprobs"),
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 65}, "max_tokens"),          # over the server's limit (64)
+    ({"prompt": "x", "stream": "yes"}, "stream"),
+    ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"prompt": "x", "echo": True, "logprobs": 1}, "echo"),
+])
+def test_invalid_fields_are_400(main, body, param):
+    assert_error(main.post("/v1/completions", body), 400, param)
+
+
+def test_invalid_json_and_chat_fields_are_400(main):
+    response = httpx.post(main.url + "/v1/completions", content=b"{not json",
+                          headers={"content-type": "application/json"})
+    assert_error(response, 400)
+    assert_error(main.post("/v1/chat/completions", {"messages": []}), 400, "messages")
+    assert_error(main.post("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}), 400,
+                 "messages.0.role")
+    assert_error(main.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 9}),
+                 400, "top_logprobs")
+
+
+def test_unknown_model_and_path_are_404(main):
+    assert_error(main.post("/v1/completions", {"prompt": "x", "model": "gpt-9"}), 404, "model")
+    assert_error(httpx.get(main.url + "/v1/nothing"), 404)
+
+
+def test_prompt_too_long_is_413(main, monkeypatch):
+    assert_error(main.post("/v1/completions", {"prompt": "x" * 500, "max_tokens": 16}), 413)  # 516 > 512
+    assert_error(main.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 520}]}), 413)
+    monkeypatch.setattr(main.state.settings, "max_prompt_tokens", 10)
+    assert_error(main.post("/v1/completions", {"prompt": "x" * 11}), 413, "prompt")
+    assert completion(main, prompt="x" * 10)["choices"]
+
+
+def test_queue_full_is_429_with_retry_after(main):
+    response = main.post("/v1/completions", {"prompt": "x", "n": 8, "max_tokens": 4})  # 8 choices, 4 waiting
+    assert_error(response, 429)
+    assert response.headers["retry-after"] == "1"
+    eventually(lambda: idle(main))
+    assert completion(main)["choices"]  # nobody else harmed
+
+
+def test_api_key(main, monkeypatch):
+    monkeypatch.setattr(main.state.settings, "api_key", SecretStr("sekret"))
+    body = {"prompt": "x", "max_tokens": 2}
+    missing = main.post("/v1/completions", body)
+    assert_error(missing, 401)
+    assert missing.headers["www-authenticate"] == "Bearer"
+    assert_error(main.post("/v1/completions", body, headers={"Authorization": "Bearer wrong"}), 401)
+    assert_error(httpx.get(main.url + "/v1/models"), 401)
+    assert main.post("/v1/completions", body, headers={"Authorization": "Bearer sekret"}).status_code == 200
+    for open_path in ("/health", "/ready", "/metrics"):
+        assert httpx.get(main.url + open_path).status_code == 200
+
+
+def test_generation_failure_is_500_and_harms_nobody(main, monkeypatch):
+    engine = main.engine.engine
+    real = engine.generator
+
+    class NonFinite:  # a generator whose vectors are NaN
+        config = real.config
+
+        def __call__(self, texts):
+            out = real(texts)
+            return SimpleNamespace(vectors=out.vectors * float("nan"), gates=out.gates)
+
+    monkeypatch.setattr(engine, "generator", NonFinite())
+    error = assert_error(main.post("/v1/completions", {"prompt": "x", "atv": {"mode": "atv"}}), 500)
+    assert "non-finite" in error["message"]
+    with httpx.stream("POST", main.url + "/v1/completions", timeout=30,
+                      json={"prompt": "x", "stream": True, "atv": {"mode": "atv"}}) as response:
+        events = sse_events(response)
+    assert "non-finite" in events[-1]["error"]["message"]
+    assert completion(main, atv={"mode": "off"})["choices"]  # unsteered requests still work meanwhile
+    monkeypatch.setattr(engine, "generator", real)
+    assert completion(main)["atv"]["mode"] == "atv"
+    assert httpx.get(main.url + "/health").status_code == 200
+
+
+def test_timeout_aborts_with_504(main, monkeypatch, slow_steps):
+    monkeypatch.setattr(main.state.settings, "request_timeout", 0.3)
+    body = {"prompt": "x", "max_tokens": 64, "ignore_eos": True}
+    error = assert_error(main.post("/v1/completions", body), 504)
+    assert error["code"] == "request_timeout"
+    with httpx.stream("POST", main.url + "/v1/completions", json={**body, "stream": True}, timeout=30) as response:
+        assert response.status_code == 200
+        events = sse_events(response)
+    assert events[-1]["error"]["code"] == "request_timeout"
+    eventually(lambda: idle(main))
+
+
+def test_draining_refuses_new_work(main, monkeypatch):
+    monkeypatch.setattr(main.state, "draining", True)
+    assert httpx.get(main.url + "/ready").status_code == 503
+    assert httpx.get(main.url + "/health").status_code == 200
+    assert_error(main.post("/v1/completions", {"prompt": "x"}), 503)
+
+
+def test_loading_app_answers_probes(assets):
+    with serving(None, make_settings()) as served:
+        assert httpx.get(served.url + "/health").status_code == 200
+        assert httpx.get(served.url + "/ready").json() == {"status": "loading"}
+        assert_error(served.post("/v1/completions", {"prompt": "x"}), 503)
+        assert httpx.get(served.url + "/v1/models").json()["data"][0]["id"] == "tiny"
+
+
+def test_dead_engine_fails_health(assets):
+    engine = build_engine(assets.model, None)
+
+    def broken():
+        raise RuntimeError("simulated engine fault")
+
+    engine.engine.has_work = broken
+    with serving(engine, make_settings()) as served:
+        eventually(lambda: engine.error is not None)
+        assert httpx.get(served.url + "/health").status_code == 503
+        assert httpx.get(served.url + "/ready").status_code == 503
+        assert_error(served.post("/v1/completions", {"prompt": "x"}), 503)
+        assert metric(scrape(served.url), "atv_engine_up") == 0
+
+
+# ---- disconnects --------------------------------------------------------------------------------
+def test_stream_disconnect_frees_the_slot(main, slow_steps):
+    before = scrape(main.url)
+    body = {"prompt": "Tell me", "max_tokens": 64, "ignore_eos": True, "stream": True, "atv": {"mode": "atv"}}
+    with httpx.Client(timeout=30) as client, client.stream("POST", main.url + "/v1/completions", json=body) as response:
+        lines = response.iter_lines()  # held: dropping the iterator would close the response
+        assert next(lines).startswith("data: {")  # one token streamed
+        def steering_one():  # the gauges follow the engine thread, which updates them after each step
+            during = scrape(main.url)
+            return metric(during, "atv_vector_slots_used") == 1 and metric(during, "atv_num_requests_running") == 1
+
+        eventually(steering_one, timeout=2)
+    eventually(lambda: idle(main), timeout=5)
+    after = scrape(main.url)
+    assert metric(after, "atv_client_disconnects_total") == metric(before, "atv_client_disconnects_total") + 1
+    aborts = metric(after, "atv_requests_finished_total", finish_reason="abort")
+    assert aborts == metric(before, "atv_requests_finished_total", finish_reason="abort") + 1
+    generated = metric(after, "atv_generation_tokens_total") - metric(before, "atv_generation_tokens_total")
+    assert generated < 64
+
+
+def test_non_streaming_disconnect_aborts(main, slow_steps):
+    before = scrape(main.url)
+    with pytest.raises(httpx.ReadTimeout):
+        main.post("/v1/completions", {"prompt": "x", "max_tokens": 64, "ignore_eos": True}, timeout=0.4)
+    eventually(lambda: idle(main), timeout=5)
+    after = scrape(main.url)
+    assert metric(after, "atv_client_disconnects_total") == metric(before, "atv_client_disconnects_total") + 1
+    generated = metric(after, "atv_generation_tokens_total") - metric(before, "atv_generation_tokens_total")
+    assert generated < 64
+
+
+# ---- metrics ------------------------------------------------------------------------------------
+def test_metrics_count_known_requests(main):
+    before = scrape(main.url)
+    tokenizer = main.engine.engine.tokenizer
+    prompts = ["one", "two two", "three three three"]
+    for prompt in prompts:
+        completion(main, prompt=prompt, max_tokens=4, ignore_eos=True, atv={"mode": "off"})
+    after = scrape(main.url)
+
+    def delta(name, **labels):
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    assert delta("atv_requests_finished_total", finish_reason="length") == 3
+    assert delta("atv_generation_tokens_total") == 12
+    assert delta("atv_prompt_tokens_total") == sum(len(tokenizer(p).input_ids) for p in prompts)
+    assert delta("atv_http_requests_total", status="200") == 3
+    assert delta("atv_requests_steering_total", mode="off") == 3
+    assert delta("atv_e2e_request_latency_seconds_count") == 3
+    assert delta("atv_time_to_first_token_seconds_count") == 3
+    assert delta("atv_request_queue_time_seconds_count") == 3
+    assert delta("atv_inter_token_latency_seconds_count") == 9
+    assert delta("atv_step_duration_seconds_count", phase="prefill") == 3
+    assert delta("atv_step_duration_seconds_count", phase="decode") == 9
+    assert delta("atv_batch_size_count") == 12
+    assert metric(after, "atv_engine_up") == 1
+    assert metric(after, "atv_num_requests_running") == 0 and metric(after, "atv_vector_slots_used") == 0
+    names = {name for name, _ in after}
+    assert {"atv_vector_generation_seconds_count", "atv_num_requests_waiting"} <= names
+
+
+def test_http_statuses_are_counted(main):
+    before = scrape(main.url)
+    main.post("/v1/completions", {"prompt": ""})
+    main.post("/v1/completions", {"prompt": "x", "model": "nope"})
+    httpx.get(main.url + "/health")  # probes are not API traffic
+    after = scrape(main.url)
+    for status in ("400", "404"):
+        assert metric(after, "atv_http_requests_total", status=status) == \
+            metric(before, "atv_http_requests_total", status=status) + 1
+
+
+# ---- fuzzing ------------------------------------------------------------------------------------
+def test_schemathesis_finds_no_server_errors(main, monkeypatch):
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, Phase, given, settings
+
+    monkeypatch.setattr(main.state.settings, "max_tokens", 4)
+    monkeypatch.setattr(main.state.settings, "max_prompt_tokens", 64)
+    schema = schemathesis.openapi.from_url(main.url + "/openapi.json")
+    both = (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE)
+    for path, method, modes in [("/v1/completions", "POST", both), ("/v1/chat/completions", "POST", both),
+                                ("/v1/models", "GET", both[:1])]:  # a GET without parameters has no negative case
+        operation = schema[path][method]
+        for mode in modes:
+            @settings(max_examples=30, deadline=None, database=None, phases=[Phase.explicit, Phase.generate],
+                      suppress_health_check=list(HealthCheck))
+            @given(case=operation.as_strategy(mode).map(tame) if mode == both[0] else operation.as_strategy(mode))
+            def check(case):
+                response = case.call(base_url=main.url, timeout=30)
+                assert response.status_code < 500, (case.body, response.status_code, response.text[:500])
+
+            check()
+    assert httpx.get(main.url + "/health").status_code == 200
+    eventually(lambda: idle(main))
+
+
+def tame(case):
+    """Valid bodies that reach the engine: no foreign model name, small whole max_tokens."""
+    if isinstance(case.body, dict):
+        case.body.pop("model", None)
+        for key in ("max_tokens", "max_completion_tokens"):
+            if isinstance(case.body.get(key), (int, float)):
+                case.body[key] = int(min(max(case.body[key], 1), 4))
+    return case
+
+
+# ---- settings and the command line --------------------------------------------------------------
+def test_settings_flags_beat_environment(monkeypatch):
+    monkeypatch.setenv("ATV_MAX_RUNNING", "3")
+    monkeypatch.setenv("ATV_PORT", "9001")
+    monkeypatch.setenv("ATV_API_KEY", "from-env")
+    settings = parse_settings(["--port", "9002", "--log-prompts", "--model", "some/model"])
+    assert (settings.max_running, settings.port, settings.model, settings.log_prompts) == (3, 9002, "some/model", True)
+    assert settings.api_key.get_secret_value() == "from-env" and settings.model_id == "some/model"
+    with pytest.raises(SystemExit):
+        parse_settings(["--port", "not-a-port"])
+
+
+def test_cli_exits_1_when_the_model_cannot_load(tmp_path):
+    code = cli(["--model", str(tmp_path / "missing"), "--generator", "none", "--device", "cpu",
+                "--port", str(free_port())])
+    assert code == 1
+
+
+def test_sigterm_drains_in_flight_requests_and_exits_0(assets, tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ATV_")}
+    env.update(ATV_DRAIN_TIMEOUT="20", ATV_CACHE_DIR=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
+               OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "atv_core.cli", "serve", "--model", str(assets.model), "--generator",
+           str(assets.generator), "--device", "cpu", "--port", str(port), "--max-tokens", "400"]
+    log_path = tmp_path / "server.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        eventually(lambda: _status(url + "/ready") == 200 or proc.poll() is not None, timeout=90, interval=0.2)
+        assert proc.poll() is None, log_path.read_text()
+        body = {"prompt": "Long story", "max_tokens": 400, "ignore_eos": True, "stream": True}  # ~1 s or more
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: {")
+            proc.send_signal(signal.SIGTERM)
+            eventually(lambda: _status(url + "/ready") == 503, timeout=5)
+            refused = httpx.post(url + "/v1/completions", json={"prompt": "x"}, timeout=10)
+            assert_error(refused, 503)
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]"
+        assert json.loads(rest[-2][len("data: "):])["choices"][0]["finish_reason"] == "length"
+        assert proc.wait(timeout=30) == 0, log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "drained" in log_path.read_text()
+
+
+def test_drain_timeout_stops_what_still_runs(assets):
+    """SIGTERM's handler, called directly (signals only reach the main thread): a request longer than the
+    drain timeout is stopped with an error event, and the server stops."""
+    from server.lifecycle import DrainingServer
+
+    engine = build_engine(assets.model, None)
+    engine.engine.step_listeners.append(lambda stats: time.sleep(0.02))
+    app = create_app(engine.start(), make_settings(), Metrics())
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    server = DrainingServer(config, app.state.atv, drain_timeout=0.3)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        eventually(lambda: server.started)
+        body = {"prompt": "x", "max_tokens": 64, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=30) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: {")
+            server.handle_exit(signal.SIGTERM, None)
+            assert _status(f"http://127.0.0.1:{port}/ready") == 503
+            events = [line for line in lines if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]"
+        assert json.loads(events[-2][len("data: "):])["error"]["code"] == "shutting_down"
+        thread.join(15)
+        assert not thread.is_alive()
+    finally:
+        server.should_exit = True
+        thread.join(5)
+        engine.shutdown()
+    assert not engine.engine.runner.rows
+
+
+def _status(url: str) -> int | None:
+    try:
+        return httpx.get(url, timeout=2).status_code
+    except httpx.HTTPError:
+        return None
