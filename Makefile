@@ -21,6 +21,7 @@ serve: $(STAMP)
 	$(VENV)/bin/atv serve $(ARGS)
 
 test: $(STAMP)
+	bash scripts/validate_deploy.sh   # installs promtool/prometheus if missing, then validates deploy/
 	$(PY) -m pytest $(ARGS)
 
 test-fast: $(STAMP)

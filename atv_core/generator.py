@@ -143,14 +143,22 @@ class ATVGenerator(nn.Module):
     def format_inputs(self, prompts: list[str]) -> list[str]:
         return [self.config.input_template.replace("{prompt}", p) for p in prompts]
 
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        """Prompts -> pooled backbone states [B, d_s] (fp32)."""
-        batch = self.tokenizer(self.format_inputs(prompts), return_tensors="pt", padding=True, truncation=True,
-                               max_length=self.config.max_input_tokens).to(self.device)
-        grad = self.config.train_backbone and self.training
-        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-            out = self.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        return pool(out.last_hidden_state, batch["attention_mask"], self.config.pooling_mode).float()
+    def encode(self, prompts: list[str], chunk: int = 8) -> torch.Tensor:
+        """Prompts -> pooled backbone states [B, d_s] (fp32). Prompts are sorted by length and encoded in
+        chunks, so a batch of mixed lengths is not padded to its longest prompt."""
+        texts = self.format_inputs(prompts)
+        ids = self.tokenizer(texts, truncation=True, max_length=self.config.max_input_tokens)["input_ids"]
+        order = sorted(range(len(texts)), key=lambda i: len(ids[i]))
+        pooled = [None] * len(texts)
+        grad = self.config.train_backbone and self.training and torch.is_grad_enabled()
+        for start in range(0, len(order), chunk):
+            part = order[start: start + chunk]
+            batch = self.tokenizer.pad({"input_ids": [ids[i] for i in part]}, return_tensors="pt").to(self.device)
+            with torch.set_grad_enabled(grad):
+                out = self.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            for i, row in zip(part, pool(out.last_hidden_state, batch["attention_mask"], self.config.pooling_mode)):
+                pooled[i] = row
+        return torch.stack(pooled).float()
 
     def gate(self, pooled: torch.Tensor) -> torch.Tensor:
         """[B, d_s] -> [B] in [0, 1]."""

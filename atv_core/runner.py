@@ -4,8 +4,8 @@ Owns all per-model torch state:
 - the KV cache: per layer K and V buffers [R, H_kv, C, D] (R = max running requests, C = columns, grown
   by doubling). A running request owns one row; rows 0..B-1 are always the running requests (a finished
   request's row is refilled with the last row: "swap-remove"), so a decode step reads plain views
-  `K[:B, :, :Lmax]` with no gather. Prefill is left-padded, so a row's valid columns are
-  [kv_start, kv_len).
+  `K[:B, :, :Lmax]` with no gather. Prefill is packed ([1, sum of prompt lengths], no padding), so a
+  row's valid columns are [0, kv_len) (kv_start stays 0; it exists for left-padded layouts).
 - the steering vector table V [L_sel, R + 1, d], row 0 all zeros (see injection.py), and its slots.
 
 Attention goes through transformers' AttentionInterface ("atv_engine"), switched on only for the
@@ -71,7 +71,7 @@ class StepContext:
     cache: KVCache
     row0: int                        # first cache row of this batch
     mask: torch.Tensor               # bool, [B, 1, T, Lk]: True = may attend
-    write_cols: torch.Tensor | None  # decode: [B] column each row writes; prefill writes columns [0, T)
+    write_cols: object               # decode: [B] column each row writes; prefill: ([N] rows, [N] columns)
     key_cols: int                    # Lk
     query_pos: torch.Tensor          # [B, T] column index of each query (for sliding windows)
     sliding: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -96,9 +96,10 @@ def engine_attention(module, query, key, value, attention_mask, scaling=None, dr
     kbuf, vbuf = ctx.cache.buffers(module.layer_idx, key)
     b, t = query.shape[0], query.shape[2]
     rows = slice(ctx.row0, ctx.row0 + b)
-    if ctx.phase == "prefill":
-        kbuf[rows, :, :t] = key
-        vbuf[rows, :, :t] = value
+    if ctx.phase == "prefill":  # packed [1, N]: token i goes to (row[i], column[i])
+        row_index, col_index = ctx.write_cols
+        kbuf[row_index, :, col_index] = key[0].transpose(0, 1)
+        vbuf[row_index, :, col_index] = value[0].transpose(0, 1)
         keys, values = key, value
     else:
         index = torch.arange(ctx.row0, ctx.row0 + b, device=key.device)
@@ -159,34 +160,32 @@ class ModelRunner:
     # ---- steps ----------------------------------------------------------------------------------
     @torch.no_grad()
     def prefill(self, requests: Sequence[Request]) -> torch.Tensor:
-        """Left-padded prefill of newly admitted requests -> last-token logits [k, V] (fp32)."""
+        """Packed prefill of newly admitted requests: one [1, N] sequence (N = sum of prompt lengths, no
+        padding) with a block-diagonal causal mask -> last-token logits [k, V] (fp32)."""
         if len(self.rows) + len(requests) > self.cache.rows:
             raise RuntimeError("prefill would exceed the KV cache rows")
-        width = max(r.num_prompt_tokens for r in requests)
-        self.cache.ensure_columns(width + 1)
-        k, row0 = len(requests), len(self.rows)
-        ids = torch.zeros(k, width, dtype=torch.long)
-        positions = torch.zeros(k, width, dtype=torch.long)
-        pad = torch.tensor([width - r.num_prompt_tokens for r in requests])
+        lengths = [r.num_prompt_tokens for r in requests]
+        self.cache.ensure_columns(max(lengths) + 1)
+        row0 = len(self.rows)
+        ids = torch.tensor([t for r in requests for t in r.prompt_ids]).view(1, -1)
+        positions = torch.cat([torch.arange(n) for n in lengths]).view(1, -1)              # [1, N]
+        seq = torch.repeat_interleave(torch.arange(len(requests)), torch.tensor(lengths))   # [N] owner of token
+        rows = seq + row0
         for b, request in enumerate(requests):
-            n = request.num_prompt_tokens
-            ids[b, width - n:] = torch.tensor(request.prompt_ids)
-            positions[b, width - n:] = torch.arange(n)
-            request.kv_row, request.kv_start, request.kv_len = row0 + b, width - n, width
+            request.kv_row, request.kv_start, request.kv_len = row0 + b, 0, lengths[b]
             self.rows.append(request)
-        col = torch.arange(width)
-        causal = col.unsqueeze(0) <= col.unsqueeze(1)                                   # [T, T]
-        valid = col.unsqueeze(0) >= pad.unsqueeze(1)                                    # [k, T] real keys
-        mask = (causal & valid.unsqueeze(1)) | torch.eye(width, dtype=torch.bool)      # pad queries see themselves
-        slots = torch.zeros(k, width, dtype=torch.long)
-        for b, request in enumerate(requests):
-            if self.position == "all":
-                slots[b, width - request.num_prompt_tokens:] = request.vector_slot
-            else:
-                slots[b, -1] = request.vector_slot
-        ctx = StepContext("prefill", self.cache, row0, mask.unsqueeze(1).to(self.device), None, width,
-                          col.expand(k, width).to(self.device))
-        return self._forward(ids, positions, ctx, slots)
+        causal = positions[0].unsqueeze(1) >= positions[0].unsqueeze(0)
+        mask = (seq.unsqueeze(1) == seq.unsqueeze(0)) & causal                              # [N, N]
+        slot = torch.tensor([r.vector_slot for r in requests])[seq]
+        if self.position == "last":
+            last = torch.cumsum(torch.tensor(lengths), 0) - 1
+            slot = torch.where(torch.isin(torch.arange(len(seq)), last), slot, 0)
+        n = len(seq)
+        ctx = StepContext("prefill", self.cache, row0, mask.view(1, 1, n, n).to(self.device),
+                          (rows.to(self.device), positions[0].to(self.device)), n,
+                          torch.arange(n).view(1, n).to(self.device))
+        last_index = (torch.cumsum(torch.tensor(lengths), 0) - 1).to(self.device)
+        return self._forward(ids, positions, ctx, slot.view(1, -1), logits_to_keep=last_index)
 
     @torch.no_grad()
     def decode(self, last_tokens: Sequence[int]) -> torch.Tensor:
@@ -208,13 +207,15 @@ class ModelRunner:
             request.kv_len += 1
         return logits
 
-    def _forward(self, ids, positions, ctx: StepContext, slots: torch.Tensor) -> torch.Tensor:
+    def _forward(self, ids, positions, ctx: StepContext, slots: torch.Tensor, logits_to_keep=1) -> torch.Tensor:
         steer = bool(slots.any())
         table = self.table if steer else None
         with _engine_step(self.model, ctx), steering(self.model, table, slots.to(self.device), self.steer_layers,
                                                       self.layers_path):
             out = self.model(input_ids=ids.to(self.device), position_ids=positions.to(self.device),
-                             attention_mask=ctx.mask, use_cache=False, logits_to_keep=1)
+                             attention_mask=ctx.mask, use_cache=False, logits_to_keep=logits_to_keep)
+        if isinstance(logits_to_keep, torch.Tensor):
+            return out.logits[0].float()                                    # packed: [k, V]
         return out.logits[:, -1].float()
 
     @torch.no_grad()
