@@ -178,7 +178,7 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32, 64])
     parser.add_argument("--modes", nargs="+", default=["atv", "off"], choices=["atv", "off"])
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--requests-per-level", type=int, default=0, help="default: max(4, concurrency)")
+    parser.add_argument("--requests-per-level", type=int, default=0, help="default: max(4, 2 x concurrency)")
     parser.add_argument("--max-running", type=int, default=64)
     parser.add_argument("--baseline-concurrency", type=int, default=32)
     parser.add_argument("--naive-requests", type=int, default=8)
@@ -197,7 +197,7 @@ def cli(argv: list[str]) -> int:
         asyncio.run(run_level(url, prompts, args.modes[0], 2, 4, 4))  # warm-up
         for concurrency in args.concurrency:
             for mode in args.modes:
-                n = args.requests_per_level or max(4, concurrency)
+                n = args.requests_per_level or max(4, 2 * concurrency)
                 record = asyncio.run(run_level(url, prompts, mode, concurrency, n, args.new_tokens))
                 log.info("%s c=%d: %.1f tok/s, ttft p50 %.3fs, failures %d", mode, concurrency,
                          record["tok_per_s"], record["ttft_s"]["p50"] or -1, record["failures"])

@@ -61,17 +61,15 @@ def _add_to_output(output, delta: torch.Tensor):
     return output + delta
 
 
-def _make_hook(layer_table: torch.Tensor, slots: torch.Tensor):
+def _make_hook(delta: torch.Tensor):
+    """delta [N, d]: this layer's V[j, slot] for the N = B*T tokens of the step, gathered once per step."""
     def hook(_module: nn.Module, _inputs, output):
         hidden = output[0] if isinstance(output, tuple) else output
-        if slots.shape != hidden.shape[:-1]:
-            raise ValueError(f"slot index shape {tuple(slots.shape)} does not match hidden states "
+        if delta.shape[0] != hidden.shape[:-1].numel():
+            raise ValueError(f"slot index has {delta.shape[0]} tokens but hidden states are "
                              f"{tuple(hidden.shape)}; build it for this step's [B, T] layout")
-        table_l, index = layer_table, slots
-        if table_l.device != hidden.device:  # layers spread over devices with device_map
-            table_l, index = table_l.to(hidden.device), index.to(hidden.device)
-        delta = table_l.index_select(0, index.reshape(-1)).view_as(hidden)  # [*, d]
-        return _add_to_output(output, delta.to(hidden.dtype))
+        d = delta if delta.device == hidden.device else delta.to(hidden.device)  # layers spread by device_map
+        return _add_to_output(output, d.view_as(hidden).to(hidden.dtype))
     return hook
 
 
@@ -93,10 +91,11 @@ def steering(model: nn.Module, table: torch.Tensor | None, slots: torch.Tensor |
     bad = [i for i in layers if not 0 <= i < len(blocks)]
     if bad:
         raise ValueError(f"layer indices {bad} out of range for a model with {len(blocks)} decoder layers")
+    deltas = table.index_select(1, slots.reshape(-1).to(table.device))    # [L_sel, N, d], one gather per step
     handles = []
     try:
         for j, index in enumerate(layers):
-            handles.append(blocks[index].register_forward_hook(_make_hook(table[j], slots)))
+            handles.append(blocks[index].register_forward_hook(_make_hook(deltas[j])))
         yield
     finally:
         for handle in handles:

@@ -69,7 +69,6 @@ class KVCache:
 class StepContext:
     phase: str                       # "prefill" | "decode"
     cache: KVCache
-    row0: int                        # first cache row of this batch
     mask: torch.Tensor               # bool, [B, 1, T, Lk]: True = may attend
     write_cols: object               # decode: [B] column each row writes; prefill: ([N] rows, [N] columns)
     key_cols: int                    # Lk
@@ -94,18 +93,17 @@ def engine_attention(module, query, key, value, attention_mask, scaling=None, dr
     if kwargs.get("softcap"):
         raise ValueError("attention logit soft-capping is not supported by the ATV engine")
     kbuf, vbuf = ctx.cache.buffers(module.layer_idx, key)
-    b, t = query.shape[0], query.shape[2]
-    rows = slice(ctx.row0, ctx.row0 + b)
+    b = query.shape[0]
     if ctx.phase == "prefill":  # packed [1, N]: token i goes to (row[i], column[i])
         row_index, col_index = ctx.write_cols
         kbuf[row_index, :, col_index] = key[0].transpose(0, 1)
         vbuf[row_index, :, col_index] = value[0].transpose(0, 1)
         keys, values = key, value
-    else:
-        index = torch.arange(ctx.row0, ctx.row0 + b, device=key.device)
+    else:  # decode [B, 1]: running requests own cache rows 0..B-1
+        index = torch.arange(b, device=key.device)
         kbuf[index, :, ctx.write_cols] = key[:, :, 0]
         vbuf[index, :, ctx.write_cols] = value[:, :, 0]
-        keys, values = kbuf[rows, :, : ctx.key_cols], vbuf[rows, :, : ctx.key_cols]
+        keys, values = kbuf[:b, :, : ctx.key_cols], vbuf[:b, :, : ctx.key_cols]
     mask = ctx.mask_for(getattr(module, "sliding_window", None))
     out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling,
                                          enable_gqa=query.shape[1] != keys.shape[1])
@@ -181,7 +179,7 @@ class ModelRunner:
             last = torch.cumsum(torch.tensor(lengths), 0) - 1
             slot = torch.where(torch.isin(torch.arange(len(seq)), last), slot, 0)
         n = len(seq)
-        ctx = StepContext("prefill", self.cache, row0, mask.view(1, 1, n, n).to(self.device),
+        ctx = StepContext("prefill", self.cache, mask.view(1, 1, n, n).to(self.device),
                           (rows.to(self.device), positions[0].to(self.device)), n,
                           torch.arange(n).view(1, n).to(self.device))
         last_index = (torch.cumsum(torch.tensor(lengths), 0) - 1).to(self.device)
@@ -200,7 +198,7 @@ class ModelRunner:
         ids = torch.tensor(last_tokens, dtype=torch.long).view(b, 1)
         positions = torch.tensor([r.kv_len - r.kv_start for r in self.rows]).view(b, 1)
         slots = torch.tensor([r.vector_slot for r in self.rows]).view(b, 1)
-        ctx = StepContext("decode", self.cache, 0, mask.view(b, 1, 1, key_cols).to(self.device),
+        ctx = StepContext("decode", self.cache, mask.view(b, 1, 1, key_cols).to(self.device),
                           write.to(self.device), key_cols, write.view(b, 1).to(self.device))
         logits = self._forward(ids, positions, ctx, slots)
         for request in self.rows:
