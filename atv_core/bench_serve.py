@@ -143,26 +143,28 @@ def baselines(args, prompts: list[str]) -> dict:
 
 
 def plot(records: list[dict], path: Path) -> None:
+    """Four panels against concurrency, one colour per mode: throughput, TTFT, ITL, E2E (p50 solid, p95 dashed)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4))
+    colours = {"atv": "tab:blue", "off": "tab:orange"}
     for mode in sorted({r["mode"] for r in records}):
         rs = [r for r in records if r["mode"] == mode]
-        c = [r["concurrency"] for r in rs]
-        axes[0].plot(c, [r["tok_per_s"] for r in rs], marker="o", label=mode)
-        axes[1].plot(c, [r["ttft_s"]["p50"] for r in rs], marker="o", label=f"{mode} p50")
-        axes[1].plot(c, [r["ttft_s"]["p95"] for r in rs], marker="x", ls="--", label=f"{mode} p95")
-        axes[2].plot(c, [r["itl_s"]["p50"] for r in rs], marker="o", label=f"{mode} p50")
-        axes[2].plot(c, [r["e2e_s"]["p50"] for r in rs], marker="s", ls=":", label=f"{mode} e2e p50")
-    for ax, title in zip(axes, ("output tokens/s", "time to first token (s)", "inter-token / e2e latency (s)")):
+        c, colour = [r["concurrency"] for r in rs], colours.get(mode)
+        axes[0].plot(c, [r["tok_per_s"] for r in rs], marker="o", color=colour, label=mode)
+        for ax, key in zip(axes[1:], ("ttft_s", "itl_s", "e2e_s")):
+            ax.plot(c, [r[key]["p50"] for r in rs], marker="o", color=colour, label=f"{mode} p50")
+            ax.plot(c, [r[key]["p95"] for r in rs], marker="x", ls="--", color=colour, label=f"{mode} p95")
+    titles = ("output tokens/s", "time to first token (s)", "inter-token latency (s)", "end-to-end latency (s)")
+    for ax, title in zip(axes, titles):
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("concurrency")
+        ax.set_xlabel("concurrent streams")
         ax.set_title(title)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
