@@ -7,6 +7,7 @@ from atv_core.checkpoint import load_generator
 from atv_core.engine import EngineConfig, LLMEngine
 from atv_core.models import EMBEDDED_TARGET, load_target
 from atv_core.request import Request, SamplingParams, SteeringSpec
+from tests.tiny import drain, record_logits
 
 pytestmark = pytest.mark.slow
 
@@ -30,8 +31,7 @@ def test_plain_chat_answer_is_sane(default):
     req = Request("c", tok(prompt, add_special_tokens=False)["input_ids"], SamplingParams(max_tokens=12, temperature=0),
                   SteeringSpec("off"))
     engine.add_request(req)
-    while engine.has_work():
-        engine.step()
+    drain(engine)
     assert "Paris" in req.output_text
 
 
@@ -42,8 +42,7 @@ def test_steering_answers_a_seen_task_the_plain_model_misses(default):
     steered, off = _req(tok, "s", prompt), _req(tok, "o", prompt, "off")
     engine.add_request(steered)
     engine.add_request(off)
-    while engine.has_work():
-        engine.step()
+    drain(engine)
     assert steered.output_text.strip().lower().startswith("positive")
     assert steered.output_ids != off.output_ids
     assert 0 < steered.steering_info["gate"] <= 1 and steered.steering_info["vector_norm"] > 0
@@ -56,31 +55,20 @@ def test_mid_flight_join_matches_solo_on_the_real_model(default):
     solo = {}
     for i, (p, m) in enumerate(zip(prompts, modes)):
         engine = LLMEngine(model, tok, gen, EngineConfig(max_running=4))
-        logits = []
-        orig = engine._sample_and_append
-        engine._sample_and_append = lambda rs, lg, orig=orig, logits=logits: (logits.append(lg[0].clone()), orig(rs, lg))[1]
+        logits = record_logits(engine)
         r = _req(tok, f"r{i}", p, m)
         engine.add_request(r)
-        while engine.has_work():
-            engine.step()
-        solo[i] = (logits, r.output_ids)
+        drain(engine)
+        solo[i] = (logits[r.request_id], r.output_ids)
     engine = LLMEngine(model, tok, gen, EngineConfig(max_running=4))
-    seen = {}
-    orig = engine._sample_and_append
-
-    def record(rs, lg):
-        for r, row in zip(rs, lg):
-            seen.setdefault(r.request_id, []).append(row.clone())
-        return orig(rs, lg)
-    engine._sample_and_append = record
+    seen = record_logits(engine)
     reqs = [_req(tok, f"r{i}", p, m) for i, (p, m) in enumerate(zip(prompts, modes))]
     engine.add_request(reqs[0])
     for _ in range(3):
         engine.step()
     engine.add_request(reqs[1])
     engine.add_request(reqs[2])
-    while engine.has_work():
-        engine.step()
+    drain(engine)
     for i, r in enumerate(reqs):
         ref_logits, ref_tokens = solo[i]
         for got, ref in zip(seen[r.request_id], ref_logits):

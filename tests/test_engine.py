@@ -7,7 +7,7 @@ import torch
 from atv_core.checkpoint import load_generator
 from atv_core.engine import AsyncEngine, EngineConfig, LLMEngine
 from atv_core.request import Request, SamplingParams, SteeringSpec, Status
-from tests.tiny import make_model, make_tiny_generator_dir, make_tokenizer
+from tests.tiny import drain as _drain, make_model, make_tiny_generator_dir, make_tokenizer, record_logits as _record
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
@@ -24,26 +24,8 @@ def _engine(parts, **kw):
     return LLMEngine(model, tok, gen, EngineConfig(**{"max_running": 8, **kw}))
 
 
-def _record(engine):
-    """Capture each request's logits row at every step."""
-    seen = {}
-    original = engine._sample_and_append
-
-    def wrapped(requests, logits):
-        for r, row in zip(requests, logits):
-            seen.setdefault(r.request_id, []).append(row.clone())
-        return original(requests, logits)
-    engine._sample_and_append = wrapped
-    return seen
-
-
 def _request(tok, rid, text, params=GREEDY, mode="atv"):
     return Request(rid, tok(text)["input_ids"], params, SteeringSpec(mode), text)
-
-
-def _drain(engine):
-    while engine.has_work():
-        engine.step()
 
 
 SPECS = [  # (id, prompt, params, mode): other lengths, vectors and sampling settings

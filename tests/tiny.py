@@ -105,3 +105,21 @@ def make_tiny_generator_dir(path: str | Path, target_arch: str = "llama", seed: 
         for p in generator.expansion.parameters():
             p.normal_(0, 0.3)
     return save_generator(generator, path)
+
+
+def record_logits(engine) -> dict[str, list]:
+    """Capture each request's next-token logits row at every engine step: {request_id: [tensor, ...]}."""
+    seen: dict[str, list] = {}
+    original = engine._sample_and_append
+
+    def wrapped(requests, logits):
+        for r, row in zip(requests, logits):
+            seen.setdefault(r.request_id, []).append(row.clone())
+        return original(requests, logits)
+    engine._sample_and_append = wrapped
+    return seen
+
+
+def drain(engine) -> None:
+    while engine.has_work():
+        engine.step()
