@@ -117,7 +117,7 @@ def train_lora(cfg: TrainConfig, model, tokenizer, rank: int, out: Path):
         for i in tqdm(range(0, len(items), cfg.batch_size), desc=f"lora epoch {epoch + 1}", leave=False):
             chunk = items[i: i + cfg.batch_size]
             batch = encode(tokenizer, [x.prompt for x in chunk], [x.target for x in chunk], "cpu")
-            loss = answer_loss(peft_model, batch, None, None, None)
+            loss = answer_loss(peft_model.get_base_model(), batch, None, None, None)  # LoRA layers sit inside it
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -189,6 +189,10 @@ def evaluate_seed(seed: int, args, model, tokenizer, tasks: list[Task], cached: 
     engine = LLMEngine(model, tokenizer, generator, EngineConfig(max_running=32, max_waiting=100_000))
     by_method = {}
     for method in tqdm(args.methods, desc=f"seed {seed}: methods"):
+        done = out / "methods" / f"{method}.json"   # each method's scores are kept as soon as they exist
+        if done.exists():
+            by_method[method] = json.loads(done.read_text())
+            continue
         if method == "lora":
             lora_dir = out / "lora"
             lora_dir.mkdir(parents=True, exist_ok=True)
@@ -201,6 +205,8 @@ def evaluate_seed(seed: int, args, model, tokenizer, tasks: list[Task], cached: 
             by_method[method] = run_method(engine, method, tasks, seed, args, generator, shared_path)
             if method == "zero_shot":
                 cached["zero_shot"] = by_method[method]
+        done.parent.mkdir(parents=True, exist_ok=True)
+        done.write_text(json.dumps(by_method[method], indent=2))
     results = {task.name: {m: by_method[m][task.name] for m in by_method} for task in tasks}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     return results

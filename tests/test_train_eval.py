@@ -2,6 +2,8 @@
 import json
 from dataclasses import replace
 
+import torch
+
 
 from atv_core.checkpoint import load_generator
 from atv_core.evaluate import first_content_token, icl_prefix, normalise, run_engine, score
@@ -67,3 +69,14 @@ def test_engine_scoring_end_to_end_on_a_tiny_model():
     assert all(len(r.output_ids) <= 3 and r.finished for r in requests)
     first, em = score(tok, requests, [tok.decode(r.output_ids).strip() or "x" for r in requests])
     assert 0 <= first <= 1 and 0 <= em <= 1
+
+
+def test_lora_baseline_trains_and_merges(tmp_path):
+    from atv_core.evaluate import train_lora
+    model, tok = make_model("llama"), make_tokenizer()
+    cfg = _cfg(tmp_path, epochs=1)
+    merged, n_params = train_lora(cfg, model, tok, 4, tmp_path)
+    assert n_params > 0 and type(merged).__name__ == "LlamaForCausalLM"
+    ids = torch.randint(5, 200, (1, 6))
+    assert not torch.equal(merged(ids).logits, model(ids).logits)     # trained and merged into a copy
+    assert not any("lora" in name for name, _ in merged.named_parameters())
