@@ -94,17 +94,21 @@ def engine_attention(module, query, key, value, attention_mask, scaling=None, dr
         raise ValueError("attention logit soft-capping is not supported by the ATV engine")
     kbuf, vbuf = ctx.cache.buffers(module.layer_idx, key)
     b = query.shape[0]
+    mask = ctx.mask_for(getattr(module, "sliding_window", None))
+    write = ctx.write_cols
+    if mask.device != query.device:  # layers spread over devices with device_map: bring step tensors along
+        mask = mask.to(query.device)
+        write = tuple(t.to(query.device) for t in write) if isinstance(write, tuple) else write.to(query.device)
     if ctx.phase == "prefill":  # packed [1, N]: token i goes to (row[i], column[i])
-        row_index, col_index = ctx.write_cols
+        row_index, col_index = write
         kbuf[row_index, :, col_index] = key[0].transpose(0, 1)
         vbuf[row_index, :, col_index] = value[0].transpose(0, 1)
         keys, values = key, value
     else:  # decode [B, 1]: running requests own cache rows 0..B-1
         index = torch.arange(b, device=key.device)
-        kbuf[index, :, ctx.write_cols] = key[:, :, 0]
-        vbuf[index, :, ctx.write_cols] = value[:, :, 0]
+        kbuf[index, :, write] = key[:, :, 0]
+        vbuf[index, :, write] = value[:, :, 0]
         keys, values = kbuf[:b, :, : ctx.key_cols], vbuf[:b, :, : ctx.key_cols]
-    mask = ctx.mask_for(getattr(module, "sliding_window", None))
     out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling,
                                          enable_gqa=query.shape[1] != keys.shape[1])
     return out.transpose(1, 2).contiguous(), None
