@@ -39,7 +39,7 @@ def test_prompts(task: Task, limit: int | None = None) -> list[tuple[str, str]]:
     return [(task.prompt(ex.input, i % len(task.templates)), ex.output) for i, ex in enumerate(examples)]
 
 
-def icl_prefix(task: Task, k: int, seed: int, template_of) -> list:
+def icl_prefix(task: Task, k: int, seed: int) -> list:
     """k training demonstrations, balanced across labels where the task has labels."""
     rng = random.Random(seed)
     pool = task.examples("train")[:]
@@ -129,7 +129,7 @@ def train_lora(cfg: TrainConfig, model, tokenizer, rank: int, out: Path):
 def method_prompts(method: str, task: Task, prompts: list[str], seed: int, k: int, generator, shared_path):
     """-> (prompts to send, per-request vectors or None, steering mode) for one method on one task."""
     if method == "icl":
-        demos = icl_prefix(task, k, seed, None)
+        demos = icl_prefix(task, k, seed)
         return [with_demos(task, i, p, demos) for i, p in enumerate(prompts)], None, "off"
     if method == "atv":
         return prompts, None, "atv"
@@ -192,6 +192,8 @@ def evaluate_seed(seed: int, args, model, tokenizer, tasks: list[Task], cached: 
         done = out / "methods" / f"{method}.json"   # each method's scores are kept as soon as they exist
         if done.exists():
             by_method[method] = json.loads(done.read_text())
+            if method == "zero_shot":
+                cached["zero_shot"] = by_method[method]
             continue
         if method == "lora":
             lora_dir = out / "lora"

@@ -178,16 +178,15 @@ class ModelRunner:
             self.rows.append(request)
         causal = positions[0].unsqueeze(1) >= positions[0].unsqueeze(0)
         mask = (seq.unsqueeze(1) == seq.unsqueeze(0)) & causal                              # [N, N]
+        last = torch.cumsum(torch.tensor(lengths), 0) - 1                                    # [k] last tokens
         slot = torch.tensor([r.vector_slot for r in requests])[seq]
         if self.position == "last":
-            last = torch.cumsum(torch.tensor(lengths), 0) - 1
             slot = torch.where(torch.isin(torch.arange(len(seq)), last), slot, 0)
         n = len(seq)
         ctx = StepContext("prefill", self.cache, mask.view(1, 1, n, n).to(self.device),
                           (rows.to(self.device), positions[0].to(self.device)), n,
                           torch.arange(n).view(1, n).to(self.device))
-        last_index = (torch.cumsum(torch.tensor(lengths), 0) - 1).to(self.device)
-        return self._forward(ids, positions, ctx, slot.view(1, -1), logits_to_keep=last_index)
+        return self._forward(ids, positions, ctx, slot.view(1, -1), logits_to_keep=last.to(self.device))
 
     @torch.no_grad()
     def decode(self, last_tokens: Sequence[int]) -> torch.Tensor:

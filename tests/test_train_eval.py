@@ -55,7 +55,7 @@ def test_shared_vector_control_trains_one_vector(tmp_path):
 
 def test_icl_demos_are_balanced_and_scoring_uses_the_first_content_token():
     task = next(t for t in load_suite() if t.name == "sentiment_rt")
-    demos = icl_prefix(task, 4, 0, None)
+    demos = icl_prefix(task, 4, 0)
     assert sorted(d.output for d in demos) == ["negative", "negative", "positive", "positive"]
     tok = make_tokenizer()
     assert first_content_token(tok, " 48") == "4"
