@@ -1,25 +1,30 @@
-"""The `atv` command: serve, train, eval, bench. Parses arguments and hands off; no logic lives here."""
+"""The `atv` command: serve, train, eval, bench engine, bench serve. Parses the command and hands off."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+
+COMMANDS = {
+    "serve": "server.app:cli",
+    "train": "atv_core.tools.train:cli",
+    "eval": "atv_core.tools.evaluate:cli",
+    "bench engine": "atv_core.tools.bench:cli",
+    "bench serve": "atv_core.tools.bench_serve:cli",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {
-        "serve": "server.app:cli",
-        "train": "atv_core.train:cli",
-        "eval": "atv_core.evaluate:cli",
-        "bench": "atv_core.bench:cli",
-    }
-    if not argv or argv[0] not in commands:
-        parser = argparse.ArgumentParser(prog="atv", description="Adaptive Task Vector serving")
-        parser.add_argument("command", choices=sorted(commands))
-        parser.parse_args(argv[:1])
-        return 2
-    module, func = commands[argv[0]].split(":")
-    return int(getattr(__import__(module, fromlist=[func]), func)(argv[1:]) or 0)
+    for words in (2, 1):
+        command = " ".join(argv[:words])
+        if len(argv) >= words and command in COMMANDS:
+            module, func = COMMANDS[command].split(":")
+            return int(getattr(importlib.import_module(module), func)(argv[words:]) or 0)
+    parser = argparse.ArgumentParser(prog="atv", description="Adaptive Task Vector serving")
+    parser.add_argument("command", choices=sorted(COMMANDS))
+    parser.parse_args(argv[:1])
+    return 2
 
 
 if __name__ == "__main__":

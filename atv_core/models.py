@@ -20,6 +20,7 @@ log = logging.getLogger("atv.models")
 EMBEDDED_TARGET = "embedded:smollm2-135m-instruct"
 EMBEDDED_BACKBONE = "embedded:all-minilm-l6-v2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_GENERATOR_DIR = Path(__file__).resolve().parent / "default_generator"  # the shipped generator
 
 
 def cache_dir() -> Path:

@@ -5,7 +5,7 @@ npm `sentiment` and `countries-list`, Debian `wordnet-base` and `wamerican`) int
 with their ordinary clients, checks the pinned archives' sha256, builds short-answer tasks for
 SmolLM2-135M-Instruct and writes `<out>/<task>/{train,valid,test}.jsonl` (one
 `{"input": str, "output": str}` per line), `<out>/suite.json` (task metadata, read by
-`atv_core.tasks.load_suite`) and `<out>/sources.json` (what was fetched: versions and sha256).
+`atv_core.tools.tasks.load_suite`) and `<out>/sources.json` (what was fetched: versions and sha256).
 
 What it deliberately does not do: download from a model/data hub, touch the model, or keep any
 state between runs other than the download cache. Every random choice comes from a

@@ -13,8 +13,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from atv_core.engine import EngineDead, PromptTooLong
-from atv_core.scheduler import QueueFull
+from atv_core.engine.llm_engine import EngineDead, PromptTooLong
+from atv_core.engine.scheduler import QueueFull
 
 log = logging.getLogger("atv.server")
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import time
 
-from atv_core.request import RequestOutput, TokenLogprob
+from atv_core.engine.request import RequestOutput, TokenLogprob
 
 from .jobs import Choice, Job
 from .schemas import (AssistantMessage, ChatChoice, ChatCompletionResponse, ChatLogprobs, CompletionChoice,

@@ -20,7 +20,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from atv_core.request import RequestOutput, SamplingParams, SteeringSpec, TokenLogprob
+from atv_core.engine.request import RequestOutput, SamplingParams, SteeringSpec, TokenLogprob
 
 from .errors import APIError, from_engine_error
 from .metrics import Metrics

@@ -15,7 +15,6 @@ import logging
 import signal
 import threading
 import time
-from pathlib import Path
 
 import uvicorn
 
@@ -24,53 +23,26 @@ from .state import ServingState
 
 log = logging.getLogger("atv.server")
 
-DEFAULT_GENERATOR_DIR = Path(__file__).resolve().parent.parent / "atv_core" / "default_generator"
 WARMUP_PROMPT = "Hello"
 
 
 # ---- loading ------------------------------------------------------------------------------------
 def load_engine(settings: Settings):
     """Target, generator, engine thread started. Runs on a worker thread (blocking, seconds to minutes)."""
-    from atv_core.engine import AsyncEngine, EngineConfig, LLMEngine
-    from atv_core.models import load_target
+    from atv_core.engine.build import build_engine
+    from atv_core.engine.async_engine import AsyncEngine
+    from atv_core.engine.llm_engine import EngineConfig
 
-    model, tokenizer = load_target(settings.model, settings.device, settings.dtype, settings.device_map)
-    device = model.get_input_embeddings().weight.device
-    params = sum(p.numel() for p in model.parameters()) / 1e6
-    log.info("target %s loaded: %s, %.1fM parameters on %s (%s)", settings.model,
-             type(model).__name__, params, device, model.dtype)
-    generator = load_generator(settings, model, device)
     config = EngineConfig(settings.max_running, settings.max_waiting, settings.max_prefill_tokens,
                           settings.max_model_len)
-    return AsyncEngine(LLMEngine(model, tokenizer, generator, config)).start()
-
-
-def load_generator(settings: Settings, model, device):
-    """The generator named by settings, or None. 'default' falls back to none (with a warning) when the
-    bundled checkpoint is missing or made for another target; an explicit path must load."""
-    from atv_core.checkpoint import load_generator as load_checkpoint
-
-    if settings.generator.lower() == "none":
-        log.info("generator: none (requests are served unsteered; atv.mode 'atv' is refused)")
-        return None
-    explicit = settings.generator != "default"
-    path = Path(settings.generator) if explicit else DEFAULT_GENERATOR_DIR
-    try:
-        generator = load_checkpoint(path, target=model, device=device)
-    except ValueError as exc:
-        if explicit:
-            raise
-        log.warning("no usable default generator (%s); serving without steering", exc)
-        return None
-    cfg = generator.config
-    log.info("generator %s loaded: backbone %s, rank %s, %d steered layers, position %s, gate %s", path,
-             cfg.backbone, cfg.rank, len(cfg.selected_layers), cfg.position, cfg.gate)
-    return generator
+    engine = build_engine(settings.model, settings.generator, device=settings.device, dtype=settings.dtype,
+                          device_map=settings.device_map, config=config)
+    return AsyncEngine(engine).start()
 
 
 async def warm_up(async_engine) -> None:
     """One short request through every path a request takes (the generator too, when present)."""
-    from atv_core.request import SamplingParams, SteeringSpec
+    from atv_core.engine.request import SamplingParams, SteeringSpec
 
     engine = async_engine.engine
     ids = engine.tokenizer(WARMUP_PROMPT).input_ids or [next(iter(engine.eos_ids), 0)]

@@ -12,7 +12,7 @@ import uuid
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 
-from atv_core.request import SamplingParams, SteeringSpec
+from atv_core.engine.request import SamplingParams, SteeringSpec
 
 from .errors import APIError, error_body
 from .formatting import DONE, ChatFormat, CompletionFormat, sse

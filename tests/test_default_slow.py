@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from atv_core.bench import DEFAULT_GENERATOR
-from atv_core.checkpoint import load_generator
-from atv_core.engine import EngineConfig, LLMEngine
+from atv_core.models import DEFAULT_GENERATOR_DIR as DEFAULT_GENERATOR
+from atv_core.steering.checkpoint import load_generator
+from atv_core.engine.llm_engine import EngineConfig, LLMEngine
 from atv_core.models import EMBEDDED_TARGET, load_target
-from atv_core.request import Request, SamplingParams, SteeringSpec
+from atv_core.engine.request import Request, SamplingParams, SteeringSpec
 from tests.tiny import drain, record_logits
 
 pytestmark = pytest.mark.slow

@@ -4,9 +4,10 @@ import asyncio
 import pytest
 import torch
 
-from atv_core.checkpoint import load_generator
-from atv_core.engine import AsyncEngine, EngineConfig, LLMEngine
-from atv_core.request import Request, SamplingParams, SteeringSpec, Status
+from atv_core.steering.checkpoint import load_generator
+from atv_core.engine.async_engine import AsyncEngine
+from atv_core.engine.llm_engine import EngineConfig, LLMEngine
+from atv_core.engine.request import Request, SamplingParams, SteeringSpec, Status
 from tests.tiny import drain as _drain, make_model, make_tiny_generator_dir, make_tokenizer, record_logits as _record
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
@@ -248,7 +249,7 @@ def test_engine_death_is_reported_and_fails_requests(parts):
 
 
 def test_sampler_survives_degenerate_parameters_and_non_finite_logits():
-    from atv_core.sampler import make_generator, sample
+    from atv_core.engine.sampler import make_generator, sample
     logits = torch.randn(3, 50)
     logits[2] = float("nan")
     params = [SamplingParams(temperature=1e-300), SamplingParams(temperature=1.0, top_p=1e-300),

@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from atv_core.checkpoint import load_generator, read_config, save_generator
-from atv_core.generator import ATVGenerator, GeneratorConfig, pool
+from atv_core.steering.checkpoint import load_generator, read_config, save_generator
+from atv_core.steering.generator import ATVGenerator, GeneratorConfig, pool
 from tests.tiny import make_model, make_tiny_model_dir
 
 

@@ -4,8 +4,8 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from atv_core.injection import make_table, prompt_slots, steering
-from atv_core.layers import find_decoder_layers
+from atv_core.steering.injection import make_table, prompt_slots, steering
+from atv_core.steering.layers import find_decoder_layers
 from tests.conftest import ARCHS
 from tests.tiny import make_model
 

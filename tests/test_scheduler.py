@@ -1,8 +1,8 @@
 """The scheduler is plain Python: tested with no model and no torch."""
 import pytest
 
-from atv_core.request import Request, SamplingParams, Status
-from atv_core.scheduler import QueueFull, Scheduler, SchedulerConfig
+from atv_core.engine.request import Request, SamplingParams, Status
+from atv_core.engine.scheduler import QueueFull, Scheduler, SchedulerConfig
 
 
 def _req(i, n=4):

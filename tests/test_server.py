@@ -26,9 +26,9 @@ import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
-from atv_core.checkpoint import load_generator
-from atv_core.engine import AsyncEngine, EngineConfig, LLMEngine
-from atv_core.models import load_target
+from atv_core.engine.build import build_engine
+from atv_core.engine.async_engine import AsyncEngine
+from atv_core.engine.llm_engine import EngineConfig
 from server.app import cli, create_app
 from server.metrics import Metrics
 from server.settings import Settings, parse_settings
@@ -81,11 +81,9 @@ class Served:
         return httpx.post(self.url + path, json=body, **kw)
 
 
-def build_engine(model_dir: Path, generator_dir: Path | None, **limits) -> AsyncEngine:
-    model, tokenizer = load_target(str(model_dir), device="cpu")
-    generator = load_generator(generator_dir, target=model) if generator_dir else None
+def async_engine(model_dir: Path, generator_dir: Path | None, **limits) -> AsyncEngine:
     config = EngineConfig(**{"max_running": 4, "max_waiting": 4, **limits})
-    return AsyncEngine(LLMEngine(model, tokenizer, generator, config))
+    return AsyncEngine(build_engine(str(model_dir), generator_dir, device="cpu", config=config))
 
 
 def make_settings(**overrides) -> Settings:
@@ -125,14 +123,14 @@ def assets(tmp_path_factory) -> SimpleNamespace:
 @pytest.fixture(scope="module")
 def main(assets):
     """Tiny target + tiny generator; 4 running, 4 waiting, max_tokens 64."""
-    with serving(build_engine(assets.model, assets.generator), make_settings()) as served:
+    with serving(async_engine(assets.model, assets.generator), make_settings()) as served:
         yield served
 
 
 @pytest.fixture(scope="module")
 def plain(assets):
     """The same target without a generator."""
-    with serving(build_engine(assets.model, None), make_settings()) as served:
+    with serving(async_engine(assets.model, None), make_settings()) as served:
         yield served
 
 
@@ -409,7 +407,7 @@ def test_loading_app_answers_probes(assets):
 
 
 def test_dead_engine_fails_health(assets):
-    engine = build_engine(assets.model, None)
+    engine = async_engine(assets.model, None)
 
     def broken():
         raise RuntimeError("simulated engine fault")
@@ -587,7 +585,7 @@ def test_drain_timeout_stops_what_still_runs(assets):
     drain timeout is stopped with an error event, and the server stops."""
     from server.lifecycle import DrainingServer
 
-    engine = build_engine(assets.model, None)
+    engine = async_engine(assets.model, None)
     engine.engine.step_listeners.append(lambda stats: time.sleep(0.02))
     app = create_app(engine.start(), make_settings(), Metrics())
     port = free_port()

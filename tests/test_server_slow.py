@@ -8,19 +8,18 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from atv_core.checkpoint import load_generator
-from atv_core.engine import AsyncEngine, EngineConfig, LLMEngine
-from atv_core.models import EMBEDDED_TARGET, load_target
-from server.lifecycle import DEFAULT_GENERATOR_DIR
+from atv_core.engine.build import build_engine
+from atv_core.engine.async_engine import AsyncEngine
+from atv_core.engine.llm_engine import EngineConfig
+from atv_core.models import EMBEDDED_TARGET
 from tests.test_server import assert_error, make_settings, serving
 
 pytestmark = pytest.mark.slow
 
 
 def test_embedded_default_serves_a_steered_completion(tmp_path):
-    model, tokenizer = load_target(EMBEDDED_TARGET, device="cpu")
-    generator = load_generator(DEFAULT_GENERATOR_DIR, target=model)
-    engine = AsyncEngine(LLMEngine(model, tokenizer, generator, EngineConfig(max_running=4, max_waiting=8)))
+    config = EngineConfig(max_running=4, max_waiting=8)
+    engine = AsyncEngine(build_engine(EMBEDDED_TARGET, "default", device="cpu", config=config))
     with serving(engine, make_settings(model=EMBEDDED_TARGET)) as served:
         body = {"model": EMBEDDED_TARGET, "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
         review = {**body, "prompt": "Review: A gorgeous, moving film with superb acting.\nSentiment:", "max_tokens": 3}

@@ -1,10 +1,10 @@
-"""Tests of the committed task suite (data/tasks) and of atv_core.tasks; no model, no download."""
+"""Tests of the committed task suite (data/tasks) and of atv_core.tools.tasks; no model, no download."""
 import json
 from collections import Counter
 
 import pytest
 
-from atv_core.tasks import (Example, Task, default_data_dir, load_suite, load_task_file, split_of)
+from atv_core.tools.tasks import (Example, Task, default_data_dir, load_suite, load_task_file, split_of)
 
 SPLITS = ("train", "valid", "test")
 

@@ -5,11 +5,11 @@ from dataclasses import replace
 import torch
 
 
-from atv_core.checkpoint import load_generator
-from atv_core.evaluate import first_content_token, icl_prefix, normalise, run_engine, score
-from atv_core.engine import EngineConfig, LLMEngine
-from atv_core.tasks import load_suite
-from atv_core.train import TrainConfig, encode, sequence_slots, train
+from atv_core.steering.checkpoint import load_generator
+from atv_core.tools.evaluate import first_content_token, icl_prefix, normalise, run_engine, score
+from atv_core.engine.llm_engine import EngineConfig, LLMEngine
+from atv_core.tools.tasks import load_suite
+from atv_core.tools.train import TrainConfig, encode, sequence_slots, train
 from tests.tiny import make_model, make_tiny_model_dir, make_tokenizer
 
 
@@ -72,7 +72,7 @@ def test_engine_scoring_end_to_end_on_a_tiny_model():
 
 
 def test_lora_baseline_trains_and_merges(tmp_path):
-    from atv_core.evaluate import train_lora
+    from atv_core.tools.evaluate import train_lora
     model, tok = make_model("llama"), make_tokenizer()
     cfg = _cfg(tmp_path, epochs=1)
     merged, n_params = train_lora(cfg, model, tok, 4, tmp_path)

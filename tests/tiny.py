@@ -89,8 +89,8 @@ def make_tiny_model_dir(path: str | Path, arch: str = "llama", seed: int = 0) ->
 
 def make_tiny_generator_dir(path: str | Path, target_arch: str = "llama", seed: int = 0, **config) -> Path:
     """A generator checkpoint (tiny BERT backbone, random expansion) that fits make_model(target_arch)."""
-    from atv_core.checkpoint import save_generator
-    from atv_core.generator import ATVGenerator, GeneratorConfig
+    from atv_core.steering.checkpoint import save_generator
+    from atv_core.steering.generator import ATVGenerator, GeneratorConfig
     from atv_core.models import load_backbone
 
     path = Path(path)

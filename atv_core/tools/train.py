@@ -21,12 +21,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .checkpoint import load_generator, save_generator
-from .generator import ATVGenerator, GeneratorConfig
-from .injection import make_table, steering
-from .layers import find_decoder_layers
-from .models import EMBEDDED_BACKBONE, EMBEDDED_TARGET, load_backbone, load_target, select_device
-from .tasks import Task, load_suite, load_task_file
+from atv_core.steering.checkpoint import load_generator, save_generator
+from atv_core.steering.generator import ATVGenerator, GeneratorConfig
+from atv_core.steering.injection import make_table, steering
+from atv_core.steering.layers import find_decoder_layers
+from atv_core.models import EMBEDDED_BACKBONE, EMBEDDED_TARGET, load_backbone, load_target, select_device
+from atv_core.tools.tasks import Task, load_suite, load_task_file
 
 log = logging.getLogger("atv.train")
 

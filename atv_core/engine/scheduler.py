@@ -11,7 +11,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Literal
 
-from .request import Request, Status
+from atv_core.engine.request import Request, Status
 
 
 @dataclass(frozen=True)

@@ -22,14 +22,13 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_generator
-from .engine import EngineConfig, LLMEngine
-from .layers import find_decoder_layers
-from .models import EMBEDDED_TARGET, load_target
-from .request import Request, SamplingParams, SteeringSpec
-from .tasks import load_suite
+from atv_core.engine.build import build_engine
+from atv_core.engine.llm_engine import EngineConfig, LLMEngine
+from atv_core.steering.layers import find_decoder_layers
+from atv_core.models import DEFAULT_GENERATOR_DIR, EMBEDDED_TARGET
+from atv_core.engine.request import Request, SamplingParams, SteeringSpec
+from atv_core.tools.tasks import load_suite
 
-DEFAULT_GENERATOR = Path(__file__).parent / "default_generator"
 log = logging.getLogger("atv.bench")
 
 
@@ -116,9 +115,9 @@ def hf_generate_batch(model, tokenizer, prompts: list[str], new_tokens: int) -> 
 
 
 def bench_engine(args) -> dict:
-    model, tokenizer = load_target(args.model, args.device, args.dtype)
-    generator = load_generator(args.generator, target=model, device=model.device)
-    engine = LLMEngine(model, tokenizer, generator, EngineConfig(max_running=max(args.requests, 1)))
+    engine = build_engine(args.model, args.generator, device=args.device, dtype=args.dtype,
+                          config=EngineConfig(max_running=max(args.requests, 1)))
+    model, tokenizer, generator = engine.model, engine.tokenizer, engine.generator
     prompts = workload_prompts(args.requests)
     prompt_lens = [len(tokenizer(p)["input_ids"]) for p in prompts]
     run_engine(engine, prompts[:4], "atv", 4)  # warm-up
@@ -181,15 +180,9 @@ def print_report(report: dict) -> None:
 
 
 def cli(argv: list[str]) -> int:
-    if argv and argv[0] == "serve":
-        from .bench_serve import cli as serve_cli
-        return serve_cli(argv[1:])
-    if not argv or argv[0] != "engine":
-        print("usage: atv bench {engine,serve} [options]")
-        return 2
     parser = argparse.ArgumentParser(prog="atv bench engine", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=EMBEDDED_TARGET)
-    parser.add_argument("--generator", default=str(DEFAULT_GENERATOR))
+    parser.add_argument("--generator", default=str(DEFAULT_GENERATOR_DIR))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--requests", type=int, default=32)
@@ -199,7 +192,7 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--stagger-ms", type=float, default=50.0)
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs of the engine variants; best kept")
     parser.add_argument("--json", help="write the figures here")
-    args = parser.parse_args(argv[1:])
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     report = bench_engine(args)
     print_report(report)

@@ -116,14 +116,13 @@ def baselines(args, prompts: list[str]) -> dict:
     """Engine direct, sequential hooked generate and generate_batch, on the same prompts and lengths."""
     import torch
 
-    from .bench import hf_generate_batch, naive_generate, run_engine
-    from .checkpoint import load_generator
-    from .engine import EngineConfig, LLMEngine
-    from .models import load_target
+    from atv_core.engine.build import build_engine
+    from atv_core.engine.llm_engine import EngineConfig
+    from atv_core.tools.bench import hf_generate_batch, naive_generate, run_engine
 
-    model, tokenizer = load_target(args.model, args.device, "auto")
-    generator = load_generator(args.generator, target=model, device=model.device)
-    engine = LLMEngine(model, tokenizer, generator, EngineConfig(max_running=args.max_running))
+    engine = build_engine(args.model, args.generator, device=args.device,
+                          config=EngineConfig(max_running=args.max_running))
+    model, tokenizer, generator = engine.model, engine.tokenizer, engine.generator
     n = args.baseline_concurrency
     batch = prompts[:n]
     run_engine(engine, batch[:4], "atv", 4)
@@ -169,13 +168,13 @@ def plot(records: list[dict], path: Path) -> None:
 
 
 def cli(argv: list[str]) -> int:
-    from .bench import DEFAULT_GENERATOR, machine_info, workload_prompts
-    from .models import EMBEDDED_TARGET
+    from atv_core.models import DEFAULT_GENERATOR_DIR, EMBEDDED_TARGET
+    from atv_core.tools.bench import machine_info, workload_prompts
 
     parser = argparse.ArgumentParser(prog="atv bench serve", description=__doc__.split("\n")[0])
     parser.add_argument("--url", help="a running server; default: start the embedded default here")
     parser.add_argument("--model", default=EMBEDDED_TARGET)
-    parser.add_argument("--generator", default=str(DEFAULT_GENERATOR))
+    parser.add_argument("--generator", default=str(DEFAULT_GENERATOR_DIR))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32, 64])
     parser.add_argument("--modes", nargs="+", default=["atv", "off"], choices=["atv", "off"])

@@ -24,7 +24,7 @@ from typing import Iterator, Literal, Sequence
 import torch
 from torch import nn
 
-from .layers import find_decoder_layers
+from atv_core.steering.layers import find_decoder_layers
 
 PositionPolicy = Literal["all", "last"]
 POSITION_POLICIES = ("all", "last")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .request import SamplingParams, TokenLogprob
+from atv_core.engine.request import SamplingParams, TokenLogprob
 
 
 def make_generator(seed: int | None) -> torch.Generator:

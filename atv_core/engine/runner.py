@@ -24,9 +24,9 @@ import torch
 from torch.nn import functional as F
 from transformers import AttentionInterface
 
-from .injection import steering
-from .layers import find_decoder_layers
-from .request import Request
+from atv_core.steering.injection import steering
+from atv_core.steering.layers import find_decoder_layers
+from atv_core.engine.request import Request
 
 ATTN_NAME = "atv_engine"
 _STEP: contextvars.ContextVar["StepContext | None"] = contextvars.ContextVar("atv_step", default=None)

@@ -129,7 +129,7 @@ def default_data_dir() -> Path:
     override = os.environ.get("ATV_DATA_DIR")
     if override:
         return Path(override)
-    return Path(__file__).resolve().parent.parent / "data" / "tasks"
+    return Path(__file__).resolve().parents[2] / "data" / "tasks"
 
 
 def load_suite(root: Path | str | None = None, names=None, seen: bool | None = None) -> list[Task]:

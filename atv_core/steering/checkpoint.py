@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .generator import ATVGenerator, GeneratorConfig
-from .models import load_backbone
+from atv_core.steering.generator import ATVGenerator, GeneratorConfig
+from atv_core.models import load_backbone
 
 CONFIG_FILE = "atv_config.json"
 WEIGHTS_FILE = "atv_weights.safetensors"
@@ -53,7 +53,7 @@ def load_generator(path: str | Path, target=None, device: torch.device | str = "
     """Load a checkpoint folder. `target` (an HF causal LM), when given, is checked for a matching L and d."""
     config = read_config(path)
     if target is not None:
-        from .layers import find_decoder_layers
+        from atv_core.steering.layers import find_decoder_layers
 
         check_target(config, len(find_decoder_layers(target)), target.config.hidden_size)
     if backbone is None:

@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .injection import POSITION_POLICIES
+from atv_core.steering.injection import POSITION_POLICIES
 
 POOLINGS = ("mean", "last", "cls")
 GATES = ("none", "distance")

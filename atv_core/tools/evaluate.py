@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import load_generator
-from .engine import EngineConfig, LLMEngine
-from .models import load_target
-from .request import Request, SamplingParams, SteeringSpec
-from .tasks import Task, load_suite, load_task_file
-from .train import PRESETS, TrainConfig, answer_loss, encode, select_tasks, train, training_items
+from atv_core.steering.checkpoint import load_generator
+from atv_core.engine.llm_engine import EngineConfig, LLMEngine
+from atv_core.models import load_target
+from atv_core.engine.request import Request, SamplingParams, SteeringSpec
+from atv_core.tools.tasks import Task, load_suite, load_task_file
+from atv_core.tools.train import PRESETS, TrainConfig, answer_loss, encode, select_tasks, train, training_items
 
 log = logging.getLogger("atv.eval")
 METHODS = ("zero_shot", "icl", "task_vector", "shared", "lora", "atv", "atv_nogate")

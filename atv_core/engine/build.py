@@ -1,0 +1,51 @@
+"""`build_engine()`: the one place a target, a generator and an `LLMEngine` are put together.
+
+Used by the server, both benchmarks and the tests; evaluation builds engines around models it already
+holds (a LoRA-merged target) with `LLMEngine` directly.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from atv_core.engine.llm_engine import EngineConfig, LLMEngine
+from atv_core.models import DEFAULT_GENERATOR_DIR, load_target
+from atv_core.steering.checkpoint import load_generator
+
+log = logging.getLogger("atv.engine")
+
+
+def build_engine(model: str, generator: str | Path | None = "default", *, device: str = "auto",
+                 dtype: str = "auto", device_map: str | None = None,
+                 config: EngineConfig = EngineConfig()) -> LLMEngine:
+    """Load the target `model` and the `generator` checkpoint and return a ready (not started) engine.
+
+    generator: a checkpoint folder (must load), "default" (the shipped checkpoint; none, with a warning,
+    when it is missing or made for another target) or None / "none" (serve without steering).
+    """
+    target, tokenizer = load_target(model, device, dtype, device_map)
+    where = target.get_input_embeddings().weight.device
+    params = sum(p.numel() for p in target.parameters()) / 1e6
+    log.info("target %s loaded: %s, %.1fM parameters on %s (%s)", model, type(target).__name__, params,
+             where, target.dtype)
+    gen = _load_generator(generator, target, where)
+    return LLMEngine(target, tokenizer, gen, config)
+
+
+def _load_generator(name: str | Path | None, target, device):
+    if name is None or str(name).lower() == "none":
+        log.info("generator: none (requests are served unsteered; atv.mode 'atv' is refused)")
+        return None
+    explicit = str(name) != "default"
+    path = Path(name) if explicit else DEFAULT_GENERATOR_DIR
+    try:
+        generator = load_generator(path, target=target, device=device)
+    except ValueError as exc:
+        if explicit:
+            raise
+        log.warning("no usable default generator (%s); serving without steering", exc)
+        return None
+    cfg = generator.config
+    log.info("generator %s loaded: backbone %s, rank %s, %d steered layers, position %s, gate %s", path,
+             cfg.backbone, cfg.rank, len(cfg.selected_layers), cfg.position, cfg.gate)
+    return generator
