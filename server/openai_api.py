@@ -12,7 +12,7 @@ import uuid
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 
-from atv_core.engine.request import SamplingParams, SteeringSpec
+from atv_core.engine.request import Example, SamplingParams, SteeringSpec
 
 from .errors import APIError, error_body
 from .formatting import DONE, ChatFormat, CompletionFormat, sse
@@ -136,11 +136,17 @@ def _choices(body: SamplingFields, prompt_index: int, ids: list[int], prompt_tex
 
 def steering_spec(body: SamplingFields, engine) -> SteeringSpec:
     options = body.atv
-    mode = options.mode if options and options.mode else ("atv" if engine.has_generator else "off")
+    if options is None:
+        return SteeringSpec("atv" if engine.has_generator else "off")
+    mode = options.mode or ("vector" if options.vector else "atv" if engine.has_generator else "off")
     if mode == "atv" and not engine.has_generator:
         raise APIError(400, "steering mode 'atv' needs a generator, and this server has none; "
                        "send atv.mode 'off'", "atv.mode")
-    return SteeringSpec(mode, options.scale if options else 1.0)
+    examples = tuple(Example(e.input, e.output) for e in options.examples or ())
+    try:
+        return SteeringSpec(mode, options.scale, options.vector, options.vector_weight, examples)
+    except ValueError as exc:
+        raise APIError(400, str(exc), "atv") from exc
 
 
 # ---- running and answering ----------------------------------------------------------------------

@@ -24,14 +24,31 @@ NonEmptyStr = Annotated[StrictStr, Field(min_length=1)]
 StopStrings = NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=4)]
 
 
-class SteeringOptions(BaseModel):
-    """The `atv` extension: which steering to apply to this request."""
+class ExampleOption(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    mode: Literal["atv", "off"] | None = Field(None, description="atv: the generator's vector for this prompt; "
-                                               "off: the plain target. Default: atv when a generator is loaded")
-    scale: Scale = Field(1.0, description="multiplies the vector (after the checkpoint's "
-                                               "lambda and gate); 0 applies none")
+    input: StrictStr
+    output: StrictStr
+
+
+class SteeringOptions(BaseModel):
+    """The `atv` extension: which steering to apply to this request (engine: `SteeringSpec`).
+
+    delta = scale * (generated + vector_weight * named): mode atv = the generator's vector (read from the
+    prompt, or from `examples`), plus the named `vector` when one is given; mode vector = the named vector
+    alone; off = none."""
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["atv", "vector", "off"] | None = Field(
+        None, description="atv: the generator's vector for this prompt; vector: the named vector alone; off: the "
+        "plain target. Default: vector when `vector` is given, else atv when a generator is loaded, else off")
+    scale: Scale = Field(1.0, description="multiplies the whole steering delta (after the checkpoint's "
+                                          "lambda and gate); 0 applies none")
+    vector: NonEmptyStr | None = Field(None, description="a named vector from the server's vectors folder")
+    vector_weight: Scale = Field(1.0, description="weight of the named vector when added to the generated one")
+    examples: list[ExampleOption] | None = Field(None, max_length=64, description=(
+        "demonstrations (input -> output) from which the generator builds the vector; the target's prompt "
+        "holds the query alone"))
 
 
 class StreamOptions(BaseModel):

@@ -85,6 +85,10 @@ class LLMEngine:
             raise PromptTooLong(f"prompt ({request.num_prompt_tokens} tokens) + max_tokens "
                                 f"({request.params.max_tokens}) = {total} exceeds the context of "
                                 f"{self.max_model_len} tokens; shorten the prompt or lower max_tokens")
+        if request.steering.uses_named_vector and request.vector is None:
+            raise ValueError(f"unknown vector {request.steering.vector!r}: this server has no named vectors")
+        if request.steering.examples and request.vector is None:
+            raise ValueError("this generator was not trained to read atv.examples; send the query alone")
         if request.steering.mode == "atv" and request.vector is None:
             if self.generator is None:
                 raise ValueError("steering mode 'atv' needs a generator, and this server has none; use mode 'off'")

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
-SteeringMode = Literal["atv", "off"]
+SteeringMode = Literal["atv", "vector", "off"]
 FinishReason = Literal["stop", "length", "abort", "error"]
 
 
@@ -54,13 +54,43 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class Example:
+    """One demonstration (input -> output) that shapes a generated vector; never put in the target's prompt."""
+    input: str
+    output: str
+
+
+@dataclass(frozen=True)
 class SteeringSpec:
+    """What to steer one request with: the `atv` object of the HTTP API, and of a model-id preset.
+
+    The delta added to every steered layer is `scale * (G + vector_weight * N)`, where
+      G = the generator's vector (mode "atv"; read from the query, or from `examples` when given), else 0,
+      N = the named vector `vector` (a saved task vector), else 0.
+    mode "vector" = the named vector alone (no generator run); "off" = no steering at all.
+    """
     mode: SteeringMode = "atv"
     scale: float = 1.0
+    vector: str | None = None                 # a named vector (the server's --vectors folder)
+    vector_weight: float = 1.0                # weight of the named vector in the sum
+    examples: tuple[Example, ...] = ()        # k demonstrations for the generator (mode "atv" only)
 
     def __post_init__(self):
-        if self.mode not in ("atv", "off"):
-            raise ValueError(f"steering mode must be 'atv' or 'off', got {self.mode!r}")
+        if self.mode not in ("atv", "vector", "off"):
+            raise ValueError(f"steering mode must be 'atv', 'vector' or 'off', got {self.mode!r}")
+        if self.mode == "vector" and not self.vector:
+            raise ValueError("steering mode 'vector' needs a named vector: set atv.vector to its name")
+        if self.examples and self.mode != "atv":
+            raise ValueError(f"atv.examples shape the generated vector, so they need mode 'atv', not {self.mode!r}")
+        object.__setattr__(self, "examples", tuple(self.examples))
+
+    @property
+    def uses_generator(self) -> bool:
+        return self.mode == "atv"
+
+    @property
+    def uses_named_vector(self) -> bool:
+        return self.mode != "off" and self.vector is not None
 
 
 @dataclass
