@@ -10,9 +10,10 @@ AttentionInterface as "atv_paged") with that layer's query [1, H, N, D] and new 
              key_pos <= query_pos (and query_pos - key_pos < window on sliding-window layers);
   3. scatter the outputs back to [1, N, H, D].
 
-Chunks are bucketed by the power of two of their query length (decodes: 1) and of their key length, and
-padded only to the longest member, so a decode over 40 keys is never padded to a 7k-token request, and a
-long prompt's chunk is its own bucket. A bucket that is one fresh prompt runs SDPA's causal kernel without
+Chunks are bucketed by the power of two of their query length (decodes apart; up to 64 queries together)
+and of their key length (up to 256 keys together: padding that little costs less than another kernel call),
+and padded only to the longest member, so a decode over 40 keys is never padded to a 7k-token request,
+and a long prompt's chunk is its own bucket. A bucket that is one fresh prompt runs SDPA's causal kernel without
 a mask; one that is decodes of equal length runs without a mask. Padding never reads unwritten memory:
 padded keys repeat their request's first slot and padded queries repeat the chunk's last query; both are
 masked or dropped.
@@ -120,14 +121,16 @@ def plan_step(segments: Sequence[Segment], cache: PagedKVCache, device: torch.de
     groups: dict[tuple[int, int], list[tuple[int, Segment]]] = {}
     first = 0
     for seg in segments:
-        groups.setdefault((_size_class(seg.length), _size_class(seg.keys)), []).append((first, seg))
+        groups.setdefault(_bucket_key(seg), []).append((first, seg))
         first += seg.length
     buckets = [_bucket(members, size).to(device) for members in groups.values()]
     return StepPlan(cache, torch.cat(slots).to(device), buckets)
 
 
-def _size_class(n: int) -> int:
-    return (n - 1).bit_length()       # 1 -> 0, 2 -> 1, 3..4 -> 2, 5..8 -> 3, ...
+def _bucket_key(seg: Segment) -> tuple[int, int]:
+    """(query class, key class): decodes 0, then <= 64, <= 128, ... queries; <= 256, <= 512, ... keys."""
+    queries = 0 if seg.length == 1 else max(1, (seg.length - 1).bit_length() - 5)
+    return queries, max(0, (seg.keys - 1).bit_length() - 8)
 
 
 def _slots(block_table: Sequence[int], positions: torch.Tensor, block_size: int) -> torch.Tensor:
