@@ -64,6 +64,20 @@ def test_a_long_prompt_beside_decodes_advances_by_the_chunk_while_short_prompts_
     assert _shape(_step(s)) == [("r1", 8, 32)]    # alone again: the rest of it in one step
 
 
+def test_long_prompts_share_one_chunk_per_step_beside_decodes():
+    s = Scheduler(_config())
+    s.add(decoding := _req(0, n=2))
+    _step(s)
+    first, second, short = _req(1, n=30), _req(2, n=30), _req(3, n=5)
+    for r in (first, second, short):
+        s.add(r)
+    assert _shape(_step(s)) == [("r0", 2, 1), ("r1", 0, 4), ("r3", 0, 5)]
+    assert second.status is Status.RUNNING and second.num_computed_tokens == 0   # admitted, its turn comes
+    s.finish(decoding)
+    s.finish(short)
+    assert _shape(_step(s)) == [("r1", 4, 26), ("r2", 0, 30)]                   # no decodes: whole budget
+
+
 def test_without_decodes_spare_budget_goes_to_the_prompts_nearest_their_end():
     s = Scheduler(_config(max_num_batched_tokens=40))
     a, b = _req(0, n=60), _req(1, n=20)

@@ -8,10 +8,10 @@ Every engine step computes one packed batch of `Chunk`s under a token budget (`m
    (it keeps its vector slot, so the recompute is steered exactly as the first pass was).
 2. **Prompt chunks** with what is left of the budget: running requests part-way through their prompt, then
    waiting requests admitted first-come first-served while blocks (for their whole sequence so far), running
-   slots and budget allow. A prompt with more than `long_prompt_tokens` left advances at most
-   `long_prefill_chunk` tokens per step, so it neither stalls the decodes and short prompts beside it nor
-   waits for them to finish; in a step with no decodes the unused budget goes to those chunks (shortest
-   remaining first), so a prompt alone gets the whole budget.
+   slots and budget allow. Short prompts (at most `long_prompt_tokens` left) go whole. *Long* prompts share
+   `long_prefill_chunk` tokens per step (oldest first), so they neither stall the decodes and short prompts
+   beside them nor wait for them to finish; in a step with no decodes the unused budget goes to the prompt
+   chunks (shortest remaining first), so a prompt alone gets the whole budget.
 
 A chunk whose last token is the last of its request's sequence `samples`: the runner returns logits for it
 and the engine appends a token. A request's `num_computed_tokens` advances when it is scheduled.
@@ -33,8 +33,8 @@ class SchedulerConfig:
     max_waiting: int = 256            # beyond this, add() refuses (HTTP 429)
     block_size: int = 16              # tokens per KV block
     num_blocks: int = 4096            # KV blocks the memory budget holds
-    long_prompt_tokens: int = 256     # prompts with more tokens left than this are chunked beside others ...
-    long_prefill_chunk: int = 16      # ... by at most this many tokens per step
+    long_prompt_tokens: int = 256     # prompts with more tokens left than this are 'long' ...
+    long_prefill_chunk: int = 8       # ... and advance this many tokens per step in all beside decodes
 
     def __post_init__(self):
         positive = (self.max_running, self.max_num_batched_tokens, self.block_size, self.num_blocks,
@@ -137,33 +137,21 @@ class Scheduler:
         return True
 
     def _schedule_prefills(self, budget: int, has_decodes: bool) -> list[Chunk]:
-        planned: list[list] = []  # [request, tokens]
-        for request in self.running:
-            if budget == 0:
-                break
-            if _remaining(request) > 1:
-                planned.append([request, self._chunk(request, budget)])
-                budget -= planned[-1][1]
-        while budget > 0 and self.waiting and len(self.running) < self.config.max_running:
+        share = _Share(budget, self.config.long_prefill_chunk, self.config.long_prompt_tokens)
+        planned = [[r, share.take(r)] for r in self.running if _remaining(r) > 1]   # part-way prompts
+        while share.tokens and self.waiting and len(self.running) < self.config.max_running:
             request = self.waiting[0]
             needed = blocks_for(request.num_tokens, self.config.block_size)
             if not self.blocks.can_allocate(needed):
                 break  # first come, first served: nobody overtakes the request at the front
             self._admit(self.waiting.popleft(), needed)
-            planned.append([request, self._chunk(request, budget)])
-            budget -= planned[-1][1]
+            planned.append([request, share.take(request)])
         if not has_decodes:  # nobody's inter-token latency to protect: fill the budget
             for item in sorted(planned, key=lambda p: _remaining(p[0]) - p[1]):
-                extra = min(_remaining(item[0]) - item[1], budget)
+                extra = min(_remaining(item[0]) - item[1], share.tokens)
                 item[1] += extra
-                budget -= extra
-        return [Chunk(r, r.num_computed_tokens, n, n == _remaining(r), False) for r, n in planned]
-
-    def _chunk(self, request: Request, budget: int) -> int:
-        remaining = _remaining(request)
-        if remaining > self.config.long_prompt_tokens:
-            remaining = min(remaining, self.config.long_prefill_chunk)
-        return min(remaining, budget)
+                share.tokens -= extra
+        return [Chunk(r, r.num_computed_tokens, n, n == _remaining(r), False) for r, n in planned if n]
 
     def _admit(self, request: Request, num_blocks: int) -> None:
         request.block_table = self.blocks.allocate(num_blocks)
@@ -198,6 +186,23 @@ class Scheduler:
             if request.request_id == request_id:
                 return request
         return None
+
+
+@dataclass
+class _Share:
+    """What is left of one step's token budget, and of its part for long prompts."""
+    tokens: int
+    long: int
+    long_prompt_tokens: int
+
+    def take(self, request: Request) -> int:
+        """Tokens of the request's prompt this step: all of a short one; long ones share `long`."""
+        remaining = _remaining(request)
+        is_long = remaining > self.long_prompt_tokens
+        n = min(remaining, self.long if is_long else remaining, self.tokens)
+        self.tokens -= n
+        self.long -= n if is_long else 0
+        return n
 
 
 def _remaining(request: Request) -> int:
