@@ -83,6 +83,8 @@ class PagedKVCache:
             self.k[index] = self._grown(self.k.get(index), spec, new)
             self.v[index] = self._grown(self.v.get(index), spec, new)
         self.capacity = new
+        if any(spec.device.type == "cuda" for spec in self.layout.layers.values()):
+            torch.cuda.empty_cache()          # hand the outgrown pools back instead of caching them
 
     def _grown(self, old: torch.Tensor | None, spec: LayerKV, blocks: int) -> torch.Tensor:
         pool = torch.empty(blocks * self.block_size, spec.heads, spec.head_dim, dtype=spec.dtype, device=spec.device)
