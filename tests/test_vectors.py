@@ -283,3 +283,31 @@ def test_build_and_list_end_to_end(tmp_path, capsys):
     assert atv_main(["vectors", "list", str(out)]) == 1
     broken = [line for line in capsys.readouterr().out.splitlines() if line.startswith("broken")]
     assert len(broken) == 1 and "INVALID" in broken[0] and "not a readable safetensors" in broken[0]
+
+
+@pytest.mark.slow
+def test_a_built_vector_fixes_the_answer_format_on_the_real_default(tmp_path):
+    """The issue's acceptance at engine level: the plain SmolLM2 answers 'Q: What number comes after N?' in a
+    sentence; the named vector built from the task's training split makes it answer the number."""
+    from atv_core.engine.build import build_engine
+    from atv_core.models import EMBEDDED_TARGET
+    from atv_core.tools.evaluate import normalise
+    from atv_core.tools.tasks import load_suite
+
+    assert atv_main(["vectors", "build", "--task", "next_number", "--name", "next", "--out", str(tmp_path),
+                     "--device", "cpu"]) == 0
+    engine = build_engine(EMBEDDED_TARGET, "default", device="cpu", dtype="float32",
+                          config=EngineConfig(max_running=32, max_waiting=1000), vectors=tmp_path)
+    task = load_suite(names=["next_number"])[0]
+    test = task.examples("test")[:40]
+    params = SamplingParams(max_tokens=8, temperature=0.0, stop=("\n",))
+    scores = {}
+    for spec in (SteeringSpec("off"), SteeringSpec("vector", vector="next")):
+        prompts = [task.prompt(e.input, 0) for e in test]
+        requests = [Request(f"{spec.mode}{i}", engine.tokenizer(p)["input_ids"], params, spec, p)
+                    for i, p in enumerate(prompts)]
+        for request in requests:
+            engine.add_request(request)
+        drain(engine)
+        scores[spec.mode] = sum(normalise(r.output_text) == e.output for r, e in zip(requests, test)) / len(test)
+    assert scores["vector"] >= scores["off"] + 0.10, scores
