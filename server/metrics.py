@@ -1,10 +1,10 @@
 """Prometheus metrics of one server: a `Metrics` object owns its own `CollectorRegistry` (no module globals).
 
 Names are fixed (the deploy dashboards, alerts and autoscaler query them); buckets follow vLLM's.
-Engine-side series come from two places: the engine's step listener (step time, batch size; called on
-the engine thread, so it only observes) and gauges read at scrape time from the AsyncEngine (running,
-waiting, vector slots, engine up), so they are never stale after an abort between steps. Per-request
-series are recorded by server/jobs.py.
+Engine-side series come from two places: a step listener on the AsyncEngine (step time, batch size; called
+on the engine thread, so it only observes) and gauges read at scrape time from `AsyncEngine.stats()`, the
+snapshot the engine thread takes after every step or idle wait (running, waiting, vector slots), and its
+error (engine up). Per-request series are recorded by server/jobs.py.
 """
 from __future__ import annotations
 
@@ -67,12 +67,11 @@ class Metrics:
 
     def bind(self, async_engine) -> None:
         """Read the engine's gauges at scrape time and listen to its steps."""
-        engine = async_engine.engine
-        self.num_running.set_function(lambda: async_engine.num_running)
-        self.num_waiting.set_function(lambda: async_engine.num_waiting)
-        self.vector_slots_used.set_function(lambda: engine.runner.slots_used)
+        self.num_running.set_function(lambda: async_engine.stats().num_running)
+        self.num_waiting.set_function(lambda: async_engine.stats().num_waiting)
+        self.vector_slots_used.set_function(lambda: async_engine.stats().vector_slots_used)
         self.engine_up.set_function(lambda: 1 if async_engine.error is None else 0)
-        engine.step_listeners.append(self.on_step)
+        async_engine.add_step_listener(self.on_step)
 
     def on_step(self, stats) -> None:
         """Step listener (engine thread): observe only."""

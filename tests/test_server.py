@@ -32,7 +32,7 @@ from atv_core.engine.llm_engine import EngineConfig
 from server.app import cli, create_app
 from server.metrics import Metrics
 from server.settings import Settings, parse_settings
-from tests.tiny import make_tiny_generator_dir, make_tiny_model_dir
+from tests.tiny import make_tiny_generator_dir, make_tiny_model_dir, make_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 ERROR_KEYS = {"message", "type", "param", "code"}
@@ -227,7 +227,7 @@ def test_prompt_list_n_and_usage(main):
     body = completion(main, prompt=["Hello", "Good morning"], n=2, temperature=0, ignore_eos=True)
     assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
     assert body["choices"][0]["text"] == body["choices"][1]["text"]  # greedy: the n choices agree
-    tokenizer = main.engine.engine.tokenizer
+    tokenizer = make_tokenizer()  # the served one belongs to the engine's threads
     prompt_tokens = len(tokenizer("Hello").input_ids) + len(tokenizer("Good morning").input_ids)
     assert body["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 16,
                              "total_tokens": prompt_tokens + 16}
@@ -456,7 +456,7 @@ def test_non_streaming_disconnect_aborts(main, slow_steps):
 # ---- metrics ------------------------------------------------------------------------------------
 def test_metrics_count_known_requests(main):
     before = scrape(main.url)
-    tokenizer = main.engine.engine.tokenizer
+    tokenizer = make_tokenizer()  # the served one belongs to the engine's threads
     prompts = ["one", "two two", "three three three"]
     for prompt in prompts:
         completion(main, prompt=prompt, max_tokens=4, ignore_eos=True, atv={"mode": "off"})

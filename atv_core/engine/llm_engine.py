@@ -6,23 +6,24 @@
        decode:  runner.decode(last tokens of every running request)
                                                            │
                          sampler.sample(logits) -> tokens -> _append(): stop / length / EOS
-                                                           │
-                         RequestOutput (text delta) -> request.on_output(...)
+                                                           │          (text: detokenizer.OutputText)
+                         RequestOutput (text delta, SteeringReport) -> request.on_output(...)
 
-`LLMEngine` is synchronous and single-threaded (`step()`); `AsyncEngine` (async_engine.py) runs it on a
-background thread with an asyncio bridge so nothing blocks the event loop. No HTTP here (see server/).
+`LLMEngine` is synchronous and single-threaded (`step()`); its tokenizer is used on the thread that steps
+it only (detokenization). `AsyncEngine` (async_engine.py) runs it on a background thread. No HTTP here.
 """
 from __future__ import annotations
 
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 
-from atv_core.engine.request import Request, RequestOutput, Status
+from atv_core.engine.detokenizer import OutputText
+from atv_core.engine.request import Request, RequestOutput, SteeringReport, Status, TokenLogprob
 from atv_core.engine.runner import ModelRunner
 from atv_core.engine.sampler import make_generator, sample, token_logprobs
 from atv_core.engine.scheduler import Scheduler, SchedulerConfig
@@ -49,13 +50,18 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class StepStats:
+    """Handed to step listeners (on the engine thread) after every step."""
     phase: str
     duration_s: float
     batch_size: int
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's load (metrics gauges)."""
     num_running: int
     num_waiting: int
-    slots_used: int
-    new_tokens: int
+    vector_slots_used: int
 
 
 class LLMEngine:
@@ -111,6 +117,20 @@ class LLMEngine:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    def stats(self) -> EngineStats:
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.runner.slots_used)
+
+    def fail(self, request: Request, message: str) -> RequestOutput:
+        """End a request that never entered the scheduler with an error output."""
+        request.finish("error", message)
+        return self._emit(request, [], None)
+
+    def fail_all(self, message: str) -> None:
+        """End every queued and running request with an error output (the engine cannot go on)."""
+        for request in (*self.scheduler.running, *self.scheduler.waiting):
+            request.finish("error", message)
+            self._emit(request, [], None)
+
     # ---- one step -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
@@ -128,8 +148,7 @@ class LLMEngine:
         if stepped:
             outputs += self._sample_and_append(stepped, logits)
         duration = time.perf_counter() - start
-        stats = StepStats(batch.phase, duration, len(stepped), len(self.scheduler.running),
-                          len(self.scheduler.waiting), self.runner.slots_used, len(stepped))
+        stats = StepStats(batch.phase, duration, len(stepped))
         for listener in self.step_listeners:
             listener(stats)
         return outputs
@@ -139,7 +158,7 @@ class LLMEngine:
         now = time.monotonic()
         for request in requests:
             request.scheduled_time = now
-            request.steering_info = {"mode": request.steering.mode, "scale": request.steering.scale}
+            request.steering_report = SteeringReport(request.steering.mode, request.steering.scale)
         atv = [r for r in requests if r.steering.mode == "atv" and r.steering.scale != 0]
         for request in (r for r in atv if r.vector is not None):  # precomputed (static task vectors, eval)
             self._assign(request, request.vector.float() * request.steering.scale, 1.0, 0.0)
@@ -174,7 +193,7 @@ class LLMEngine:
 
     def _assign(self, request: Request, vector: torch.Tensor, gate: float, generator_s: float) -> None:
         norm = float(vector.norm())
-        request.steering_info.update(gate=gate, vector_norm=norm, generator_s=generator_s)
+        request.steering_report = replace(request.steering_report, gate=gate, vector_norm=norm, generator_s=generator_s)
         if not math.isfinite(norm):
             request.finish("error", "the generator produced a non-finite steering vector")
         else:
@@ -195,64 +214,49 @@ class LLMEngine:
         outputs = []
         for i, (request, token) in enumerate(zip(requests, tokens.tolist())):
             request.first_token_time = request.first_token_time or now
-            request.last_token_time = now
             outputs.append(self._append(request, token, logprobs.get(i)))
         return outputs
 
-    def _append(self, request: Request, token: int, logprob) -> RequestOutput:
+    def _append(self, request: Request, token: int, logprob: TokenLogprob | None) -> RequestOutput:
         params = request.params
         request.output_ids.append(token)
+        if request.output is None:
+            request.output = OutputText(self.tokenizer, params.stop)
+        text = request.output
         stop_token = (token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids
-        text_ids = request.output_ids[:-1] if stop_token else request.output_ids
-        text = self.tokenizer.decode(text_ids, skip_special_tokens=True)
-        # a trailing U+FFFD may merge with the next byte into one character: search again from before it
-        hit = _find_stop(text, params.stop, len(request.output_text.rstrip("\ufffd")))
-        if hit is not None:
-            text = text[:hit]
-        request.output_text = text
-        if stop_token or hit is not None:
+        delta = text.finish() if stop_token else text.add(token)  # a stop token is not part of the text
+        if stop_token or text.stopped:
             request.finish("stop")
         elif len(request.output_ids) >= params.max_tokens or request.kv_len + 1 >= self.max_model_len + request.kv_start:
-            request.finish("length")
+            delta += text.finish()
+            request.finish("stop" if text.stopped else "length")
+        if logprob is not None:
+            self._name_tokens(logprob)
         if request.finished:
-            return self._retire(request, [token], logprob)
-        return self._emit(request, [token], logprob)
+            return self._retire(request, [token], logprob, delta)
+        return self._emit(request, [token], logprob, delta)
 
-    def _emit(self, request: Request, token_ids: list[int], logprob) -> RequestOutput:
-        text = request.output_text
-        end = len(text)
-        if not request.finished:  # hold back what could still become a stop string or a split character
-            end -= max((len(s) for s in request.params.stop), default=1) - 1
-            while end > request.emitted_chars and text[end - 1] == "\ufffd":
-                end -= 1
-        end = max(end, request.emitted_chars)
-        delta, request.emitted_chars = text[request.emitted_chars:end], end
-        out = RequestOutput(request.request_id, delta, token_ids, [logprob] if logprob else None,
-                            request.finished, request.finish_reason, request.error, request.num_prompt_tokens,
-                            len(request.output_ids), request.steering_info,
-                            queue_time_s=(request.scheduled_time - request.arrival_time)
-                            if request.scheduled_time is not None else None)
+    def _name_tokens(self, logprob: TokenLogprob) -> None:
+        """Each token of a logprob entry decoded alone (the response lists them as text)."""
+        logprob.text = self.tokenizer.decode([logprob.token_id])
+        logprob.top_text = [self.tokenizer.decode([token]) for token, _ in logprob.top]
+
+    def _emit(self, request: Request, token_ids: list[int], logprob, delta: str = "") -> RequestOutput:
+        queue_time = request.scheduled_time - request.arrival_time if request.scheduled_time is not None else None
+        out = RequestOutput(request.request_id, delta, token_ids, [logprob] if logprob else None, request.finished,
+                            request.finish_reason, request.error, request.num_prompt_tokens,
+                            len(request.output_ids), request.steering_report, queue_time)
         if request.on_output is not None:
             request.on_output(out)
         return out
 
-    def _retire(self, request: Request, token_ids: list[int], logprob) -> RequestOutput:
+    def _retire(self, request: Request, token_ids: list[int], logprob, delta: str = "") -> RequestOutput:
         self.scheduler.finish(request)
         self.runner.release(request)
         self._generators.pop(request.request_id, None)
         if request.status is not Status.FINISHED:
             request.finish("abort")
-        return self._emit(request, token_ids, logprob)
-
-
-def _find_stop(text: str, stops: tuple[str, ...], checked: int) -> int | None:
-    """Earliest index where a stop string starts, searching only text that can contain a new match."""
-    hits = []
-    for stop in stops:
-        index = text.find(stop, max(0, checked - len(stop) + 1))
-        if index >= 0:
-            hits.append(index)
-    return min(hits) if hits else None
+        return self._emit(request, token_ids, logprob, delta)
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

@@ -1,15 +1,19 @@
 """The life of one request, as plain data (no torch).
 
 `Request` is the single object the scheduler, the runner and the engine pass around: prompt ids, sampling
-parameters, steering spec, where its KV cache row and vector slot are, what it has produced, and its
-timestamps. `RequestOutput` is what the engine emits to the caller after each step.
+parameters, steering spec, where its KV cache row and vector slot are, what it has produced, and the two
+timestamps that metrics read. `RequestOutput` is what the engine emits to the caller after each step, with a
+`SteeringReport` saying what steering was applied.
 """
 from __future__ import annotations
 
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import TYPE_CHECKING, Callable, Literal
+
+if TYPE_CHECKING:
+    from atv_core.engine.detokenizer import OutputText
 
 SteeringMode = Literal["atv", "vector", "off"]
 FinishReason = Literal["stop", "length", "abort", "error"]
@@ -98,6 +102,19 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]]      # (token id, logprob), best first
+    text: str = ""                    # the token decoded alone (filled in by the engine)
+    top_text: list[str] = field(default_factory=list)  # the same for each entry of `top`
+
+
+@dataclass(frozen=True)
+class SteeringReport:
+    """What steering was applied to one request: mode and scale; for a vector, its norm, the generator's gate
+    and the generator time of the batch that made it."""
+    mode: SteeringMode
+    scale: float
+    vector_norm: float | None = None
+    gate: float | None = None
+    generator_s: float | None = None
 
 
 @dataclass
@@ -111,7 +128,7 @@ class RequestOutput:
     error: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    steering: dict | None = None      # what was applied: mode, scale, gate, vector norm, generator time
+    steering: SteeringReport | None = None  # what was applied (set once the request reached a prefill)
     queue_time_s: float | None = None # arrival -> admission into a prefill batch
 
 
@@ -127,19 +144,21 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)
-    output_text: str = ""             # detokenized output, stop strings removed once matched
-    emitted_chars: int = 0            # how much of output_text has been streamed
+    output: OutputText | None = None  # the streamed text (detokenizer and stop strings), made by the engine
     finish_reason: FinishReason | None = None
     error: str | None = None
     vector_slot: int = 0              # 0 = unsteered
     kv_row: int = -1                  # row of the runner's KV cache while running
     kv_start: int = 0                 # first valid cache column (prefill is left-padded)
     kv_len: int = 0                   # cache columns written so far
-    steering_info: dict | None = None
-    scheduled_time: float | None = None
+    steering_report: SteeringReport | None = None
+    scheduled_time: float | None = None   # admission into a prefill (queue time)
     first_token_time: float | None = None
-    last_token_time: float | None = None
-    finished_time: float | None = None
+
+    @property
+    def output_text(self) -> str:
+        """The text streamed so far (stop strings removed once matched)."""
+        return self.output.text if self.output is not None else ""
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -153,4 +172,3 @@ class Request:
         self.status = Status.FINISHED
         self.finish_reason = reason
         self.error = error
-        self.finished_time = time.monotonic()
