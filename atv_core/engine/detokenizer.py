@@ -8,9 +8,11 @@
 Each step decodes only `ids[prefix_offset:]` and `ids[prefix_offset:read_offset]`; the difference is the new
 text. The context makes tokenizers that drop a leading space at the start of a decode (SentencePiece) agree
 with a full decode. New text that ends in U+FFFD (a UTF-8 character split over tokens) is held until the
-character completes, so the concatenated deltas equal `tokenizer.decode(ids, skip_special_tokens=True)`.
-At most HOLD_LIMIT tokens are held (a run of undecodable bytes from a broken model is then released as is),
-which bounds the work per step.
+character completes, so the concatenated deltas equal `tokenizer.decode(ids, skip_special_tokens=True)`
+(exactly for byte-level BPE; with SentencePiece byte fallback for ids that spell valid text, since its
+decoder turns a whole run of byte tokens into U+FFFDs when one byte of the run is invalid). At most
+HOLD_LIMIT tokens are held (a run of undecodable bytes from a broken model is then released as is), which
+bounds the work per step.
 
 `StopStrings` cuts the released text at the earliest stop string, also one spanning several tokens, and holds
 back the last `max(len(stop)) - 1` characters, which could still begin one (vLLM's rule). `OutputText`
