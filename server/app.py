@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse, Response
@@ -24,6 +25,11 @@ from .settings import Settings, parse_settings
 from .state import ServingState
 
 log = logging.getLogger("atv.server")
+
+# The engine thread runs long stretches of Python between torch kernels; the event loop needs the GIL often and
+# briefly. At CPython's default 5 ms switch interval every loop wake-up can wait up to 5 ms (a convoy that
+# slows reading request bodies and answering probes under load); 1 ms keeps the loop responsive.
+GIL_SWITCH_INTERVAL_S = 0.001
 
 
 def create_app(async_engine=None, settings: Settings | None = None, metrics: Metrics | None = None) -> FastAPI:
@@ -108,6 +114,7 @@ def cli(argv: list[str] | None = None) -> int:
 
     settings = parse_settings(argv)
     configure_logging(settings.log_level)
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     app = create_app(None, settings, Metrics())
     config = uvicorn_config(app, settings)
     server = DrainingServer(config, app.state.atv, settings.drain_timeout)

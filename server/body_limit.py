@@ -2,9 +2,9 @@
 
 A declared Content-Length over the limit is refused before any byte of the body is read; a body sent without
 one (chunked) is counted as it arrives and refused as soon as the count passes the limit. Either way the
-app never parses it, and its own answer to the cut body is replaced by the 413 (an OpenAI error body). What
-the client still sends is dropped unparsed by the HTTP server (uvicorn discards the rest of a request whose
-response is complete). Knows nothing of routes or the engine.
+app never parses it, and its own answer to the cut body is replaced by the 413 (an OpenAI error body). The
+413 says `Connection: close`, so the server closes the connection instead of reading the rest (clients such
+as httpx read the answer when their upload is cut short). Knows nothing of routes or the engine.
 """
 from __future__ import annotations
 
@@ -66,7 +66,8 @@ async def refuse(send, limit: int) -> None:
     body = json.dumps(error_body(413, f"request body is over this server's limit of {limit} bytes; send a "
                                  "smaller request (setting max_body_bytes)", code="body_too_large")).encode()
     await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": body})
 
 
