@@ -1,4 +1,4 @@
-"""The `atv` command: serve, train, eval, bench engine, bench serve. Parses the command and hands off."""
+"""The `atv` command: serve, train, eval, vectors build|list, bench engine|serve. Parses the command, hands off."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +9,8 @@ COMMANDS = {
     "serve": "server.app:cli",
     "train": "atv_core.tools.train:cli",
     "eval": "atv_core.tools.evaluate:cli",
+    "vectors build": "atv_core.tools.vectors:build_cli",
+    "vectors list": "atv_core.tools.vectors:list_cli",
     "bench engine": "atv_core.tools.bench:cli",
     "bench serve": "atv_core.tools.bench_serve:cli",
 }

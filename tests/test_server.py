@@ -211,8 +211,8 @@ def test_openai_client_completions_and_chat(main):
     chat = client.chat.completions.create(model=model, messages=messages, max_tokens=6, temperature=0,
                                           extra_body={"atv": {"mode": "off"}, "ignore_eos": True})
     assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens == 6
-    assert chat.model_extra["atv"] == {"mode": "off", "scale": 1.0, "vector_norm": None, "gate": None,
-                                       "generator_s": None}
+    assert chat.model_extra["atv"] == {"mode": "off", "scale": 1.0, "vector": None, "vector_norm": None,
+                                       "gate": None, "generator_s": None}
     stream = client.chat.completions.create(model=model, messages=messages, max_tokens=6, temperature=0, stream=True,
                                             stream_options={"include_usage": True},
                                             extra_body={"atv": {"mode": "off"}, "ignore_eos": True})
@@ -277,7 +277,8 @@ def test_steering_report_and_scale(main):
     off = completion(main, temperature=0, atv={"mode": "off"})["atv"]
     assert full["mode"] == "atv" and full["gate"] == 1.0 and full["generator_s"] > 0
     assert half["vector_norm"] == pytest.approx(full["vector_norm"] / 2, rel=1e-4)
-    assert off == {"mode": "off", "scale": 1.0, "vector_norm": None, "gate": None, "generator_s": None}
+    assert off == {"mode": "off", "scale": 1.0, "vector": None, "vector_norm": None, "gate": None,
+                   "generator_s": None}
 
 
 def test_default_mode_follows_the_generator(main, plain):

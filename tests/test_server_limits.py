@@ -144,7 +144,7 @@ def test_body_under_the_limit_reaches_the_route(served):
     assert result["status"] == 200 and result["body"]["choices"]
     body = b"".join(big_body(MB - 100))
     response = httpx.post(served.url + "/v1/completions", content=body, headers={"content-type": "application/json"})
-    assert_error(response, 413, "prompt")["code"] == "context_length_exceeded"  # the prompt check, not the body's
+    assert assert_error(response, 413, "prompt")["code"] == "context_length_exceeded"  # the prompt check
 
 
 def test_body_limit_counts_in_http_metrics(served):

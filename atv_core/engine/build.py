@@ -11,17 +11,20 @@ from pathlib import Path
 from atv_core.engine.llm_engine import EngineConfig, LLMEngine
 from atv_core.models import DEFAULT_GENERATOR_DIR, load_target
 from atv_core.steering.checkpoint import load_generator
+from atv_core.steering.vectors import VectorLayout, VectorStore
 
 log = logging.getLogger("atv.engine")
 
 
 def build_engine(model: str, generator: str | Path | None = "default", *, device: str = "auto",
                  dtype: str = "auto", device_map: str | None = None,
-                 config: EngineConfig = EngineConfig()) -> LLMEngine:
+                 config: EngineConfig = EngineConfig(), vectors: str | Path | None = None) -> LLMEngine:
     """Load the target `model` and the `generator` checkpoint and return a ready (not started) engine.
 
     generator: a checkpoint folder (must load), "default" (the shipped checkpoint; none, with a warning,
     when it is missing or made for another target) or None / "none" (serve without steering).
+    vectors: a folder of named vectors (steering/vectors.py), validated now against the target and the
+    generator's steered layers; None = no named vectors.
     """
     target, tokenizer = load_target(model, device, dtype, device_map)
     where = target.get_input_embeddings().weight.device
@@ -29,7 +32,8 @@ def build_engine(model: str, generator: str | Path | None = "default", *, device
     log.info("target %s loaded: %s, %.1fM parameters on %s (%s)", model, type(target).__name__, params,
              where, target.dtype)
     gen = _load_generator(generator, target, where)
-    return LLMEngine(target, tokenizer, gen, config)
+    store = VectorStore(vectors, VectorLayout.for_target(target, gen, model)) if vectors is not None else None
+    return LLMEngine(target, tokenizer, gen, config, vectors=store)
 
 
 def _load_generator(name: str | Path | None, target, device):

@@ -27,6 +27,7 @@ from atv_core.engine.request import Request, RequestOutput, SteeringReport, Stat
 from atv_core.engine.runner import ModelRunner
 from atv_core.engine.sampler import make_generator, sample, token_logprobs
 from atv_core.engine.scheduler import Scheduler, SchedulerConfig
+from atv_core.steering.vectors import VectorLayout, VectorStore
 
 log = logging.getLogger("atv.engine")
 
@@ -65,7 +66,8 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, model, tokenizer, generator=None, config: EngineConfig = EngineConfig()):
+    def __init__(self, model, tokenizer, generator=None, config: EngineConfig = EngineConfig(),
+                 vectors: VectorStore | None = None):
         self.model, self.tokenizer, self.generator, self.config = model, tokenizer, generator, config
         gen_cfg = generator.config if generator is not None else None
         self.runner = ModelRunner(model, config.max_running, gen_cfg.selected_layers if gen_cfg else None,
@@ -76,6 +78,9 @@ class LLMEngine:
         self.eos_ids = _eos_ids(model, tokenizer)
         self._generators: dict[str, torch.Generator] = {}
         self.step_listeners: list[Callable[[StepStats], None]] = []
+        self.vectors = vectors
+        if vectors is not None:
+            _check_vector_layout(vectors.layout, VectorLayout.for_target(model, generator))
 
     @property
     def has_generator(self) -> bool:
@@ -91,8 +96,11 @@ class LLMEngine:
             raise PromptTooLong(f"prompt ({request.num_prompt_tokens} tokens) + max_tokens "
                                 f"({request.params.max_tokens}) = {total} exceeds the context of "
                                 f"{self.max_model_len} tokens; shorten the prompt or lower max_tokens")
-        if request.steering.uses_named_vector and request.vector is None:
-            raise ValueError(f"unknown vector {request.steering.vector!r}: this server has no named vectors")
+        if request.steering.uses_named_vector:
+            self._check_vector_name(request.steering.vector)
+        if request.steering.mode == "vector" and request.vector is not None:
+            raise ValueError("Request.vector stands in for the generator's vector, which mode 'vector' does not use; "
+                             "use mode 'atv' to add it to the named vector")
         if request.steering.examples and request.vector is None:
             raise ValueError("this generator was not trained to read atv.examples; send the query alone")
         if request.steering.mode == "atv" and request.vector is None:
@@ -101,6 +109,14 @@ class LLMEngine:
             if not request.prompt_text.strip():
                 raise ValueError("steering mode 'atv' needs prompt text for the generator to read; "
                                  "send a non-empty prompt or use mode 'off'")
+
+    def _check_vector_name(self, name: str) -> None:
+        if self.vectors is None:
+            raise ValueError(f"unknown vector {name!r}: this server has no named vectors (start it with --vectors DIR)")
+        if name not in self.vectors:
+            known = self.vectors.names()
+            listed = ", ".join(known[:50]) + (f" and {len(known) - 50} more" if len(known) > 50 else "")
+            raise ValueError(f"unknown vector {name!r}; this server has: {listed or '(none)'}")
 
     def add_request(self, request: Request) -> None:
         self.validate(request)
@@ -154,48 +170,75 @@ class LLMEngine:
         return outputs
 
     def _attach_vectors(self, requests: list[Request], outputs: list[RequestOutput]) -> list[Request]:
-        """Run the generator once for the admitted ATV requests; fail alone any whose vector is unusable."""
+        """Give each admitted steered request its delta `scale * (G + vector_weight * N)` [L_sel, d]:
+        G = the generator's vector (one generator run for the whole prefill batch) or the precomputed
+        `Request.vector`; N = the named vector. Requests whose vector is unusable fail alone."""
         now = time.monotonic()
         for request in requests:
             request.scheduled_time = now
-            request.steering_report = SteeringReport(request.steering.mode, request.steering.scale)
-        atv = [r for r in requests if r.steering.mode == "atv" and r.steering.scale != 0]
-        for request in (r for r in atv if r.vector is not None):  # precomputed (static task vectors, eval)
-            self._assign(request, request.vector.float() * request.steering.scale, 1.0, 0.0)
-        steered = [r for r in atv if r.vector is None]
-        if steered:
-            t0 = time.perf_counter()
-            try:
-                results = [self._generate([r.prompt_text for r in steered])]
-                groups = [steered]
-            except Exception:  # retry one by one so that only the request at fault fails
-                log.exception("generator failed on a batch of %d; retrying one by one", len(steered))
-                groups, results = [[r] for r in steered], []
-                for request in steered:
-                    try:
-                        results.append(self._generate([request.prompt_text]))
-                    except Exception as exc:
-                        request.finish("error", f"vector generation failed: {type(exc).__name__}: {exc}")
-                        results.append(None)
-            elapsed = time.perf_counter() - t0
-            for group, result in zip(groups, results):
-                for i, request in enumerate(group if result is not None else []):
-                    self._assign(request, result[0][i] * request.steering.scale, result[1][i], elapsed)
+            request.steering_report = SteeringReport(request.steering.mode, request.steering.scale,
+                                                     request.steering.vector if request.steering.uses_named_vector
+                                                     else None)
+        steered = [r for r in requests if r.steering.mode != "off" and r.steering.scale != 0]
+        named = {id(r): self._named_vector(r) for r in steered if r.steering.uses_named_vector}
+        generated = self._generated_vectors([r for r in steered if not r.finished])
+        for request in (r for r in steered if not r.finished):
+            vector, gate, seconds = generated.get(id(request), (None, None, 0.0))
+            self._assign(request, _delta(request.steering, vector, named.get(id(request))), gate, seconds)
         failed = [r for r in requests if r.finished]
         for request in failed:
             outputs.append(self._retire(request, [], None))
         return [r for r in requests if not r.finished]
+
+    def _named_vector(self, request: Request) -> torch.Tensor | None:
+        """N [L_sel, d] (CPU, fp32) of a request, as the store holds it now; fails the request if a reload
+        removed the name since it was validated."""
+        found = self.vectors.get(request.steering.vector) if self.vectors is not None else None
+        if found is None:
+            request.finish("error", f"named vector {request.steering.vector!r} was removed (the vectors folder "
+                                    "was reloaded) before this request started")
+            return None
+        return found.vector
+
+    def _generated_vectors(self, requests: list[Request]) -> dict[int, tuple[torch.Tensor, float, float]]:
+        """G for the mode-atv requests: `Request.vector` when given, else one generator run over the rest
+        (retried one by one on failure so that only the request at fault fails).
+        -> {id(request): (G [L_sel, d], gate, generator seconds of its batch)}."""
+        atv = [r for r in requests if r.steering.uses_generator]
+        out = {id(r): (r.vector.float(), 1.0, 0.0) for r in atv if r.vector is not None}  # static vectors, eval
+        pending = [r for r in atv if r.vector is None]
+        if not pending:
+            return out
+        t0 = time.perf_counter()
+        try:
+            results = [self._generate([r.prompt_text for r in pending])]
+            groups = [pending]
+        except Exception:  # retry one by one so that only the request at fault fails
+            log.exception("generator failed on a batch of %d; retrying one by one", len(pending))
+            groups, results = [[r] for r in pending], []
+            for request in pending:
+                try:
+                    results.append(self._generate([request.prompt_text]))
+                except Exception as exc:
+                    request.finish("error", f"vector generation failed: {type(exc).__name__}: {exc}")
+                    results.append(None)
+        elapsed = time.perf_counter() - t0
+        for group, result in zip(groups, results):
+            for i, request in enumerate(group if result is not None else []):
+                out[id(request)] = (result[0][i], result[1][i], elapsed)
+        return out
 
     def _generate(self, prompts: list[str]) -> tuple[torch.Tensor, list[float]]:
         with torch.no_grad():
             out = self.generator(prompts)
         return out.vectors.float(), out.gates.float().tolist()
 
-    def _assign(self, request: Request, vector: torch.Tensor, gate: float, generator_s: float) -> None:
+    def _assign(self, request: Request, vector: torch.Tensor, gate: float | None, generator_s: float) -> None:
         norm = float(vector.norm())
         request.steering_report = replace(request.steering_report, gate=gate, vector_norm=norm, generator_s=generator_s)
         if not math.isfinite(norm):
-            request.finish("error", "the generator produced a non-finite steering vector")
+            request.finish("error", "the steering vector is non-finite (the generator's output, or a scale or "
+                                    "vector_weight too large)")
         else:
             self.runner.assign_vector(request, vector)
 
@@ -257,6 +300,23 @@ class LLMEngine:
         if request.status is not Status.FINISHED:
             request.finish("abort")
         return self._emit(request, token_ids, logprob, delta)
+
+
+def _delta(spec, generated: torch.Tensor | None, named: torch.Tensor | None) -> torch.Tensor:
+    """scale * (G + vector_weight * N) [L_sel, d]. An absent term is left out rather than added as zeros, so a
+    lone G gives exactly `G * scale` and a lone N (weight 1) exactly `N * scale`."""
+    total = generated
+    if named is not None:
+        weighted = named if spec.vector_weight == 1 else named * spec.vector_weight
+        total = weighted if total is None else total + weighted.to(total.device)
+    return total * spec.scale
+
+
+def _check_vector_layout(have: VectorLayout, want: VectorLayout) -> None:
+    if (have.target_layers, have.layers, have.hidden_size) != (want.target_layers, want.layers, want.hidden_size):
+        raise ValueError(f"the named vectors were validated for {have.describe()}, but this engine steers "
+                         f"{want.describe()}; build the VectorStore with VectorLayout.for_target(model, generator)")
+
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

@@ -108,10 +108,11 @@ class TokenLogprob:
 
 @dataclass(frozen=True)
 class SteeringReport:
-    """What steering was applied to one request: mode and scale; for a vector, its norm, the generator's gate
-    and the generator time of the batch that made it."""
+    """What steering was applied to one request: mode, scale, the named vector; for an applied delta its norm,
+    the generator's gate and the generator time of the batch that made the generated part."""
     mode: SteeringMode
     scale: float
+    vector: str | None = None         # the named vector applied, if any
     vector_norm: float | None = None
     gate: float | None = None
     generator_s: float | None = None

@@ -126,6 +126,15 @@ def train_lora(cfg: TrainConfig, model, tokenizer, rank: int, out: Path):
     return merged, n_params
 
 
+def static_task_vector(task: Task, generator, examples=None) -> torch.Tensor:
+    """The static per-task vector [L_sel, d]: the mean of the generator's ungated vectors over the task's
+    training queries (default: the whole train split), each under one template in rotation."""
+    examples = task.examples("train") if examples is None else examples
+    prompts = [task.prompt(e.input, i % len(task.templates)) for i, e in enumerate(examples)]
+    with torch.no_grad():
+        return generator(prompts, use_gate=False).vectors.mean(0)
+
+
 def method_prompts(method: str, task: Task, prompts: list[str], seed: int, k: int, generator, shared_path):
     """-> (prompts to send, per-request vectors or None, steering mode) for one method on one task."""
     if method == "icl":
@@ -137,8 +146,7 @@ def method_prompts(method: str, task: Task, prompts: list[str], seed: int, k: in
         if method == "atv_nogate":
             return prompts, list(generator(prompts, use_gate=False).vectors), "atv"
         if method == "task_vector":
-            train_prompts = [task.prompt(e.input, i % len(task.templates)) for i, e in enumerate(task.examples("train"))]
-            return prompts, [generator(train_prompts, use_gate=False).vectors.mean(0)] * len(prompts), "atv"
+            return prompts, [static_task_vector(task, generator)] * len(prompts), "atv"
     if method == "shared":
         from safetensors.torch import load_file
         v = load_file(str(shared_path))["v"] * generator.config.scale
