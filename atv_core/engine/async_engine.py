@@ -99,10 +99,6 @@ class AsyncEngine:
         self.engine.step_listeners.append(listener)
 
     # ---- tokenization (off the event loop) ------------------------------------------------------
-    @property
-    def has_chat_template(self) -> bool:
-        return self._tokens.has_chat_template
-
     async def encode(self, text: str) -> list[int]:
         """A prompt's token ids. PromptTooLong at once when no prompt that long can fit."""
         return await self._tokens.encode(text)
@@ -121,7 +117,7 @@ class AsyncEngine:
                           on_output=_on_loop(asyncio.get_running_loop(), on_output))
         self.engine.validate(request)
         with self._lock:
-            if self.error is not None or self._thread is None:
+            if not self.is_alive:
                 raise EngineDead(self.error or "engine is not running")
             if self._pending + self._waiting >= self.limits.max_waiting:
                 raise QueueFull(f"waiting queue is full ({self.limits.max_waiting} requests)")
