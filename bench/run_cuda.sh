@@ -9,3 +9,4 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 "$PY" -m atv_core.cli bench engine --device cuda --json "$OUT/engine_cuda.json"
 "$PY" -m atv_core.cli bench engine --device cuda --requests 256 --new-tokens 128 --json "$OUT/engine_cuda_256.json"
 "$PY" -m atv_core.cli bench serve --device cuda --max-running 64 --json "$OUT/serve_cuda.json" --plot "$OUT/serve_cuda.png"
+"$PY" -m atv_core.cli bench engine --device cuda --scenario mixed --json "$OUT/engine_cuda_mixed.json"

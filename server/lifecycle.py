@@ -33,8 +33,12 @@ def load_engine(settings: Settings):
     from atv_core.engine.async_engine import AsyncEngine
     from atv_core.engine.llm_engine import EngineConfig
 
-    config = EngineConfig(settings.max_running, settings.max_waiting, settings.max_prefill_tokens,
-                          settings.max_model_len)
+    kv_bytes = int(settings.kv_cache_gib * 2**30) if settings.kv_cache_gib else None
+    config = EngineConfig(max_running=settings.max_running, max_waiting=settings.max_waiting,
+                          max_num_batched_tokens=settings.max_num_batched_tokens, max_model_len=settings.max_model_len,
+                          block_size=settings.block_size, kv_cache_bytes=kv_bytes,
+                          kv_cache_fraction=settings.kv_cache_fraction, long_prompt_tokens=settings.long_prompt_tokens,
+                          long_prefill_chunk=settings.long_prefill_chunk)
     engine = build_engine(settings.model, settings.generator, device=settings.device, dtype=settings.dtype,
                           device_map=settings.device_map, config=config)
     return AsyncEngine(engine).start()

@@ -29,7 +29,17 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     max_running: int = Field(32, ge=1, description="requests decoded together (KV rows, vector slots)")
     max_waiting: int = Field(256, ge=0, description="queued requests; beyond this, HTTP 429")
-    max_prefill_tokens: int = Field(4096, ge=1, description="padded prompt tokens in one prefill step")
+    max_num_batched_tokens: int | None = Field(None, ge=1, description="tokens computed in one engine step "
+                                               "(running decodes + prompt chunks); default 512 on CPU, 2048 on CUDA")
+    long_prompt_tokens: int = Field(256, ge=1, description="prompts with more tokens left than this are long: "
+                                    "chunked while other requests decode")
+    long_prefill_chunk: int | None = Field(None, ge=1, description="prompt tokens of long prompts (all together) "
+                                           "per step beside decodes; default 8 on CPU, 256 on CUDA")
+    block_size: int = Field(16, ge=1, description="tokens per KV cache block")
+    kv_cache_gib: float | None = Field(None, gt=0, description="KV cache memory budget in GiB; default on CPU "
+                                       "min(2, a quarter of the available RAM), on CUDA --kv-cache-fraction")
+    kv_cache_fraction: float = Field(0.8, gt=0, le=1, description="CUDA: share of the free GPU memory at start "
+                                     "given to the KV cache when --kv-cache-gib is not set")
     max_model_len: int | None = Field(None, ge=2, description="context length (default: the model's, capped at 8192)")
     max_prompt_tokens: int | None = Field(None, ge=1, description="longest accepted prompt; longer is HTTP 413")
     max_tokens: int = Field(2048, ge=1, description="most completion tokens one request may ask for")

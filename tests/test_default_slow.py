@@ -77,3 +77,27 @@ def test_mid_flight_join_matches_solo_on_the_real_model(default):
         margins = [float(x.topk(2).values[0] - x.topk(2).values[1]) for x in ref_logits]
         agree = next((k for k, m in enumerate(margins) if m < 1e-2), len(margins))
         assert r.output_ids[:agree] == ref_tokens[:agree]
+
+
+def test_a_long_prompt_chunked_beside_decodes_matches_a_plain_forward(default):
+    model, tok, _ = default
+    engine = LLMEngine(model, tok, None, EngineConfig(max_running=4, long_prompt_tokens=64, long_prefill_chunk=32))
+    seen = record_logits(engine)
+    text = " ".join(f"Country number {i} has a capital city and a flag." for i in range(60))
+    short, long = _req(tok, "s", "Write a haiku about rain.", "off", n=40), _req(tok, "l", text, "off", n=4)
+    assert long.num_prompt_tokens > 600
+    engine.add_request(short)
+    engine.step()
+    engine.add_request(long)
+    chunks = []
+    while engine.has_work():
+        batch_before = long.num_computed_tokens
+        engine.step()
+        chunks.append(long.num_computed_tokens - batch_before)
+    assert 32 in chunks and engine.scheduler.blocks.num_used == 0   # it was chunked beside the short decodes
+    for r in (short, long):
+        ids = torch.tensor([r.prompt_ids + r.output_ids[:-1]])
+        with torch.no_grad():
+            reference = model(ids).logits[0, r.num_prompt_tokens - 1:]
+        # fp32 through 30 layers, other summation order (chunks, packed steps): same bound as the join test
+        torch.testing.assert_close(torch.stack(seen[r.request_id]), reference, atol=2e-3, rtol=1e-4)

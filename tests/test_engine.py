@@ -150,23 +150,25 @@ def test_abort_frees_slot_and_row_within_one_step(parts):
     engine.step()
     out = engine.abort("a")
     assert out.finished and out.finish_reason == "abort"
-    assert engine.runner.rows == [b] and engine.runner.slots_used == 1 and b.kv_row == 0
+    assert engine.runner.rows == [b] and engine.runner.slots_used == 1
+    assert not a.block_table and engine.scheduler.blocks.num_used == len(b.block_table) > 0
     _drain(engine)
     assert b.finish_reason == "length" and engine.abort("nope") is None
+    assert engine.scheduler.blocks.num_used == 0
 
 
 def test_no_growth_after_1000_short_requests(parts):
     tok = parts[1]
     engine = _engine(parts, max_waiting=2000)
     params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
-    columns = engine.runner.cache.columns
     reqs = [_request(tok, f"r{i}", f"q{i % 7}", params, "atv" if i % 2 else "off") for i in range(1000)]
     for r in reqs:
         engine.add_request(r)
     _drain(engine)
     assert all(r.finish_reason == "length" for r in reqs)
     assert engine.runner.rows == [] and engine.runner.slots_used == 0 and len(engine.runner.free_slots) == 8
-    assert engine.runner.cache.columns == columns and not engine._generators
+    assert engine.scheduler.blocks.num_used == 0 and not engine._generators
+    assert engine.runner.cache.capacity <= 16   # 8 running requests of 4 tokens never needed more blocks
     assert torch.count_nonzero(engine.runner.table) == 0
 
 
@@ -234,7 +236,7 @@ def test_engine_death_is_reported_and_fails_requests(parts):
 
     def boom(*_a, **_k):
         raise RuntimeError("device lost")
-    engine.engine.runner.decode = boom
+    engine.engine.runner.run = boom
     engine.start()
 
     async def main():

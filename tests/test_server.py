@@ -168,7 +168,8 @@ def metric(samples: dict, name: str, **labels) -> float:
 def idle(served: Served) -> bool:
     m = scrape(served.url)
     return (metric(m, "atv_num_requests_running") == 0 and metric(m, "atv_num_requests_waiting") == 0
-            and metric(m, "atv_vector_slots_used") == 0 and not served.engine.engine.runner.rows)
+            and metric(m, "atv_vector_slots_used") == 0 and metric(m, "atv_kv_cache_usage") == 0
+            and not served.engine.engine.runner.rows)
 
 
 def assert_error(response: httpx.Response, status: int, param: str | None = None) -> dict:
@@ -431,7 +432,8 @@ def test_stream_disconnect_frees_the_slot(main, slow_steps):
         assert next(lines).startswith("data: {")  # one token streamed
         def steering_one():  # the gauges follow the engine thread, which updates them after each step
             during = scrape(main.url)
-            return metric(during, "atv_vector_slots_used") == 1 and metric(during, "atv_num_requests_running") == 1
+            return (metric(during, "atv_vector_slots_used") == 1 and metric(during, "atv_num_requests_running") == 1
+                    and metric(during, "atv_kv_cache_usage") > 0)
 
         eventually(steering_one, timeout=2)
     eventually(lambda: idle(main), timeout=5)

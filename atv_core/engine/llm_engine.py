@@ -1,9 +1,9 @@
 """The serving engine: continuous batching where every request carries its own task vector.
 
-    add_request ──> Scheduler.waiting ──schedule()──> Batch(prefill | decode)
+    add_request ──> Scheduler.waiting ──schedule()──> Batch(chunks: decodes + prompt chunks, one token budget)
                                                            │
-       prefill: generator(prompts) -> vectors -> runner.assign_vector -> runner.prefill
-       decode:  runner.decode(last tokens of every running request)
+       first time scheduled: generator(prompts) -> vectors -> runner.assign_vector
+       runner.run(chunks): one packed forward, paged KV, logits for chunks that end their sequence
                                                            │
                          sampler.sample(logits) -> tokens -> _append(): stop / length / EOS
                                                            │          (text: detokenizer.OutputText)
@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from atv_core.engine.detokenizer import OutputText
+from atv_core.engine.kv_cache import default_budget
 from atv_core.engine.request import Request, RequestOutput, SteeringReport, Status, TokenLogprob
 from atv_core.engine.runner import ModelRunner
 from atv_core.engine.sampler import make_generator, sample, token_logprobs
@@ -44,9 +45,20 @@ class EngineDead(RuntimeError):
 class EngineConfig:
     max_running: int = 32
     max_waiting: int = 256
-    max_prefill_tokens: int = 4096
+    max_num_batched_tokens: int | None = None  # tokens per step (decodes + prompt chunks); default 512 on CPU,
+                                               # 2048 on CUDA
     max_model_len: int | None = None    # default: the model's max_position_embeddings, capped at 8192
-    initial_columns: int = 256
+    block_size: int = 16                # tokens per KV block
+    kv_cache_bytes: int | None = None   # KV memory budget; default: CPU min(2 GiB, 1/4 of available RAM),
+    kv_cache_fraction: float = 0.8      # CUDA this fraction of the free memory at start
+    long_prompt_tokens: int = 256       # prompts with more tokens left are long: beside decodes, long prompts ...
+    long_prefill_chunk: int | None = None  # ... advance this many tokens per step in all; default 8 CPU, 256 CUDA
+
+    def __post_init__(self):
+        if not 0 < self.kv_cache_fraction <= 1:
+            raise ValueError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes < 1:
+            raise ValueError(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
 
 
 @dataclass(frozen=True)
@@ -63,6 +75,8 @@ class EngineStats:
     num_running: int
     num_waiting: int
     vector_slots_used: int
+    kv_blocks_used: int
+    kv_blocks_total: int
 
 
 class LLMEngine:
@@ -70,9 +84,15 @@ class LLMEngine:
                  vectors: VectorStore | None = None):
         self.model, self.tokenizer, self.generator, self.config = model, tokenizer, generator, config
         gen_cfg = generator.config if generator is not None else None
+        device = model.get_input_embeddings().weight.device
+        budget = config.kv_cache_bytes or default_budget(device, config.kv_cache_fraction)
         self.runner = ModelRunner(model, config.max_running, gen_cfg.selected_layers if gen_cfg else None,
-                                  gen_cfg.position if gen_cfg else "all", config.initial_columns)
-        self.scheduler = Scheduler(SchedulerConfig(config.max_running, config.max_prefill_tokens, config.max_waiting))
+                                  gen_cfg.position if gen_cfg else "all", block_size=config.block_size,
+                                  kv_budget_bytes=budget)
+        self.scheduler = Scheduler(_scheduler_config(config, device, self.runner.cache.max_blocks))
+        log.info("KV cache: budget %.1f MiB = %d blocks of %d tokens (%d bytes per token); step budget %d tokens",
+                 budget / 2**20, self.runner.cache.max_blocks, config.block_size,
+                 self.runner.layout.bytes_per_token, self.scheduler.config.max_num_batched_tokens)
         limit = getattr(model.config, "max_position_embeddings", None) or 8192
         self.max_model_len = config.max_model_len or min(limit, 8192)
         self.eos_ids = _eos_ids(model, tokenizer)
@@ -96,6 +116,11 @@ class LLMEngine:
             raise PromptTooLong(f"prompt ({request.num_prompt_tokens} tokens) + max_tokens "
                                 f"({request.params.max_tokens}) = {total} exceeds the context of "
                                 f"{self.max_model_len} tokens; shorten the prompt or lower max_tokens")
+        if not self.scheduler.fits(total):
+            capacity = self.scheduler.blocks.capacity_tokens
+            raise PromptTooLong(f"prompt + max_tokens = {total} tokens do not fit the KV cache budget of {capacity} "
+                                f"tokens; raise the KV cache memory (kv_cache_bytes / --kv-cache-gib), shorten the "
+                                f"prompt or lower max_tokens")
         if request.steering.uses_named_vector:
             self._check_vector_name(request.steering.vector)
         if request.steering.mode == "vector" and request.vector is not None:
@@ -134,7 +159,9 @@ class LLMEngine:
         return self.scheduler.has_work()
 
     def stats(self) -> EngineStats:
-        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.runner.slots_used)
+        blocks = self.scheduler.blocks
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.runner.slots_used,
+                           blocks.num_used, blocks.num_blocks)
 
     def fail(self, request: Request, message: str) -> RequestOutput:
         """End a request that never entered the scheduler with an error output."""
@@ -154,17 +181,17 @@ class LLMEngine:
             return []
         start = time.perf_counter()
         outputs: list[RequestOutput] = []
-        if batch.phase == "prefill":
-            ready = self._attach_vectors(list(batch.requests), outputs)
-            logits = self.runner.prefill(ready) if ready else None
-            stepped = ready
-        else:
-            stepped = list(self.runner.rows)
-            logits = self.runner.decode([r.output_ids[-1] for r in stepped])
-        if stepped:
-            outputs += self._sample_and_append(stepped, logits)
+        fresh = [r for r in batch.requests if r.scheduled_time is None]  # not seen before (not a recompute)
+        if fresh:
+            self._attach_vectors(fresh, outputs)
+        chunks = [c for c in batch.chunks if not c.request.finished]
+        sampled = [c.request for c in chunks if c.samples]
+        if chunks:
+            logits = self.runner.run(chunks)
+            if sampled:
+                outputs += self._sample_and_append(sampled, logits)
         duration = time.perf_counter() - start
-        stats = StepStats(batch.phase, duration, len(stepped))
+        stats = StepStats(batch.phase, duration, len(chunks))
         for listener in self.step_listeners:
             listener(stats)
         return outputs
@@ -270,7 +297,7 @@ class LLMEngine:
         delta = text.finish() if stop_token else text.add(token)  # a stop token is not part of the text
         if stop_token or text.stopped:
             request.finish("stop")
-        elif len(request.output_ids) >= params.max_tokens or request.kv_len + 1 >= self.max_model_len + request.kv_start:
+        elif len(request.output_ids) >= params.max_tokens or request.num_tokens >= self.max_model_len:
             delta += text.finish()
             request.finish("stop" if text.stopped else "length")
         if logprob is not None:
@@ -317,6 +344,16 @@ def _check_vector_layout(have: VectorLayout, want: VectorLayout) -> None:
         raise ValueError(f"the named vectors were validated for {have.describe()}, but this engine steers "
                          f"{want.describe()}; build the VectorStore with VectorLayout.for_target(model, generator)")
 
+
+
+def _scheduler_config(config: EngineConfig, device: torch.device, num_blocks: int) -> SchedulerConfig:
+    """Engine settings -> scheduler limits; the unset token budgets default by device."""
+    cuda = device.type == "cuda"
+    return SchedulerConfig(max_running=config.max_running,
+                           max_num_batched_tokens=config.max_num_batched_tokens or (2048 if cuda else 512),
+                           max_waiting=config.max_waiting, block_size=config.block_size, num_blocks=num_blocks,
+                           long_prompt_tokens=config.long_prompt_tokens,
+                           long_prefill_chunk=config.long_prefill_chunk or (256 if cuda else 8))
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

@@ -1,9 +1,11 @@
 """The life of one request, as plain data (no torch).
 
 `Request` is the single object the scheduler, the runner and the engine pass around: prompt ids, sampling
-parameters, steering spec, where its KV cache row and vector slot are, what it has produced, and the two
-timestamps that metrics read. `RequestOutput` is what the engine emits to the caller after each step, with a
-`SteeringReport` saying what steering was applied.
+parameters, steering spec, its KV blocks and vector slot, what it has produced, and the two timestamps that
+metrics read. Its token sequence is prompt + output; `num_computed_tokens` of them have their K/V in the
+cache (the last output token is computed by the next step, and a preempted request recomputes from 0).
+`RequestOutput` is what the engine emits to the caller after each step, with a `SteeringReport` saying what
+steering was applied.
 """
 from __future__ import annotations
 
@@ -148,12 +150,12 @@ class Request:
     output: OutputText | None = None  # the streamed text (detokenizer and stop strings), made by the engine
     finish_reason: FinishReason | None = None
     error: str | None = None
-    vector_slot: int = 0              # 0 = unsteered
-    kv_row: int = -1                  # row of the runner's KV cache while running
-    kv_start: int = 0                 # first valid cache column (prefill is left-padded)
-    kv_len: int = 0                   # cache columns written so far
+    vector_slot: int = 0              # 0 = unsteered; kept while preempted, so recompute steers the same
+    block_table: list[int] = field(default_factory=list)   # KV blocks: token p lives in block_table[p // size]
+    num_computed_tokens: int = 0      # tokens of prompt + output whose K/V are in the cache
+    num_preemptions: int = 0          # times its blocks were taken back (it then recomputes from its tokens)
     steering_report: SteeringReport | None = None
-    scheduled_time: float | None = None   # admission into a prefill (queue time)
+    scheduled_time: float | None = None   # first admission into a batch (queue time)
     first_token_time: float | None = None
 
     @property
@@ -164,6 +166,18 @@ class Request:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt + output tokens so far."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + output, without copying the whole sequence."""
+        n = len(self.prompt_ids)
+        if end <= n:
+            return self.prompt_ids[start:end]
+        return self.prompt_ids[start:] + self.output_ids[max(start - n, 0): end - n]
 
     @property
     def finished(self) -> bool:

@@ -1,40 +1,81 @@
-"""Iteration-level (continuous) batching, in plain Python: no torch, testable without a model.
+"""Iteration-level (continuous) batching with chunked prefill, in plain Python: no torch, testable without a model.
 
-Each engine step asks `schedule()` for one batch: a *prefill* of newly admitted requests when any are
-waiting and fit, otherwise a *decode* step over every running request. New requests therefore join the
-running batch at the next step, and `finish()` removes a request at once. Admission is bounded by the
-number of running sequences, the padded prefill tokens per step, and a bounded waiting queue.
+Every engine step computes one packed batch of `Chunk`s under a token budget (`max_num_batched_tokens`):
+
+1. **Decodes first**: every running request with one token left to compute (oldest first). When one needs a
+   new KV block and none is free, the newest running request is *preempted*: its blocks are freed and it
+   goes back to the front of the waiting queue, to be recomputed later from its prompt and output so far
+   (it keeps its vector slot, so the recompute is steered exactly as the first pass was).
+2. **Prompt chunks** with what is left of the budget: running requests part-way through their prompt, then
+   waiting requests admitted first-come first-served while blocks (for their whole sequence so far), running
+   slots and budget allow. Short prompts (at most `long_prompt_tokens` left) go whole. *Long* prompts share
+   `long_prefill_chunk` tokens per step (oldest first), so they neither stall the decodes and short prompts
+   beside them nor wait for them to finish; in a step with no decodes the unused budget goes to the prompt
+   chunks (shortest remaining first), so a prompt alone gets the whole budget.
+
+A chunk whose last token is the last of its request's sequence `samples`: the runner returns logits for it
+and the engine appends a token. A request's `num_computed_tokens` advances when it is scheduled.
+The scheduler owns the block accounting (block_manager.py) but never touches tensors.
 """
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Literal
 
+from atv_core.engine.block_manager import BlockManager, blocks_for
 from atv_core.engine.request import Request, Status
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_running: int = 32             # KV rows / vector slots
-    max_prefill_tokens: int = 4096    # padded tokens (requests x longest prompt) in one prefill step
+    max_running: int = 32             # requests holding KV blocks (and vector slots)
+    max_num_batched_tokens: int = 512 # tokens computed in one step: decodes + prompt chunks
     max_waiting: int = 256            # beyond this, add() refuses (HTTP 429)
+    block_size: int = 16              # tokens per KV block
+    num_blocks: int = 4096            # KV blocks the memory budget holds
+    long_prompt_tokens: int = 256     # prompts with more tokens left than this are 'long' ...
+    long_prefill_chunk: int = 8       # ... and advance this many tokens per step in all beside decodes
 
     def __post_init__(self):
-        if self.max_running < 1 or self.max_prefill_tokens < 1 or self.max_waiting < 0:
+        positive = (self.max_running, self.max_num_batched_tokens, self.block_size, self.num_blocks,
+                    self.long_prompt_tokens, self.long_prefill_chunk)
+        if min(positive) < 1 or self.max_waiting < 0:
             raise ValueError(f"scheduler limits must be positive, got {self}")
+        if self.max_num_batched_tokens < self.max_running:
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least max_running "
+                             f"({self.max_running}) so that every running request decodes each step; raise it")
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Tokens [start, start + length) of one request's prompt + output, computed in this step."""
+    request: Request
+    start: int
+    length: int
+    samples: bool                     # reaches the end of the sequence: its logits give the next token
+    decode: bool                      # one token after a sampled one (not part of a prompt or a recompute)
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
 
 
 @dataclass(frozen=True)
 class Batch:
-    phase: Literal["prefill", "decode"]
-    requests: tuple[Request, ...]
+    chunks: tuple[Chunk, ...]
 
     @property
-    def padded_tokens(self) -> int:
-        if self.phase == "decode":
-            return len(self.requests)
-        return len(self.requests) * max(r.num_prompt_tokens for r in self.requests)
+    def requests(self) -> tuple[Request, ...]:
+        return tuple(c.request for c in self.chunks)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.length for c in self.chunks)
+
+    @property
+    def phase(self) -> str:
+        """'decode' when every chunk is a decode, else 'prefill' (the step computes prompt tokens)."""
+        return "decode" if all(c.decode for c in self.chunks) else "prefill"
 
 
 class QueueFull(Exception):
@@ -44,8 +85,10 @@ class QueueFull(Exception):
 class Scheduler:
     def __init__(self, config: SchedulerConfig):
         self.config = config
+        self.blocks = BlockManager(config.num_blocks, config.block_size)
         self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
+        self.running: list[Request] = []    # holding KV blocks, oldest admission first
+        self.num_preemptions = 0
 
     def add(self, request: Request) -> None:
         if len(self.waiting) >= self.config.max_waiting:
@@ -53,41 +96,115 @@ class Scheduler:
         request.status = Status.WAITING
         self.waiting.append(request)
 
+    def fits(self, num_tokens: int) -> bool:
+        """Whether a sequence of num_tokens tokens fits the whole KV cache (else it could never run)."""
+        return blocks_for(num_tokens, self.config.block_size) <= self.config.num_blocks
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    # ---- one step --------------------------------------------------------------------------------
     def schedule(self) -> Batch | None:
-        admitted = self._admit()
-        if admitted:
-            return Batch("prefill", tuple(admitted))
-        if self.running:
-            return Batch("decode", tuple(self.running))
-        return None
+        decodes = self._schedule_decodes()
+        budget = self.config.max_num_batched_tokens - len(decodes)
+        prefills = self._schedule_prefills(budget, has_decodes=bool(decodes))
+        chunks = decodes + prefills
+        for chunk in chunks:
+            chunk.request.num_computed_tokens = chunk.end
+        return Batch(tuple(chunks)) if chunks else None
 
-    def _admit(self) -> list[Request]:
-        admitted: list[Request] = []
-        longest = 0
-        while self.waiting and len(self.running) + len(admitted) < self.config.max_running:
-            candidate = self.waiting[0]
-            longest_if = max(longest, candidate.num_prompt_tokens)
-            if admitted and longest_if * (len(admitted) + 1) > self.config.max_prefill_tokens:
-                break  # the first request is always admitted, whatever its length
-            admitted.append(self.waiting.popleft())
-            longest = longest_if
-        for request in admitted:
-            request.status = Status.RUNNING
-            self.running.append(request)
-        return admitted
+    def _schedule_decodes(self) -> list[Chunk]:
+        chunks: list[Chunk] = []
+        for request in list(self.running):
+            if request.status is not Status.RUNNING or _remaining(request) != 1:
+                continue  # preempted by an older request this step, or still in its prompt
+            if self._make_room(request):
+                decode = bool(request.output_ids) and request.num_computed_tokens >= request.num_prompt_tokens
+                chunks.append(Chunk(request, request.num_computed_tokens, 1, True, decode))
+        return chunks
+
+    def _make_room(self, request: Request) -> bool:
+        """A block for the request's next token, preempting the newest running requests if none is free.
+        False when the request itself was the newest and is now preempted."""
+        if request.num_computed_tokens < len(request.block_table) * self.config.block_size:
+            return True
+        while not self.blocks.can_allocate(1):
+            victim = self.running[-1]
+            self.preempt(victim)
+            if victim is request:
+                return False
+        request.block_table += self.blocks.allocate(1)
+        return True
+
+    def _schedule_prefills(self, budget: int, has_decodes: bool) -> list[Chunk]:
+        share = _Share(budget, self.config.long_prefill_chunk, self.config.long_prompt_tokens)
+        planned = [[r, share.take(r)] for r in self.running if _remaining(r) > 1]   # part-way prompts
+        while share.tokens and self.waiting and len(self.running) < self.config.max_running:
+            request = self.waiting[0]
+            needed = blocks_for(request.num_tokens, self.config.block_size)
+            if not self.blocks.can_allocate(needed):
+                break  # first come, first served: nobody overtakes the request at the front
+            self._admit(self.waiting.popleft(), needed)
+            planned.append([request, share.take(request)])
+        if not has_decodes:  # nobody's inter-token latency to protect: fill the budget
+            for item in sorted(planned, key=lambda p: _remaining(p[0]) - p[1]):
+                extra = min(_remaining(item[0]) - item[1], share.tokens)
+                item[1] += extra
+                share.tokens -= extra
+        return [Chunk(r, r.num_computed_tokens, n, n == _remaining(r), False) for r, n in planned if n]
+
+    def _admit(self, request: Request, num_blocks: int) -> None:
+        request.block_table = self.blocks.allocate(num_blocks)
+        request.status = Status.RUNNING
+        self.running.append(request)
+
+    # ---- leaving -----------------------------------------------------------------------------------
+    def preempt(self, request: Request) -> None:
+        """Take back a running request's blocks; it waits at the front and recomputes its tokens later."""
+        self._free_blocks(request)
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        request.status = Status.WAITING
+        self.running.remove(request)
+        self.waiting.appendleft(request)
+        self.num_preemptions += 1
 
     def finish(self, request: Request) -> None:
-        """Remove a finished request from whichever queue holds it."""
+        """Remove a finished request from whichever queue holds it and free its blocks."""
         if request in self.running:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
+        self._free_blocks(request)
+
+    def _free_blocks(self, request: Request) -> None:
+        self.blocks.free(request.block_table)
+        request.block_table = []
 
     def find(self, request_id: str) -> Request | None:
         for request in (*self.running, *self.waiting):
             if request.request_id == request_id:
                 return request
         return None
+
+
+@dataclass
+class _Share:
+    """What is left of one step's token budget, and of its part for long prompts."""
+    tokens: int
+    long: int
+    long_prompt_tokens: int
+
+    def take(self, request: Request) -> int:
+        """Tokens of the request's prompt this step: all of a short one; long ones share `long`."""
+        remaining = _remaining(request)
+        is_long = remaining > self.long_prompt_tokens
+        n = min(remaining, self.long if is_long else remaining, self.tokens)
+        self.tokens -= n
+        self.long -= n if is_long else 0
+        return n
+
+
+def _remaining(request: Request) -> int:
+    """Tokens of the request's sequence whose K/V are not computed yet."""
+    return request.num_tokens - request.num_computed_tokens

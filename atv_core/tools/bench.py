@@ -1,14 +1,16 @@
 """`atv bench engine`: the engine driven directly, side by side with the ways people serve today.
 
-Measured in one run on one machine, same prompts and token counts (greedy, EOS ignored, so every request
-produces exactly --new-tokens tokens):
+`--scenario uniform` (default). Measured in one run on one machine, same prompts and token counts
+(greedy, EOS ignored, so every request produces exactly --new-tokens tokens):
 - atv:              our engine, a distinct generator vector per request
 - off:              our engine, steering off
 - naive_generate:   sequential batch-1 `model.generate` with per-layer hooks adding the vector at every
                     position (the research code's way of serving)
 - hf_generate_batch: transformers' own continuous batching (`generate_batch`), unsteered
-plus a staggered-arrival variant of atv/off (requests arrive --stagger-ms apart).
-`atv bench serve` (HTTP under load) lives in bench_serve.py.
+plus a staggered-arrival variant of atv/off (requests arrive --stagger-ms apart). Each variant's rounds
+are kept (`tok_per_s_rounds`); `tok_per_s` is the best round.
+`--scenario mixed`: short requests with and without one long prompt, each run in its own process
+(bench_mixed.py). `atv bench serve` (HTTP under load) lives in bench_serve.py.
 """
 from __future__ import annotations
 
@@ -114,9 +116,18 @@ def hf_generate_batch(model, tokenizer, prompts: list[str], new_tokens: int) -> 
     return {"tok_per_s": tokens / elapsed, "seconds": elapsed, "tokens": tokens}
 
 
+def engine_kwargs(args, max_running: int) -> dict:
+    """EngineConfig fields from the command line (unset ones keep the engine's defaults)."""
+    kwargs = {"max_running": max_running, "max_num_batched_tokens": args.max_num_batched_tokens,
+              "long_prompt_tokens": args.long_prompt_tokens, "long_prefill_chunk": args.long_prefill_chunk,
+              "kv_cache_bytes": int(args.kv_cache_gib * 2**30) if args.kv_cache_gib else None}
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
 def bench_engine(args) -> dict:
     engine = build_engine(args.model, args.generator, device=args.device, dtype=args.dtype,
-                          config=EngineConfig(max_running=max(args.requests, 1)))
+                          config=EngineConfig(**engine_kwargs(args, max(args.requests, 1))))
+    args.new_tokens = args.new_tokens or 64
     model, tokenizer, generator = engine.model, engine.tokenizer, engine.generator
     prompts = workload_prompts(args.requests)
     prompt_lens = [len(tokenizer(p)["input_ids"]) for p in prompts]
@@ -125,10 +136,12 @@ def bench_engine(args) -> dict:
     stagger = args.stagger_ms / 1000
     runs = {"atv": ("atv", 0.0), "off": ("off", 0.0), "atv_staggered": ("atv", stagger),
             "off_staggered": ("off", stagger)}
+    rounds: dict[str, list[float]] = {name: [] for name in runs}
     for repeat in range(args.repeats):  # alternate the variants; keep each one's best run (least disturbed)
         for name, (mode, gap) in runs.items():
             log.info("engine %s (repeat %d/%d)", name, repeat + 1, args.repeats)
             result = run_engine(engine, prompts, mode, args.new_tokens, gap)
+            rounds[name].append(result["tok_per_s"])
             if name not in results or result["tok_per_s"] > results[name]["tok_per_s"]:
                 results[name] = result
     with torch.no_grad():
@@ -158,7 +171,9 @@ def bench_engine(args) -> dict:
                      "prompt_tokens_max": max(prompt_lens), "prompt_tokens_mean": sum(prompt_lens) / len(prompt_lens),
                      "naive_requests": n_naive, "stagger_ms": args.stagger_ms, "repeats": args.repeats, "dtype": str(model.dtype),
                      "device": str(model.device), "sampling": "greedy, EOS ignored"},
+        "engine_config": engine_kwargs(args, max(args.requests, 1)),
         "tok_per_s": {k: tps[k] for k in ("atv", "off", "naive_generate", "hf_generate_batch")},
+        "tok_per_s_rounds": rounds,
         "staggered_tok_per_s": {"atv": tps["atv_staggered"], "off": tps["off_staggered"]},
         "ttft_p50_s": {k: results[k]["ttft_p50_s"] for k in ("atv", "off", "atv_staggered", "off_staggered")},
         "ratios": ratios,
@@ -181,12 +196,20 @@ def print_report(report: dict) -> None:
 
 def cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="atv bench engine", description=__doc__.split("\n")[0])
+    parser.add_argument("--scenario", choices=("uniform", "mixed"), default="uniform")
     parser.add_argument("--model", default=EMBEDDED_TARGET)
     parser.add_argument("--generator", default=str(DEFAULT_GENERATOR_DIR))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--requests", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=32, help="uniform: concurrent requests")
+    parser.add_argument("--new-tokens", type=int, help="tokens per request (default 64 uniform, 48 mixed)")
+    parser.add_argument("--mode", choices=("atv", "off"), default="atv", help="mixed: steering of every request")
+    parser.add_argument("--short-requests", type=int, default=31, help="mixed: short requests")
+    parser.add_argument("--long-tokens", type=int, default=7000, help="mixed: prompt tokens of the long request")
+    parser.add_argument("--max-num-batched-tokens", type=int, help="engine: tokens per step")
+    parser.add_argument("--long-prompt-tokens", type=int, help="engine: prompts longer than this are chunked")
+    parser.add_argument("--long-prefill-chunk", type=int, help="engine: their tokens per step beside others")
+    parser.add_argument("--kv-cache-gib", type=float, help="engine: KV cache budget")
     parser.add_argument("--naive-requests", type=int, default=8,
                         help="requests for the sequential baseline (its tok/s does not depend on the count)")
     parser.add_argument("--stagger-ms", type=float, default=50.0)
@@ -194,8 +217,15 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    report = bench_engine(args)
-    print_report(report)
+    if args.scenario == "mixed":
+        from atv_core.tools.bench_mixed import print_mixed, run_mixed
+
+        report = {"machine": machine_info(), "scenario": "mixed", **run_mixed(args, engine_kwargs(
+            args, args.short_requests + 1))}
+        print_mixed(report)
+    else:
+        report = bench_engine(args)
+        print_report(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0

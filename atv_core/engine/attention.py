@@ -1,0 +1,228 @@
+"""Attention over each request's own tokens, for one packed engine step (prompt chunks and decodes together).
+
+The target runs once per step on a packed sequence [1, N] (N = tokens computed this step, all requests
+end to end). For every attention layer transformers calls `paged_attention` (registered in its
+AttentionInterface as "atv_paged") with that layer's query [1, H, N, D] and new key/value [1, H_kv, N, D]:
+
+  1. write:  K_pool[slot_mapping[t]] = k[t], V_pool[slot_mapping[t]] = v[t]      (kv_cache.py)
+  2. attend: per *bucket* of chunks, one gather of their queries [B_b, H, Q_b, D] and of their requests'
+             keys and values 0..k_len-1 from the pools [B_b, H_kv, K_b, D], then SDPA with the mask
+             key_pos <= query_pos (and query_pos - key_pos < window on sliding-window layers);
+  3. scatter the outputs back to [1, N, H, D].
+
+Chunks are bucketed by the power of two of their query length (decodes apart; up to 64 queries together)
+and of their key length (up to 256 keys together: padding that little costs less than another kernel call),
+and padded only to the longest member, so a decode over 40 keys is never padded to a 7k-token request,
+and a long prompt's chunk is its own bucket. A bucket that is one fresh prompt runs SDPA's causal kernel without
+a mask; one that is decodes of equal length runs without a mask. Padding never reads unwritten memory:
+padded keys repeat their request's first slot and padded queries repeat the chunk's last query; both are
+masked or dropped.
+
+Everything that depends on the step (slots, bucket indices) is built once on the host by `plan_step`
+before the forward; the per-layer work is tensor code only. This module knows nothing of requests,
+scheduling or steering.
+"""
+from __future__ import annotations
+
+import contextvars
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch.nn import functional as F
+from transformers import AttentionInterface
+
+from atv_core.engine.kv_cache import KVLayout, LayerKV, PagedKVCache
+
+PAGED = "atv_paged"
+PROBE = "atv_probe"
+_PLAN: contextvars.ContextVar["StepPlan | None"] = contextvars.ContextVar("atv_step_plan", default=None)
+_PROBED: contextvars.ContextVar["dict | None"] = contextvars.ContextVar("atv_probe", default=None)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One request's queries this step: positions [start, start + length) of its sequence."""
+    start: int                        # tokens already in the cache before this step
+    length: int
+    block_table: Sequence[int]
+
+    @property
+    def keys(self) -> int:
+        return self.start + self.length
+
+
+@dataclass
+class Bucket:
+    q_index: torch.Tensor             # [B_b, Q_b] index of each query in the step's N tokens
+    q_pos: torch.Tensor               # [B_b, Q_b] its position in its own sequence
+    kv_slot: torch.Tensor             # [B_b, K_b] pool slot of each key position
+    out_rows: torch.Tensor            # [n] rows of the flattened [B_b * Q_b] output that are real queries
+    out_index: torch.Tensor           # [n] their index in the step's N tokens
+    causal: bool                      # fresh prompts only, no padding: SDPA's causal kernel, no mask
+    unmasked: bool                    # single queries that see every key: no mask
+    masks: dict[int, torch.Tensor] = field(default_factory=dict)   # window (0: none) -> [B_b, 1, Q_b, K_b]
+
+    def mask(self, window: int) -> torch.Tensor | None:
+        keys = self.kv_slot.shape[1]
+        window = window if window and window < keys else 0   # a window wider than every key changes nothing
+        if not window and (self.causal or self.unmasked):
+            return None
+        if window not in self.masks:
+            key_pos = torch.arange(keys, device=self.q_pos.device)
+            distance = self.q_pos.unsqueeze(-1) - key_pos                               # [B_b, Q_b, K_b]
+            allowed = distance >= 0
+            if window:
+                allowed &= distance < window
+            self.masks[window] = allowed.unsqueeze(1)
+        return self.masks[window]
+
+    def attend(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, window: int,
+               scaling: float | None) -> torch.Tensor:
+        """q [N, H, D], pools [S, H_kv, D] -> outputs of this bucket's real queries [n, H, D]."""
+        query = _gather(q, self.q_index).transpose(1, 2)                                # [B_b, H, Q_b, D]
+        key = _gather(k_pool, self.kv_slot).transpose(1, 2)                             # [B_b, H_kv, K_b, D]
+        value = _gather(v_pool, self.kv_slot).transpose(1, 2)
+        mask = self.mask(window)
+        causal = mask is None and self.causal and query.shape[2] > 1
+        groups = query.shape[1] // key.shape[1]
+        if groups > 1 and query.device.type != "cpu" and mask is not None:
+            key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)  # masked GQA kernels
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=causal, scale=scaling,
+                                             enable_gqa=query.shape[1] != key.shape[1])
+        return out.transpose(1, 2).reshape(-1, *q.shape[1:]).index_select(0, self.out_rows)
+
+    def to(self, device: torch.device) -> "Bucket":
+        moved = {name: getattr(self, name).to(device) for name in ("q_index", "q_pos", "kv_slot", "out_rows",
+                                                                     "out_index")}
+        return Bucket(**moved, causal=self.causal, unmasked=self.unmasked)
+
+
+def _gather(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """rows [S, H, D], index [B, L] -> [B, L, H, D]; index_select copies whole rows at memcpy speed."""
+    return rows.index_select(0, index.flatten()).view(*index.shape, *rows.shape[1:])
+
+
+@dataclass
+class StepPlan:
+    cache: PagedKVCache
+    slot_mapping: torch.Tensor        # [N] pool slot each new token's K/V goes to
+    buckets: list[Bucket]
+    elsewhere: dict = field(default_factory=dict)   # device -> (slot_mapping, buckets) for layers on other devices
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, list[Bucket]]:
+        if device == self.slot_mapping.device:
+            return self.slot_mapping, self.buckets
+        if device not in self.elsewhere:
+            self.elsewhere[device] = (self.slot_mapping.to(device), [b.to(device) for b in self.buckets])
+        return self.elsewhere[device]
+
+
+def plan_step(segments: Sequence[Segment], cache: PagedKVCache, device: torch.device) -> StepPlan:
+    """Host-side preparation of one step: slot mapping and attention buckets, moved to `device` once."""
+    size = cache.block_size
+    slots = [_slots(seg.block_table, torch.arange(seg.start, seg.keys), size) for seg in segments]
+    groups: dict[tuple[int, int], list[tuple[int, Segment]]] = {}
+    first = 0
+    for seg in segments:
+        groups.setdefault(_bucket_key(seg), []).append((first, seg))
+        first += seg.length
+    buckets = [_bucket(members, size).to(device) for members in groups.values()]
+    return StepPlan(cache, torch.cat(slots).to(device), buckets)
+
+
+def _bucket_key(seg: Segment) -> tuple[int, int]:
+    """(query class, key class): decodes 0, then <= 64, <= 128, ... queries; <= 256, <= 512, ... keys."""
+    queries = 0 if seg.length == 1 else max(1, (seg.length - 1).bit_length() - 5)
+    return queries, max(0, (seg.keys - 1).bit_length() - 8)
+
+
+def _slots(block_table: Sequence[int], positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    table = torch.tensor(list(block_table), dtype=torch.long)
+    return table[positions // block_size] * block_size + positions % block_size
+
+
+def _bucket(members: list[tuple[int, Segment]], block_size: int) -> Bucket:
+    firsts = torch.tensor([f for f, _ in members])
+    starts = torch.tensor([s.start for _, s in members])
+    lengths = torch.tensor([s.length for _, s in members])
+    keys = starts + lengths
+    q_max, k_max = int(lengths.max()), int(keys.max())
+    j = torch.minimum(torch.arange(q_max).unsqueeze(0), lengths.unsqueeze(1) - 1)          # [B_b, Q_b]
+    key_pos = torch.arange(k_max).unsqueeze(0)
+    key_pos = torch.where(key_pos < keys.unsqueeze(1), key_pos, 0)                           # [B_b, K_b]
+    width = max(len(s.block_table) for _, s in members)
+    tables = torch.tensor([list(s.block_table) + [0] * (width - len(s.block_table)) for _, s in members])
+    kv_slot = tables.gather(1, key_pos // block_size) * block_size + key_pos % block_size
+    real = (torch.arange(q_max).unsqueeze(0) < lengths.unsqueeze(1)).flatten()
+    out_rows = real.nonzero().squeeze(1)
+    q_index = firsts.unsqueeze(1) + j
+    return Bucket(q_index, starts.unsqueeze(1) + j, kv_slot, out_rows, q_index.flatten()[out_rows],
+                  causal=bool((starts == 0).all() and (lengths == q_max).all()),
+                  unmasked=q_max == 1 and bool((keys == k_max).all()))
+
+
+# ---- the attention functions ------------------------------------------------------------------------
+def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """query [1, H, N, D], key/value [1, H_kv, N, D] -> ([1, N, H, D], None); writes K/V into the pools."""
+    plan = _PLAN.get()
+    if plan is None:
+        raise RuntimeError("atv_paged attention used outside a ModelRunner step")
+    if kwargs.get("softcap"):
+        raise ValueError("attention logit soft-capping is not supported by the ATV engine")
+    slot_mapping, buckets = plan.on(query.device)
+    k_pool, v_pool = plan.cache.pools(module.layer_idx)
+    k_pool.index_copy_(0, slot_mapping, key[0].transpose(0, 1))
+    v_pool.index_copy_(0, slot_mapping, value[0].transpose(0, 1))
+    q = query[0].transpose(0, 1)                                                        # [N, H, D]
+    out = q.new_empty(q.shape)
+    window = getattr(module, "sliding_window", None) or 0
+    for bucket in buckets:
+        out.index_copy_(0, bucket.out_index, bucket.attend(q, k_pool, v_pool, window, scaling))
+    return out.unsqueeze(0), None
+
+
+def probe_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Records each layer's K/V shape during a one-token forward (see probe_layout)."""
+    _PROBED.get()[module.layer_idx] = LayerKV(key.shape[1], key.shape[3], key.dtype, key.device)
+    out = F.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Make both functions known to transformers (idempotent)."""
+    AttentionInterface.register(PAGED, paged_attention)
+    AttentionInterface.register(PROBE, probe_attention)
+
+
+@contextmanager
+def _attention(model: torch.nn.Module, name: str, var: contextvars.ContextVar, value):
+    token = var.set(value)
+    previous = model.config._attn_implementation
+    model.config._attn_implementation = name
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = previous
+        var.reset(token)
+
+
+def paged_step(model: torch.nn.Module, plan: StepPlan):
+    """Within the block, the model's attention layers run paged_attention over `plan`."""
+    return _attention(model, PAGED, _PLAN, plan)
+
+
+@torch.no_grad()
+def probe_layout(model: torch.nn.Module) -> KVLayout:
+    """Each attention layer's K/V heads, head size, dtype and device, read from one one-token forward."""
+    seen: dict[int, LayerKV] = {}
+    device = model.get_input_embeddings().weight.device
+    token = getattr(model.config, "bos_token_id", None)
+    token = token if isinstance(token, int) else 0        # not the pad token, which makes transformers warn
+    with _attention(model, PROBE, _PROBED, seen):
+        model(input_ids=torch.full((1, 1), token, dtype=torch.long, device=device), use_cache=False)
+    if not seen:
+        raise ValueError(f"{type(model).__name__} ran no attention through transformers' attention interface; "
+                         "the ATV engine cannot page its KV cache")
+    return KVLayout(dict(sorted(seen.items())))

@@ -1,0 +1,96 @@
+"""Paged KV storage: for every attention layer one K pool and one V pool of token slots, grown lazily.
+
+    pool[layer]: K, V  [capacity * block_size, H_kv, D]     slot = block * block_size + offset
+
+Block ids come from the scheduler's BlockManager (block_manager.py, lowest id first); the pools only hold
+the tensors. They start empty and grow (doubling, one layer at a time, so a growth step copies at most one
+layer's pool at once) to cover the highest block in use, never beyond `max_blocks`, the number the memory
+budget allows. Slots are never zeroed: the attention (attention.py) reads only slots its step has written.
+Each layer's pool lives on the device of that layer's keys (layers may be spread over devices).
+
+`KVLayout` says how many bytes a token costs; it is read from the model itself by one probe forward
+(attention.py), so every architecture's head count and head size are right without per-model code.
+This module knows nothing of requests or attention.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+CPU_BUDGET_CAP = 2 << 30              # default CPU budget: at most 2 GiB ...
+CPU_BUDGET_SHARE = 0.25               # ... and at most this share of the memory available at start
+
+
+@dataclass(frozen=True)
+class LayerKV:
+    heads: int                        # key/value heads
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    layers: dict[int, LayerKV]        # attention layer index -> its K/V shape
+
+    @property
+    def bytes_per_token(self) -> int:
+        return sum(2 * l.heads * l.head_dim * l.dtype.itemsize for l in self.layers.values())
+
+
+def default_budget(device: torch.device, cuda_fraction: float) -> int:
+    """Bytes for the KV cache when none is set: on CUDA a fraction of the free memory now, elsewhere
+    min(2 GiB, a quarter of the memory available now)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free * cuda_fraction)
+    return min(CPU_BUDGET_CAP, int(_available_ram() * CPU_BUDGET_SHARE))
+
+
+def _available_ram() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("cannot read MemAvailable from /proc/meminfo: set the KV cache budget explicitly")
+
+
+@dataclass
+class PagedKVCache:
+    layout: KVLayout
+    block_size: int
+    max_blocks: int
+    capacity: int = 0                 # blocks allocated in every pool
+    k: dict[int, torch.Tensor] = field(default_factory=dict)   # layer -> [capacity * block_size, H_kv, D]
+    v: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def allocated_bytes(self) -> int:
+        return self.capacity * self.block_size * self.layout.bytes_per_token
+
+    def reserve(self, num_blocks: int) -> None:
+        """Make every pool hold at least num_blocks blocks (grown by doubling, at most max_blocks)."""
+        if num_blocks <= self.capacity:
+            return
+        if num_blocks > self.max_blocks:
+            raise RuntimeError(f"{num_blocks} KV blocks needed but the budget holds {self.max_blocks}")
+        new = max(self.capacity, 16)
+        while new < num_blocks:
+            new *= 2
+        new = min(new, self.max_blocks)
+        for index, spec in self.layout.layers.items():
+            self.k[index] = self._grown(self.k.get(index), spec, new)
+            self.v[index] = self._grown(self.v.get(index), spec, new)
+        self.capacity = new
+        if any(spec.device.type == "cuda" for spec in self.layout.layers.values()):
+            torch.cuda.empty_cache()          # hand the outgrown pools back instead of caching them
+
+    def _grown(self, old: torch.Tensor | None, spec: LayerKV, blocks: int) -> torch.Tensor:
+        pool = torch.empty(blocks * self.block_size, spec.heads, spec.head_dim, dtype=spec.dtype, device=spec.device)
+        if old is not None:
+            pool[: old.shape[0]] = old
+        return pool
+
+    def pools(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[layer], self.v[layer]

@@ -1,0 +1,180 @@
+"""The paged engine on tiny random models: logits parity with a plain forward through prefill, chunked prefill
+and decode on every layout; exact recompute after preemption under both position policies; refusal of a
+request the KV budget cannot hold; attention buckets; no leaks after 1,000 random requests."""
+import random
+
+import pytest
+import torch
+
+from atv_core.engine.attention import Segment, plan_step
+from atv_core.engine.llm_engine import EngineConfig, LLMEngine, PromptTooLong
+from atv_core.engine.request import Request, SamplingParams, SteeringSpec
+from atv_core.engine.scheduler import Chunk
+from atv_core.steering.checkpoint import load_generator
+from tests.conftest import ARCHS
+from tests.tiny import drain, make_model, make_tiny_generator_dir, make_tokenizer, record_logits
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+# a small step budget so that prompts are chunked and chunks share steps with decodes
+CHUNKY = dict(max_running=4, max_num_batched_tokens=16, block_size=4, long_prompt_tokens=6, long_prefill_chunk=5)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny shapes gain nothing from threads, and on a shared machine a thread pool waiting for a busy core
+    makes each attention call ~50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _ids(n, seed):
+    return random.Random(seed).choices(range(10, 200), k=n)
+
+
+def _budget(model, blocks, block_size=4):
+    """kv_cache_bytes holding exactly `blocks` blocks of this model's KV."""
+    engine = LLMEngine(model, make_tokenizer(), None, EngineConfig(max_running=1))
+    return blocks * block_size * engine.runner.layout.bytes_per_token
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_match_a_plain_forward_through_chunked_prefill_and_decode(arch):
+    model = make_model(arch)
+    engine = LLMEngine(model, make_tokenizer(), None, EngineConfig(**CHUNKY))
+    seen = record_logits(engine)
+    reqs = [Request("short", _ids(3, 0), GREEDY, SteeringSpec("off")),
+            Request("long", _ids(40, 1), GREEDY, SteeringSpec("off")),     # > gemma3's sliding window of 16
+            Request("mid", _ids(9, 2), GREEDY, SteeringSpec("off"))]
+    engine.add_request(reqs[0])
+    engine.step()
+    engine.step()
+    for r in reqs[1:]:
+        engine.add_request(r)
+    drain(engine)
+    for r in reqs:
+        sequence = torch.tensor([r.prompt_ids + r.output_ids[:-1]])
+        with torch.no_grad():
+            reference = model(sequence).logits[0]                                # [T, V]
+        got = torch.stack(seen[r.request_id])
+        want = reference[r.num_prompt_tokens - 1:]
+        # fp32, other summation order (packed steps, chunked keys): last-bit differences only
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5, msg=f"{arch} {r.request_id}")
+    assert engine.scheduler.blocks.num_used == 0
+
+
+def test_the_long_prompt_was_really_chunked_beside_decodes():
+    model = make_model("llama")
+    engine = LLMEngine(model, make_tokenizer(), None, EngineConfig(**CHUNKY))
+    short, long = Request("s", _ids(3, 0), GREEDY, SteeringSpec("off")), Request("l", _ids(40, 1), GREEDY,
+                                                                                  SteeringSpec("off"))
+    engine.add_request(short)
+    engine.step()
+    engine.add_request(long)
+    batch = engine.scheduler.schedule()
+    assert [(c.request.request_id, c.start, c.length) for c in batch.chunks] == [("s", 3, 1), ("l", 0, 5)]
+
+
+@pytest.fixture(scope="module", params=["all", "last"])
+def steered(request, tmp_path_factory):
+    model = make_model("llama")
+    path = make_tiny_generator_dir(tmp_path_factory.mktemp(request.param) / "gen", position=request.param)
+    return model, make_tokenizer(), load_generator(path, target=model)
+
+
+def _steered_requests(tok):
+    texts = ["the oldest request here", "a second one", "and the newest, preempted"]
+    return [Request(f"p{i}", tok(t)["input_ids"], SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True),
+                    SteeringSpec("atv"), t) for i, t in enumerate(texts)]
+
+
+def test_a_preempted_request_outputs_what_it_outputs_alone(steered):
+    model, tok, gen = steered
+    solo = {}
+    for r in _steered_requests(tok):
+        engine = LLMEngine(model, tok, gen, EngineConfig(max_running=4, block_size=4))
+        logits = record_logits(engine)
+        engine.add_request(r)
+        drain(engine)
+        solo[r.request_id] = (r.output_ids, logits[r.request_id])
+    assert solo["p0"][0] != solo["p1"][0]
+    # 20 blocks of 4 tokens: the three prompts (23 + 12 + 25 bytes) fit, but not their growth by 10 tokens each
+    engine = LLMEngine(model, tok, gen, EngineConfig(max_running=4, block_size=4, kv_cache_bytes=_budget(model, 20)))
+    logits = record_logits(engine)
+    reqs = _steered_requests(tok)
+    for r in reqs:
+        engine.add_request(r)
+    drain(engine)
+    assert engine.scheduler.num_preemptions > 0 and reqs[-1].num_preemptions > 0
+    for r in reqs:
+        assert r.output_ids == solo[r.request_id][0], r.request_id
+        for got, want in zip(logits[r.request_id], solo[r.request_id][1]):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    assert engine.scheduler.blocks.num_used == 0 and engine.runner.slots_used == 0
+
+
+def test_recompute_steers_the_positions_the_first_pass_steered(steered):
+    model, tok, gen = steered
+    engine = LLMEngine(model, tok, gen, EngineConfig(max_running=2))
+    request = Request("r", [5, 6, 7, 8], GREEDY, SteeringSpec("off"), output_ids=[9, 10])
+    request.vector_slot = 3
+    slots = engine.runner._slots(Chunk(request, 0, 6, True, False)).tolist()
+    policy = gen.config.position
+    assert slots == ([3] * 6 if policy == "all" else [0, 0, 0, 3, 3, 3])
+    assert engine.runner._slots(Chunk(request, 5, 1, True, True)).tolist() == [3]
+
+
+def test_a_budget_too_small_for_one_request_refuses_it_at_admission():
+    model = make_model("llama")
+    engine = LLMEngine(model, make_tokenizer(), None,
+                       EngineConfig(max_running=1, block_size=4, kv_cache_bytes=_budget(model, 5)))
+    with pytest.raises(PromptTooLong, match="do not fit the KV cache budget of 20 tokens"):
+        engine.add_request(Request("big", _ids(15, 0), GREEDY, SteeringSpec("off")))
+    engine.add_request(ok := Request("ok", _ids(12, 0), GREEDY, SteeringSpec("off")))
+    drain(engine)
+    assert ok.finish_reason == "length" and engine.runner.cache.capacity == 5
+
+
+def test_decodes_are_not_padded_to_a_long_request():
+    model = make_model("llama")
+    engine = LLMEngine(model, make_tokenizer(), None, EngineConfig(max_running=4, block_size=4))
+    segments = [Segment(1000, 1, list(range(251))), Segment(5, 1, [300, 301]), Segment(99, 1, range(302, 327)),
+                Segment(0, 30, list(range(330, 338))), Segment(600, 20, range(340, 495))]
+    engine.runner.cache.reserve(500)
+    plan = plan_step(segments, engine.runner.cache, torch.device("cpu"))
+    shapes = sorted((tuple(b.q_index.shape), tuple(b.kv_slot.shape)) for b in plan.buckets)
+    assert shapes == [((1, 1), (1, 1001)), ((1, 20), (1, 620)), ((1, 30), (1, 30)), ((2, 1), (2, 100))]
+    assert plan.slot_mapping[:3].tolist() == [250 * 4, 301 * 4 + 1, 326 * 4 + 3]
+
+
+def test_no_leaks_after_1000_random_requests_with_aborts_and_preemptions():
+    model = make_model("llama")
+    engine = LLMEngine(model, make_tokenizer(), None, EngineConfig(max_running=16, max_waiting=2000, block_size=4,
+                                                                   kv_cache_bytes=_budget(model, 40)))
+    rng = random.Random(0)
+    reqs = []
+    for i in range(1000):
+        params = SamplingParams(max_tokens=rng.randint(1, 8), temperature=rng.choice([0.0, 1.0]), seed=i,
+                                ignore_eos=True)
+        steered = rng.random() < 0.5          # a precomputed vector: slots without the generator's cost
+        reqs.append(Request(f"r{i}", _ids(rng.randint(1, 40), i), params, SteeringSpec("atv" if steered else "off"),
+                            f"prompt {i}", vector=torch.randn(3, 32) if steered else None))
+        engine.add_request(reqs[-1])
+    aborted = set()
+    while engine.has_work():
+        engine.step()
+        if rng.random() < 0.2:
+            victim = rng.choice(reqs)
+            if engine.abort(victim.request_id) is not None:
+                aborted.add(victim.request_id)
+    assert engine.scheduler.num_preemptions > 10 and len(aborted) > 20
+    for r in reqs:
+        if r.request_id in aborted:
+            assert r.finish_reason == "abort"
+        else:
+            assert r.finish_reason == "length" and len(r.output_ids) == r.params.max_tokens, r.request_id
+    assert engine.scheduler.blocks.num_free == 40 and engine.scheduler.blocks.num_used == 0
+    assert not engine.scheduler.has_work() and engine.runner.rows == [] and not engine._generators
+    assert engine.runner.slots_used == 0 and torch.count_nonzero(engine.runner.table) == 0
+    assert all(not r.block_table and r.vector_slot == 0 for r in reqs)
