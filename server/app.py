@@ -3,18 +3,21 @@ side effects, nothing global: tests build their own), and `cli(argv)` is `atv se
 
 Routes: /v1/* (server/openai_api.py; behind the API key when one is set), and the open probes
 GET /health (liveness: 503 once the engine loop died), GET /ready (200 only when loaded, warmed and not
-draining), GET /metrics (Prometheus). A pure ASGI middleware counts /v1 responses by status and the
-in-flight requests that a SIGTERM drain waits for. Loading, warm-up and the drain live in
-server/lifecycle.py.
+draining), GET /metrics (Prometheus). Two pure ASGI middlewares: the outer counts /v1 responses by status
+and the in-flight requests that a SIGTERM drain waits for; the inner refuses a body over max_body_bytes
+before reading it (server/body_limit.py). Loading, warm-up and the drain live in server/lifecycle.py.
+Nothing here blocks the event loop: tokenizing, detokenizing and the engine run on the AsyncEngine's threads.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse, Response
 
+from .body_limit import BodyLimit
 from .errors import install_error_handlers
 from .metrics import Metrics
 from .openai_api import api_router
@@ -22,6 +25,11 @@ from .settings import Settings, parse_settings
 from .state import ServingState
 
 log = logging.getLogger("atv.server")
+
+# The engine thread runs long stretches of Python between torch kernels; the event loop needs the GIL often and
+# briefly. At CPython's default 5 ms switch interval every loop wake-up can wait up to 5 ms (a convoy that
+# slows reading request bodies and answering probes under load); 1 ms keeps the loop responsive.
+GIL_SWITCH_INTERVAL_S = 0.001
 
 
 def create_app(async_engine=None, settings: Settings | None = None, metrics: Metrics | None = None) -> FastAPI:
@@ -33,7 +41,8 @@ def create_app(async_engine=None, settings: Settings | None = None, metrics: Met
                   "Adaptive Task Vector steering (extension field `atv`)")
     app.state.atv = state
     install_error_handlers(app)
-    app.add_middleware(APIAccounting, state=state)
+    app.add_middleware(BodyLimit, state=state)
+    app.add_middleware(APIAccounting, state=state)  # added last: the outer one, so it counts the 413s too
     app.include_router(probe_router(state))
     app.include_router(api_router(state))
     if async_engine is not None:
@@ -105,6 +114,7 @@ def cli(argv: list[str] | None = None) -> int:
 
     settings = parse_settings(argv)
     configure_logging(settings.log_level)
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     app = create_app(None, settings, Metrics())
     config = uvicorn_config(app, settings)
     server = DrainingServer(config, app.state.atv, settings.drain_timeout)

@@ -2,7 +2,8 @@
 
 `APIError` is what the routes raise; `from_engine_error` maps the engine's exceptions (bad input 400,
 prompt too long 413, queue full 429 with Retry-After, engine dead 503); `install_error_handlers` makes
-validation errors 400 and every other failure an OpenAI-shaped body. No status decisions live elsewhere.
+validation errors 400 and every other failure an OpenAI-shaped body. (A body over the size limit is
+refused before the app by server/body_limit.py.)
 """
 from __future__ import annotations
 
@@ -13,8 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from atv_core.engine.llm_engine import EngineDead, PromptTooLong
-from atv_core.engine.scheduler import QueueFull
+from atv_core.engine.async_engine import EngineDead, PromptTooLong, QueueFull
 
 log = logging.getLogger("atv.server")
 
@@ -44,7 +44,7 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
 
 
 def from_engine_error(exc: BaseException) -> APIError:
-    """Map an exception raised by AsyncEngine.generate at admission to its HTTP error."""
+    """Map an exception raised by AsyncEngine.submit / encode to its HTTP error."""
     if isinstance(exc, PromptTooLong):
         return APIError(413, str(exc), "prompt", "context_length_exceeded")
     if isinstance(exc, ValueError):

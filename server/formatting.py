@@ -8,14 +8,18 @@
     usage_chunk(job)    the final `choices: []` chunk of `stream_options.include_usage`
     response(job)       the whole non-streaming body
 
-Every body and every finishing chunk carries an `atv` object saying what steering was applied.
+Every body and every finishing chunk carries an `atv` object saying what steering was applied. Token texts
+(logprobs) come decoded from the engine; no tokenizer is used here. `response(...)` builds a whole body: the
+routes run it, and its JSON encoding, off the event loop (large bodies take a while).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
 from atv_core.engine.request import RequestOutput, TokenLogprob
+from atv_core.engine.request import SteeringReport as EngineSteeringReport
 
 from .jobs import Choice, Job
 from .schemas import (AssistantMessage, ChatChoice, ChatCompletionResponse, ChatLogprobs, CompletionChoice,
@@ -28,10 +32,8 @@ def sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def steering_report(steering: dict | None) -> SteeringReport | None:
-    if not steering:
-        return None
-    return SteeringReport(**{k: v for k, v in steering.items() if k in SteeringReport.model_fields})
+def steering_report(report: EngineSteeringReport | None) -> SteeringReport | None:
+    return SteeringReport(**dataclasses.asdict(report)) if report is not None else None
 
 
 def usage(job: Job) -> Usage:
@@ -42,12 +44,9 @@ def usage(job: Job) -> Usage:
 class _Format:
     chunk_object = ""
 
-    def __init__(self, response_id: str, model: str, tokenizer):
-        self.id, self.model, self.tokenizer = response_id, model, tokenizer
+    def __init__(self, response_id: str, model: str):
+        self.id, self.model = response_id, model
         self.created = int(time.time())
-
-    def token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
 
     def envelope(self, obj: str, choices: list) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
@@ -65,19 +64,20 @@ class _Format:
 class CompletionFormat(_Format):
     chunk_object = "text_completion"
 
-    def __init__(self, response_id: str, model: str, tokenizer, echo: bool):
-        super().__init__(response_id, model, tokenizer)
+    def __init__(self, response_id: str, model: str, echo: bool):
+        super().__init__(response_id, model)
         self.echo = echo
         self._offsets: dict[int, int] = {}   # choice index -> text offset of its next token (streaming)
 
     def logprobs(self, entries: list[TokenLogprob], offset: int) -> CompletionLogprobs:
-        tokens = [self.token_text(e.token_id) for e in entries]
+        tokens = [e.text for e in entries]
         offsets = []
         for token in tokens:
             offsets.append(offset)
             offset += len(token)
         return CompletionLogprobs(tokens=tokens, token_logprobs=[e.logprob for e in entries], text_offset=offsets,
-                                  top_logprobs=[{self.token_text(t): lp for t, lp in e.top} for e in entries])
+                                  top_logprobs=[{text: lp for text, (_, lp) in zip(e.top_text, e.top)}
+                                                for e in entries])
 
     def opening(self, choice: Choice) -> dict | None:
         if not self.echo:
@@ -112,12 +112,12 @@ class ChatFormat(_Format):
     chunk_object = "chat.completion.chunk"
 
     def logprobs(self, entries: list[TokenLogprob]) -> ChatLogprobs:
-        def top(token_id: int, logprob: float) -> TopLogprob:
-            text = self.token_text(token_id)
+        def top(text: str, logprob: float) -> TopLogprob:
             return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
 
-        return ChatLogprobs(content=[TokenLogprobEntry(**top(e.token_id, e.logprob).model_dump(),
-                                                       top_logprobs=[top(t, lp) for t, lp in e.top])
+        return ChatLogprobs(content=[TokenLogprobEntry(**top(e.text, e.logprob).model_dump(),
+                                                       top_logprobs=[top(text, lp) for text, (_, lp) in
+                                                                     zip(e.top_text, e.top)])
                                      for e in entries])
 
     def opening(self, choice: Choice) -> dict:

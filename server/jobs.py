@@ -1,26 +1,30 @@
-"""One HTTP request in the engine: a `Job` runs its choices (one engine request each) and merges their outputs.
+"""One HTTP request in the engine: a `Job` submits its choices (one engine request each) and merges their outputs.
 
-    job.start(http_request)  submit every choice; APIError if the engine refuses one (nothing keeps running)
+    job.start(http_request)  submit every choice; APIError if the engine refuses one (close() then aborts the
+                             choices submitted before it)
     job.events()             (choice, RequestOutput) as the engine produces them, until every choice finished;
                              raises JobStopped when stop() cut it short
     job.stop(reason)         abort what still runs: "disconnect", "timeout", "shutdown", "failed"
-    job.close()              always, once: abort leftovers, count them, write the request's log line
+    job.close()              always, once: abort leftovers, write the request's log line
 
-Each choice is consumed by its own task (a pump) that forwards outputs to one queue. Cancelling a pump
-closes its `AsyncEngine.generate()` iterator, which aborts the request in the engine (its KV row and vector
-slot are freed within one step). A disconnect watcher and a timer call stop(). Per-request metrics (TTFT,
-inter-token latency, end to end, tokens, finish reasons) are recorded here as outputs arrive.
+Each choice is submitted to `AsyncEngine.submit` with one callback (`_on_output`, run on the event loop) that
+records the request's metrics (TTFT, inter-token latency, end to end, tokens, finish reasons) and queues the
+output for events(). The engine ends every request with one finished output (aborts included), so each
+finish is counted once, also when it arrives after the response ended. An abort frees the request's KV row
+and vector slot within one engine step. A disconnect watcher and a timer call stop().
 This module knows no response format (server/formatting.py) and no routes (server/openai_api.py).
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import json
 import logging
 import time
 from dataclasses import dataclass, field
 
-from atv_core.engine.request import RequestOutput, SamplingParams, SteeringSpec, TokenLogprob
+from atv_core.engine.request import RequestOutput, SamplingParams, SteeringReport, SteeringSpec, TokenLogprob
 
 from .errors import APIError, from_engine_error
 from .metrics import Metrics
@@ -38,25 +42,27 @@ class Choice:
     prompt_ids: list[int]
     prompt_text: str               # what the generator reads
     params: SamplingParams
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
+    text_parts: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     completion_tokens: int = 0
     finish_reason: str | None = None
     error: str | None = None
-    steering: dict | None = None
+    steering: SteeringReport | None = None
     first_token_at: float | None = None
     last_token_at: float | None = None
-    refusal: Exception | None = None   # raised by the engine at admission
     queue_time_s: float | None = None  # arrival in the engine -> admission into a prefill
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def text(self) -> str:
+        return "".join(self.text_parts)
+
     def absorb(self, out: RequestOutput) -> None:
-        self.text += out.text_delta
-        self.token_ids += out.token_ids
+        if out.text_delta:
+            self.text_parts.append(out.text_delta)
         self.logprobs += out.logprobs or []
         self.completion_tokens = out.completion_tokens
         self.steering = out.steering or self.steering
@@ -82,8 +88,8 @@ class Job:
         self.admitted = False
         self.stopped: str | None = None
         self.closed = False
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._pumps: list[asyncio.Task] = []
+        self._outputs: asyncio.Queue = asyncio.Queue()   # (choice, RequestOutput), or (None, stop reason)
+        self._submitted: list[Choice] = []
         self._watcher: asyncio.Task | None = None
         self._timer: asyncio.TimerHandle | None = None
 
@@ -91,17 +97,21 @@ class Job:
     def done(self) -> bool:
         return all(c.finished for c in self.choices)
 
+    def request_id(self, choice: Choice) -> str:
+        return f"{self.id}-{choice.index}"
+
     # ---- start ----------------------------------------------------------------------------------
-    async def start(self, http_request=None) -> None:
-        """Submit every choice. Raises APIError (nothing left running once close() is called) on refusal."""
+    def start(self, http_request=None) -> None:
+        """Submit every choice. Raises APIError when the engine refuses one (then call close())."""
         self.registry.add(self)
-        self._pumps = [asyncio.create_task(self._pump(c)) for c in self.choices]
-        # generate() validates and queues the request before its first wait, so after one yield each pump
-        # has either been refused (QueueFull, PromptTooLong, ...) or is waiting for its first output
-        await asyncio.sleep(0)
-        refused = next((c.refusal for c in self.choices if c.refusal is not None), None)
-        if refused is not None:
-            raise from_engine_error(refused)
+        for choice in self.choices:
+            try:
+                self.engine.submit(choice.prompt_ids, choice.params, self.steering,
+                                   functools.partial(self._on_output, choice), prompt_text=choice.prompt_text,
+                                   request_id=self.request_id(choice))
+            except Exception as exc:  # QueueFull, PromptTooLong, ValueError, EngineDead: its HTTP status
+                raise from_engine_error(exc) from exc
+            self._submitted.append(choice)
         self.admitted = True
         for choice in self.choices:
             self.metrics.prompt_tokens.inc(len(choice.prompt_ids))
@@ -111,32 +121,27 @@ class Job:
         if http_request is not None:
             self._watcher = asyncio.create_task(self._watch(http_request))
 
-    async def _pump(self, choice: Choice) -> None:
-        outputs = self.engine.generate(choice.prompt_ids, choice.params, self.steering,
-                                       prompt_text=choice.prompt_text, request_id=f"{self.id}-{choice.index}")
-        try:
-            async for out in outputs:
-                self._queue.put_nowait((choice, out))
-        except Exception as exc:  # generate() raises only at admission; outputs carry later failures
-            choice.refusal = exc
-            self._queue.put_nowait((choice, exc))
-
     async def _watch(self, http_request) -> None:
         while not await http_request.is_disconnected():
             await asyncio.sleep(DISCONNECT_POLL_S)
         self.stop("disconnect")
 
     # ---- outputs --------------------------------------------------------------------------------
+    def _on_output(self, choice: Choice, out: RequestOutput) -> None:
+        """The engine's callback for `choice` (on the event loop)."""
+        if not self.admitted:  # a refused job: the choices submitted before the refusal, being aborted
+            return
+        self._record(choice, out)
+        if not self.closed:
+            self._outputs.put_nowait((choice, out))
+
     async def events(self):
-        """(choice, output) pairs until every choice finished. Raises JobStopped, or APIError on refusal."""
-        left = sum(not c.finished for c in self.choices)
+        """(choice, output) pairs until every choice finished. Raises JobStopped."""
+        left = len(self.choices)
         while left:
-            choice, item = await self._queue.get()
+            choice, item = await self._outputs.get()
             if choice is None:
                 raise JobStopped(item)
-            if isinstance(item, Exception):
-                raise from_engine_error(item)
-            self._record(choice, item)
             left -= item.finished
             yield choice, item
 
@@ -160,9 +165,8 @@ class Job:
         m.e2e_latency.observe(now - self.arrival)
         if choice.queue_time_s is not None:
             m.queue_time.observe(choice.queue_time_s)
-        generator_s = (choice.steering or {}).get("generator_s")
-        if generator_s:
-            m.vector_generation.observe(generator_s)
+        if choice.steering is not None and choice.steering.generator_s:
+            m.vector_generation.observe(choice.steering.generator_s)
 
     # ---- ending ---------------------------------------------------------------------------------
     def stop(self, reason: str) -> None:
@@ -172,9 +176,13 @@ class Job:
         self.stopped = reason
         if reason == "disconnect":
             self.metrics.client_disconnects.inc()
-        for pump in self._pumps:
-            pump.cancel()
-        self._queue.put_nowait((None, reason))
+        self._abort_unfinished()
+        self._outputs.put_nowait((None, reason))
+
+    def _abort_unfinished(self) -> None:
+        for choice in self._submitted:
+            if not choice.finished:
+                self.engine.abort(self.request_id(choice))
 
     def close(self) -> None:
         """Always called once the response is over (or abandoned)."""
@@ -183,22 +191,19 @@ class Job:
         if self.admitted and not self.done and not self.stopped:
             self.stop("disconnect")  # the consumer went away without saying why: a closed stream
         self.closed = True
-        for task in (*self._pumps, self._watcher):
-            if task is not None:
-                task.cancel()
+        if not self.admitted:
+            self._abort_unfinished()
+        if self._watcher is not None:
+            self._watcher.cancel()
         if self._timer is not None:
             self._timer.cancel()
-        now = time.monotonic()
-        for choice in self.choices:
-            if self.admitted and not choice.finished:
-                self._record_finish(choice, "abort", now)
         self.registry.discard(self)
-        log.info("request %s", json.dumps(self.summary(now)))
+        log.info("request %s", json.dumps(self.summary(time.monotonic())))
 
     def summary(self, now: float) -> dict:
         """The request's log line: ids, token counts, latencies, steering (prompt text only if asked)."""
         first = [c.first_token_at for c in self.choices if c.first_token_at is not None]
-        steering = self.choices[0].steering or {"mode": self.steering.mode, "scale": self.steering.scale}
+        steering = dataclasses.asdict(self.choices[0].steering or SteeringReport(self.steering.mode, self.steering.scale))
         return {
             "id": self.id,
             "outcome": self.stopped or ("refused" if not self.admitted else "finished"),

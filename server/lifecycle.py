@@ -48,9 +48,8 @@ async def warm_up(async_engine) -> None:
     """One short request through every path a request takes (the generator too, when present)."""
     from atv_core.engine.request import SamplingParams, SteeringSpec
 
-    engine = async_engine.engine
-    ids = engine.tokenizer(WARMUP_PROMPT).input_ids or [next(iter(engine.eos_ids), 0)]
-    mode = "atv" if engine.has_generator else "off"
+    ids = await async_engine.encode(WARMUP_PROMPT)
+    mode = "atv" if async_engine.has_generator else "off"
     start = time.perf_counter()
     async for out in async_engine.generate(ids, SamplingParams(max_tokens=2, temperature=0.0),
                                            SteeringSpec(mode), prompt_text=WARMUP_PROMPT, request_id="warmup"):
@@ -160,7 +159,7 @@ async def serve(server: DrainingServer, settings: Settings) -> int:
     server.state.attach(engine)
     log.info("ready: serving %s at http://%s:%d (max_running %d, max_waiting %d, max_model_len %d)",
              settings.model_id, settings.host, settings.port, settings.max_running, settings.max_waiting,
-             engine.engine.max_model_len)
+             engine.limits.max_model_len)
     await listening
     engine.shutdown()
     return 0 if server.started else 1

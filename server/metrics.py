@@ -1,10 +1,10 @@
 """Prometheus metrics of one server: a `Metrics` object owns its own `CollectorRegistry` (no module globals).
 
 Names are fixed (the deploy dashboards, alerts and autoscaler query them); buckets follow vLLM's.
-Engine-side series come from two places: the engine's step listener (step time, batch size; called on
-the engine thread, so it only observes) and gauges read at scrape time from the AsyncEngine (running,
-waiting, vector slots, engine up), so they are never stale after an abort between steps. Per-request
-series are recorded by server/jobs.py.
+Engine-side series come from two places: a step listener on the AsyncEngine (step time, batch size; called
+on the engine thread, so it only observes) and gauges read at scrape time from `AsyncEngine.stats()`, the
+snapshot the engine thread takes after every step or idle wait (running, waiting, vector slots, KV blocks), and its
+error (engine up). Per-request series are recorded by server/jobs.py.
 """
 from __future__ import annotations
 
@@ -62,17 +62,18 @@ class Metrics:
         self.num_running = g("atv_num_requests_running", "Requests in the running batch")
         self.num_waiting = g("atv_num_requests_waiting", "Requests in the waiting queue")
         self.vector_slots_used = g("atv_vector_slots_used", "Occupied rows of the steering vector table")
+        self.kv_cache_usage = g("atv_kv_cache_usage", "Fraction of the KV cache blocks in use (0-1)")
         self.engine_up = g("atv_engine_up", "1 unless the engine loop has died (mirrors /health)")
         self.engine_up.set(1)
 
     def bind(self, async_engine) -> None:
         """Read the engine's gauges at scrape time and listen to its steps."""
-        engine = async_engine.engine
-        self.num_running.set_function(lambda: async_engine.num_running)
-        self.num_waiting.set_function(lambda: async_engine.num_waiting)
-        self.vector_slots_used.set_function(lambda: engine.runner.slots_used)
+        self.num_running.set_function(lambda: async_engine.stats().num_running)
+        self.num_waiting.set_function(lambda: async_engine.stats().num_waiting)
+        self.vector_slots_used.set_function(lambda: async_engine.stats().vector_slots_used)
+        self.kv_cache_usage.set_function(lambda: _usage(async_engine.stats()))
         self.engine_up.set_function(lambda: 1 if async_engine.error is None else 0)
-        engine.step_listeners.append(self.on_step)
+        async_engine.add_step_listener(self.on_step)
 
     def on_step(self, stats) -> None:
         """Step listener (engine thread): observe only."""
@@ -81,3 +82,7 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def _usage(stats) -> float:
+    return stats.kv_blocks_used / stats.kv_blocks_total if stats.kv_blocks_total else 0.0

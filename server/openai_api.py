@@ -1,17 +1,20 @@
 """The OpenAI-compatible routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models.
 
-A route turns the validated body into choices (prompt ids through the tokenizer, chat through its chat
-template; SamplingParams; SteeringSpec), runs them as a Job, and answers JSON or an SSE stream. Checks
-that depend on the model or the settings (model name, prompt and max_tokens limits) are made here;
-everything else was refused by the schema.
+A route turns the validated body into choices (prompt ids from the engine's tokenizer worker, chat through
+its chat template; SamplingParams; SteeringSpec), runs them as a Job, and answers JSON (built and encoded
+on a worker thread) or an SSE stream. Checks that depend on the model or the settings (model name, prompt
+and max_tokens limits) are made here or by the engine; everything else was refused by the schema. The
+only engine object used is the AsyncEngine (state.engine).
 """
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 
+from atv_core.engine.async_engine import PromptTooLong
 from atv_core.engine.request import Example, SamplingParams, SteeringSpec
 
 from .errors import APIError, error_body
@@ -36,66 +39,66 @@ def api_router(state: ServingState) -> APIRouter:
 
     @router.get("/models", response_model=ModelList)
     async def models() -> ModelList:
-        engine = state.engine.engine if state.engine is not None else None
+        engine = state.engine
         card = ModelCard(id=state.settings.model_id, created=state.started, root=state.settings.model,
-                         max_model_len=engine.max_model_len if engine else None,
+                         max_model_len=engine.limits.max_model_len if engine else None,
                          has_generator=bool(engine and engine.has_generator))
         return ModelList(data=[card])
 
     @router.post("/completions", response_model=CompletionResponse)
     async def completions(body: CompletionRequest, request: Request):
-        engine = state.admit(body.model).engine
+        engine = state.admit(body.model)
         steering = steering_spec(body, engine)
-        choices = completion_choices(body, engine, state)
-        fmt = CompletionFormat(f"cmpl-{uuid.uuid4().hex[:24]}", state.settings.model_id, engine.tokenizer, body.echo)
+        choices = await completion_choices(body, engine, state)
+        fmt = CompletionFormat(f"cmpl-{uuid.uuid4().hex[:24]}", state.settings.model_id, body.echo)
         return await respond(state, request, body, choices, steering, fmt, body.logprobs is not None, "completions")
 
     @router.post("/chat/completions", response_model=ChatCompletionResponse)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        engine = state.admit(body.model).engine
+        engine = state.admit(body.model)
         steering = steering_spec(body, engine)
-        choices = chat_choices(body, engine, state, steering)
-        fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex[:24]}", state.settings.model_id, engine.tokenizer)
+        choices = await chat_choices(body, engine, state, steering)
+        fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex[:24]}", state.settings.model_id)
         return await respond(state, request, body, choices, steering, fmt, body.logprobs, "chat")
 
     return router
 
 
 # ---- requests -> choices ------------------------------------------------------------------------
-def completion_choices(body: CompletionRequest, engine, state: ServingState) -> list[Choice]:
+async def completion_choices(body: CompletionRequest, engine, state: ServingState) -> list[Choice]:
     if body.echo and body.logprobs is not None:
         raise APIError(400, "echo with logprobs is not supported (no prompt logprobs)", "echo")
     _check_choice_count(len(body.prompts) * body.n)
     choices = []
     for p, prompt in enumerate(body.prompts):
-        ids = engine.tokenizer(prompt).input_ids
+        ids = await encoded(engine.encode(prompt), "prompt")
         requested = body.max_tokens if body.max_tokens is not None else min(16, state.settings.max_tokens)
         max_tokens = _max_tokens(requested, len(ids), engine, state, "prompt")
         choices += _choices(body, p, ids, prompt, max_tokens, body.logprobs, len(choices))
     return choices
 
 
-def chat_choices(body: ChatCompletionRequest, engine, state: ServingState, steering: SteeringSpec) -> list[Choice]:
+async def chat_choices(body: ChatCompletionRequest, engine, state: ServingState,
+                       steering: SteeringSpec) -> list[Choice]:
     _check_choice_count(body.n)
     user_text = "\n".join(m.text for m in body.messages if m.role == "user")  # what the generator reads
     if steering.mode == "atv" and not user_text:
         raise APIError(400, "atv steering reads the user messages, and they are empty; send user content "
                        "or atv.mode 'off'", "messages")
-    ids = chat_prompt_ids(engine.tokenizer, body)
+    ids = await encoded(engine.encode_chat([{"role": m.role, "content": m.text} for m in body.messages]), "messages")
     max_tokens = _max_tokens(body.max_new_tokens, len(ids), engine, state, "messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     return _choices(body, 0, ids, user_text, max_tokens, logprobs, 0)
 
 
-def chat_prompt_ids(tokenizer, body: ChatCompletionRequest) -> list[int]:
-    if not getattr(tokenizer, "chat_template", None):
-        raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
-    messages = [{"role": m.role, "content": m.text} for m in body.messages]
+async def encoded(tokenization, param: str) -> list[int]:
+    """Await the engine's tokenizer worker; its refusals as HTTP errors on `param`."""
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    except Exception as exc:  # jinja2 errors: the template refuses this conversation (e.g. role order)
-        raise APIError(400, f"the chat template refused these messages: {exc}", "messages") from exc
-    return tokenizer(text, add_special_tokens=False).input_ids
+        return await tokenization
+    except PromptTooLong as exc:
+        raise APIError(413, str(exc), param, "context_length_exceeded") from None
+    except ValueError as exc:  # no chat template, or the template refused the conversation
+        raise APIError(400, str(exc), param) from None
 
 
 def _check_choice_count(count: int) -> None:
@@ -108,11 +111,12 @@ def _max_tokens(requested: int | None, prompt_len: int, engine, state: ServingSt
     if prompt_limit is not None and prompt_len > prompt_limit:
         raise APIError(413, f"prompt has {prompt_len} tokens; this server accepts at most {prompt_limit}",
                        prompt_param, "context_length_exceeded")
+    context = engine.limits.max_model_len
     if requested is None:  # as much as the context and the server limit allow
-        requested = min(limit, engine.max_model_len - prompt_len)
+        requested = min(limit, context - prompt_len)
         if requested < 1:
-            raise APIError(413, f"prompt has {prompt_len} tokens, which fills the context of "
-                           f"{engine.max_model_len}", prompt_param, "context_length_exceeded")
+            raise APIError(413, f"prompt has {prompt_len} tokens, which fills the context of {context}",
+                           prompt_param, "context_length_exceeded")
     if requested > limit:
         raise APIError(400, f"max_tokens is {requested}; this server allows at most {limit}", "max_tokens")
     return requested
@@ -158,7 +162,7 @@ async def respond(state: ServingState, request: Request, body: SamplingFields, c
     job = Job(state.engine, state.metrics, choices, steering, fmt.id, state.settings.request_timeout, state.jobs,
               log_fields)
     try:
-        await job.start(request)
+        job.start(request)
     except BaseException:
         job.close()
         raise
@@ -167,13 +171,18 @@ async def respond(state: ServingState, request: Request, body: SamplingFields, c
         return JobStreamingResponse(job, stream_events(job, fmt, include_usage, state.settings.request_timeout))
     try:
         await collect(job)
-        return fmt.response(job, want_logprobs)
+        return Response(await asyncio.to_thread(render, fmt, job, want_logprobs), media_type="application/json")
     except JobStopped as stopped:
         if stopped.reason == "disconnect":
             return Response(status_code=499)  # nobody is listening; the status is for the metrics
         raise stopped_error(stopped, state.settings.request_timeout) from None
     finally:
         job.close()
+
+
+def render(fmt, job: Job, want_logprobs: bool) -> bytes:
+    """The whole JSON body of a finished job (on a worker thread: large bodies take a while)."""
+    return fmt.response(job, want_logprobs).model_dump_json().encode()
 
 
 async def collect(job: Job) -> None:

@@ -123,10 +123,11 @@ class ChatCompletionRequest(SamplingFields):
 
 # ---- responses ----------------------------------------------------------------------------------
 class SteeringReport(BaseModel):
-    """What was applied to a request: mode and scale; for atv also the vector's norm, the gate, and the
-    generator time of the batch that made the vector."""
+    """What was applied to a request: mode, scale and the named vector; for an applied delta also its norm,
+    the generator's gate, and the generator time of the batch that made the generated part."""
     mode: str
     scale: float
+    vector: str | None = None
     vector_norm: float | None = None
     gate: float | None = None
     generator_s: float | None = None

@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     max_model_len: int | None = Field(None, ge=2, description="context length (default: the model's, capped at 8192)")
     max_prompt_tokens: int | None = Field(None, ge=1, description="longest accepted prompt; longer is HTTP 413")
     max_tokens: int = Field(2048, ge=1, description="most completion tokens one request may ask for")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest request body; larger is HTTP 413, "
+                                "refused before it is read")
     request_timeout: float = Field(600.0, gt=0, description="seconds before a request is aborted (HTTP 504)")
     drain_timeout: float = Field(30.0, ge=0, description="seconds SIGTERM waits for in-flight requests")
     api_key: SecretStr | None = Field(None, description="when set, /v1/* needs 'Authorization: Bearer KEY'")

@@ -45,7 +45,7 @@ def test_steering_answers_a_seen_task_the_plain_model_misses(default):
     drain(engine)
     assert steered.output_text.strip().lower().startswith("positive")
     assert steered.output_ids != off.output_ids
-    assert 0 < steered.steering_info["gate"] <= 1 and steered.steering_info["vector_norm"] > 0
+    assert 0 < steered.steering_report.gate <= 1 and steered.steering_report.vector_norm > 0
 
 
 def test_mid_flight_join_matches_solo_on_the_real_model(default):

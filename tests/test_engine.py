@@ -7,7 +7,7 @@ import torch
 from atv_core.steering.checkpoint import load_generator
 from atv_core.engine.async_engine import AsyncEngine
 from atv_core.engine.llm_engine import EngineConfig, LLMEngine
-from atv_core.engine.request import Request, SamplingParams, SteeringSpec, Status
+from atv_core.engine.request import Request, SamplingParams, SteeringReport, SteeringSpec, Status
 from tests.tiny import drain as _drain, make_model, make_tiny_generator_dir, make_tokenizer, record_logits as _record
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
@@ -83,7 +83,7 @@ def test_steering_changes_outputs_and_off_equals_plain_model(parts):
                            eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:].tolist()
     assert off.output_ids == plain
     assert steered.output_ids != plain
-    assert steered.steering_info["vector_norm"] > 0 and off.steering_info == {"mode": "off", "scale": 1.0}
+    assert steered.steering_report.vector_norm > 0 and off.steering_report == SteeringReport("off", 1.0)
 
 
 def test_seeded_sampling_is_reproducible_across_batch_compositions(parts):
@@ -289,4 +289,4 @@ def test_empty_prompt_text_is_refused_for_atv_and_a_bad_prompt_fails_alone(parts
     engine.add_request(bad)
     _drain(engine)
     assert bad.finish_reason == "error" and "cannot encode" in bad.error
-    assert good.finish_reason == "length" and good.steering_info["vector_norm"] > 0
+    assert good.finish_reason == "length" and good.steering_report.vector_norm > 0

@@ -32,7 +32,7 @@ from atv_core.engine.llm_engine import EngineConfig
 from server.app import cli, create_app
 from server.metrics import Metrics
 from server.settings import Settings, parse_settings
-from tests.tiny import make_tiny_generator_dir, make_tiny_model_dir
+from tests.tiny import make_tiny_generator_dir, make_tiny_model_dir, make_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 ERROR_KEYS = {"message", "type", "param", "code"}
@@ -168,7 +168,8 @@ def metric(samples: dict, name: str, **labels) -> float:
 def idle(served: Served) -> bool:
     m = scrape(served.url)
     return (metric(m, "atv_num_requests_running") == 0 and metric(m, "atv_num_requests_waiting") == 0
-            and metric(m, "atv_vector_slots_used") == 0 and not served.engine.engine.runner.rows)
+            and metric(m, "atv_vector_slots_used") == 0 and metric(m, "atv_kv_cache_usage") == 0
+            and not served.engine.engine.runner.rows)
 
 
 def assert_error(response: httpx.Response, status: int, param: str | None = None) -> dict:
@@ -211,8 +212,8 @@ def test_openai_client_completions_and_chat(main):
     chat = client.chat.completions.create(model=model, messages=messages, max_tokens=6, temperature=0,
                                           extra_body={"atv": {"mode": "off"}, "ignore_eos": True})
     assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens == 6
-    assert chat.model_extra["atv"] == {"mode": "off", "scale": 1.0, "vector_norm": None, "gate": None,
-                                       "generator_s": None}
+    assert chat.model_extra["atv"] == {"mode": "off", "scale": 1.0, "vector": None, "vector_norm": None,
+                                       "gate": None, "generator_s": None}
     stream = client.chat.completions.create(model=model, messages=messages, max_tokens=6, temperature=0, stream=True,
                                             stream_options={"include_usage": True},
                                             extra_body={"atv": {"mode": "off"}, "ignore_eos": True})
@@ -227,7 +228,7 @@ def test_prompt_list_n_and_usage(main):
     body = completion(main, prompt=["Hello", "Good morning"], n=2, temperature=0, ignore_eos=True)
     assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
     assert body["choices"][0]["text"] == body["choices"][1]["text"]  # greedy: the n choices agree
-    tokenizer = main.engine.engine.tokenizer
+    tokenizer = make_tokenizer()  # the served one belongs to the engine's threads
     prompt_tokens = len(tokenizer("Hello").input_ids) + len(tokenizer("Good morning").input_ids)
     assert body["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 16,
                              "total_tokens": prompt_tokens + 16}
@@ -277,7 +278,8 @@ def test_steering_report_and_scale(main):
     off = completion(main, temperature=0, atv={"mode": "off"})["atv"]
     assert full["mode"] == "atv" and full["gate"] == 1.0 and full["generator_s"] > 0
     assert half["vector_norm"] == pytest.approx(full["vector_norm"] / 2, rel=1e-4)
-    assert off == {"mode": "off", "scale": 1.0, "vector_norm": None, "gate": None, "generator_s": None}
+    assert off == {"mode": "off", "scale": 1.0, "vector": None, "vector_norm": None, "gate": None,
+                   "generator_s": None}
 
 
 def test_default_mode_follows_the_generator(main, plain):
@@ -430,7 +432,8 @@ def test_stream_disconnect_frees_the_slot(main, slow_steps):
         assert next(lines).startswith("data: {")  # one token streamed
         def steering_one():  # the gauges follow the engine thread, which updates them after each step
             during = scrape(main.url)
-            return metric(during, "atv_vector_slots_used") == 1 and metric(during, "atv_num_requests_running") == 1
+            return (metric(during, "atv_vector_slots_used") == 1 and metric(during, "atv_num_requests_running") == 1
+                    and metric(during, "atv_kv_cache_usage") > 0)
 
         eventually(steering_one, timeout=2)
     eventually(lambda: idle(main), timeout=5)
@@ -456,7 +459,7 @@ def test_non_streaming_disconnect_aborts(main, slow_steps):
 # ---- metrics ------------------------------------------------------------------------------------
 def test_metrics_count_known_requests(main):
     before = scrape(main.url)
-    tokenizer = main.engine.engine.tokenizer
+    tokenizer = make_tokenizer()  # the served one belongs to the engine's threads
     prompts = ["one", "two two", "three three three"]
     for prompt in prompts:
         completion(main, prompt=prompt, max_tokens=4, ignore_eos=True, atv={"mode": "off"})

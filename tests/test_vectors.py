@@ -174,8 +174,8 @@ def test_named_vector_gives_the_same_logits_as_the_tensor_passed_directly(parts,
     assert all(torch.equal(a, b) for a, b in zip(named_logits, direct_logits))
     assert by_name.output_ids == direct.output_ids
     assert not torch.equal(named_logits[0], off_logits[0])
-    info = by_name.steering_info
-    assert info["vector"] == "task" and info["gate"] is None and info["vector_norm"] == pytest.approx(1.5 * n.norm())
+    info = by_name.steering_report
+    assert info.vector == "task" and info.gate is None and info.vector_norm == pytest.approx(1.5 * n.norm())
 
 
 def test_generated_plus_weighted_named_vector(parts, tmp_path):
@@ -193,8 +193,8 @@ def test_generated_plus_weighted_named_vector(parts, tmp_path):
     alone = _run(parts, None, generated)["gen"]
     assert all(torch.equal(a, b) for a, b in zip(logits, reference))
     assert not torch.equal(logits[0], alone[0])
-    assert both.steering_info["vector_norm"] == summed.steering_info["vector_norm"]
-    assert both.steering_info["gate"] == generated.steering_info["gate"] and both.steering_info["generator_s"] > 0
+    assert both.steering_report.vector_norm == summed.steering_report.vector_norm
+    assert both.steering_report.gate == generated.steering_report.gate and both.steering_report.generator_s > 0
 
 
 def test_precomputed_vector_plus_named_vector(parts, tmp_path):

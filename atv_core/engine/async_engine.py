@@ -1,35 +1,77 @@
-"""`AsyncEngine`: an `LLMEngine` on its own thread, with an asyncio bridge so nothing blocks the event loop."""
+"""`AsyncEngine`: the one object the server talks to. It runs an `LLMEngine` on its own thread and tokenizes on
+another, so an asyncio event loop only routes messages.
+
+    thread           owns                                          does
+    event loop       nothing of the engine                         submit() / abort() / encode*() / stats();
+                                                                   runs every request's output callback
+    atv-tokenizer    a private copy of the tokenizer               prompts and chat templates -> ids
+    atv-engine       the LLMEngine (scheduler, runner, generator,  steps; detokenizes with the engine's
+                     the engine's own tokenizer)                   tokenizer
+
+Messages into the engine thread are typed (`AddRequest`, `AbortRequest`). Each request is submitted with one
+callback, called on the submitter's event loop with every `RequestOutput`, the last one finished (abort,
+error and engine failure included). The waiting-queue bound is decided in submit() (QueueFull, HTTP 429),
+with counts kept under a lock so the engine thread never has to refuse a request it was handed.
+Knows no HTTP.
+"""
 from __future__ import annotations
 
 import asyncio
+import copy
 import itertools
 import logging
 import queue
 import threading
-from typing import AsyncIterator
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable
 
-from atv_core.engine.llm_engine import EngineDead, LLMEngine
+from atv_core.engine.llm_engine import EngineDead, EngineStats, LLMEngine, PromptTooLong, StepStats
 from atv_core.engine.request import Request, RequestOutput, SamplingParams, SteeringSpec
 from atv_core.engine.scheduler import QueueFull
+from atv_core.engine.tokenization import TokenizerWorker
+
+__all__ = ["AsyncEngine", "EngineDead", "EngineLimits", "EngineStats", "PromptTooLong", "QueueFull", "StepStats"]
 
 log = logging.getLogger("atv.engine")
 
+IDLE_WAIT_S = 0.05   # the engine thread's nap when it has nothing to do (a message wakes it at once)
+
+
+@dataclass(frozen=True)
+class AddRequest:
+    request: Request
+
+
+@dataclass(frozen=True)
+class AbortRequest:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    max_model_len: int             # prompt + completion tokens
+    max_prompt_chars: int | None   # no longer prompt can fit (None: the tokenizer gives no such bound)
+    max_waiting: int               # queued requests before submit() raises QueueFull
+
 
 class AsyncEngine:
-    """Runs an LLMEngine on its own thread; `generate()` is an async iterator of RequestOutput."""
-
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, tokenizer=None):
+        """tokenizer: the tokenizer worker's own (default: a deep copy of the engine's)."""
         self.engine = engine
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._tokens = TokenizerWorker(tokenizer if tokenizer is not None else copy.deepcopy(engine.tokenizer),
+                                       engine.max_model_len)
+        self.limits = EngineLimits(engine.max_model_len, self._tokens.max_prompt_chars, engine.config.max_waiting)
+        self.has_generator = engine.has_generator
+        self.error: str | None = None
+        self._inbox: queue.SimpleQueue[AddRequest | AbortRequest] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._ids = itertools.count()
-        self._pending = 0   # requests handed to the thread but not yet in its scheduler
-        self._lock = threading.Lock()
-        self.error: str | None = None
-        self.num_running = 0
-        self.num_waiting = 0
+        self._lock = threading.Lock()   # guards the two counts below and `error`
+        self._pending = 0               # AddRequests in the inbox
+        self._waiting = 0               # >= requests in the scheduler's waiting queue
+        self._stats = engine.stats()
 
     # ---- lifecycle ------------------------------------------------------------------------------
     def start(self) -> "AsyncEngine":
@@ -42,31 +84,59 @@ class AsyncEngine:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        self._tokens.shutdown()
 
     @property
     def is_alive(self) -> bool:
         return self.error is None and self._thread is not None and self._thread.is_alive()
 
-    def has_work(self) -> bool:
-        return self._pending > 0 or self.num_running > 0 or self.num_waiting > 0
+    def stats(self) -> EngineStats:
+        """Running / waiting requests and vector slots as of the engine thread's last step."""
+        return self._stats
+
+    def add_step_listener(self, listener: Callable[[StepStats], None]) -> None:
+        """listener(StepStats) after every step, on the engine thread: it must only observe, and be quick."""
+        self.engine.step_listeners.append(listener)
+
+    # ---- tokenization (off the event loop) ------------------------------------------------------
+    async def encode(self, text: str) -> list[int]:
+        """A prompt's token ids. PromptTooLong at once when no prompt that long can fit."""
+        return await self._tokens.encode(text)
+
+    async def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """[{role, content}, ...] through the chat template. PromptTooLong, or ValueError if the template refuses."""
+        return await self._tokens.encode_chat(messages)
 
     # ---- requests -------------------------------------------------------------------------------
-    async def generate(self, prompt_ids: list[int], params: SamplingParams, steering: SteeringSpec,
-                       prompt_text: str = "", request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        if not self.is_alive:
-            raise EngineDead(self.error or "engine is not running")
-        request_id = request_id or f"req-{next(self._ids)}"
-        loop = asyncio.get_running_loop()
-        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        request = Request(request_id, list(prompt_ids), params, steering, prompt_text,
-                          on_output=lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out))
+    def submit(self, prompt_ids: list[int], params: SamplingParams, steering: SteeringSpec,
+               on_output: Callable[[RequestOutput], None], *, prompt_text: str = "",
+               request_id: str | None = None) -> str:
+        """Queue one request; on_output(out) then runs on this event loop for each of its outputs, the last
+        with out.finished. Raises ValueError / PromptTooLong (bad request), QueueFull, EngineDead."""
+        request = Request(request_id or f"req-{next(self._ids)}", list(prompt_ids), params, steering, prompt_text,
+                          on_output=_on_loop(asyncio.get_running_loop(), on_output))
         self.engine.validate(request)
         with self._lock:
-            if self.num_waiting + self._pending >= self.engine.config.max_waiting:
-                raise QueueFull(f"waiting queue is full ({self.engine.config.max_waiting} requests)")
+            if not self.is_alive:
+                raise EngineDead(self.error or "engine is not running")
+            if self._pending + self._waiting >= self.limits.max_waiting:
+                raise QueueFull(f"waiting queue is full ({self.limits.max_waiting} requests)")
             self._pending += 1
-        self._inbox.put(("add", request))
+            self._inbox.put(AddRequest(request))
         self._wake.set()
+        return request.request_id
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request (its last output, finish_reason "abort", follows within a step)."""
+        self._inbox.put(AbortRequest(request_id))
+        self._wake.set()
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, steering: SteeringSpec,
+                       prompt_text: str = "", request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """submit() as an async iterator of outputs; closing it early aborts the request."""
+        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        request_id = self.submit(prompt_ids, params, steering, outputs.put_nowait, prompt_text=prompt_text,
+                                 request_id=request_id)
         finished = False
         try:
             while not finished:
@@ -74,12 +144,8 @@ class AsyncEngine:
                 finished = out.finished
                 yield out
         finally:
-            if not finished:  # the consumer went away (client disconnect, timeout): stop generating
+            if not finished:
                 self.abort(request_id)
-
-    def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
-        self._wake.set()
 
     # ---- the engine thread ----------------------------------------------------------------------
     def _loop(self) -> None:
@@ -89,41 +155,58 @@ class AsyncEngine:
                 if self.engine.has_work():
                     self.engine.step()  # outputs reach each request's on_output callback
                 else:
-                    self._wake.wait(0.05)
+                    self._wake.wait(IDLE_WAIT_S)
                     self._wake.clear()
-                self.num_running = len(self.engine.scheduler.running)
-                self.num_waiting = len(self.engine.scheduler.waiting)
+                self._note_stats()
         except Exception as exc:  # unrecoverable: report it, fail everything in flight
             log.exception("engine loop died")
-            self.error = f"{type(exc).__name__}: {exc}"
-            self._fail_all(self.error)
+            self._fail_all(f"{type(exc).__name__}: {exc}")
 
     def _drain_inbox(self) -> None:
         while True:
             try:
-                kind, item = self._inbox.get_nowait()
+                message = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if kind == "add":
-                with self._lock:
-                    self._pending -= 1
-                try:
-                    self.engine.add_request(item)
-                except (ValueError, QueueFull) as exc:
-                    item.finish("error", str(exc))
-                    self.engine._emit(item, [], None)
-            else:
-                self.engine.abort(item)
+            if isinstance(message, AbortRequest):
+                self.engine.abort(message.request_id)
+                continue
+            with self._lock:  # the request moves from the inbox to the waiting queue: the sum stays the same
+                self._pending -= 1
+                self._waiting += 1
+            try:
+                self.engine.add_request(message.request)
+            except (ValueError, QueueFull) as exc:  # submit() checked both: not reached unless that is broken
+                log.error("request %s refused by the engine thread: %s", message.request.request_id, exc)
+                self.engine.fail(message.request, str(exc))
+
+    def _note_stats(self) -> None:
+        stats = self.engine.stats()
+        with self._lock:
+            self._waiting = stats.num_waiting
+        self._stats = stats
 
     def _fail_all(self, reason: str) -> None:
-        pending = []
+        message = f"engine failed: {reason}"
+        with self._lock:  # from here on submit() refuses, so nothing reaches the inbox after the drain below
+            self.error = reason
         while True:
             try:
-                kind, item = self._inbox.get_nowait()
+                item = self._inbox.get_nowait()
             except queue.Empty:
                 break
-            if kind == "add":
-                pending.append(item)
-        for request in (*self.engine.scheduler.running, *self.engine.scheduler.waiting, *pending):
-            request.finish("error", f"engine failed: {reason}")
-            self.engine._emit(request, [], None)
+            if isinstance(item, AddRequest):
+                self.engine.fail(item.request, message)
+        self.engine.fail_all(message)
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop, callback: Callable[[RequestOutput], None]):
+    """callback, called from the engine thread, run on `loop` (dropped once that loop is closed)."""
+    def deliver(out: RequestOutput) -> None:
+        try:
+            loop.call_soon_threadsafe(callback, out)
+        except RuntimeError:
+            if not loop.is_closed():
+                raise
+            log.debug("output of %s dropped: its event loop is closed", out.request_id)
+    return deliver

@@ -6,24 +6,25 @@
        runner.run(chunks): one packed forward, paged KV, logits for chunks that end their sequence
                                                            │
                          sampler.sample(logits) -> tokens -> _append(): stop / length / EOS
-                                                           │
-                         RequestOutput (text delta) -> request.on_output(...)
+                                                           │          (text: detokenizer.OutputText)
+                         RequestOutput (text delta, SteeringReport) -> request.on_output(...)
 
-`LLMEngine` is synchronous and single-threaded (`step()`); `AsyncEngine` (async_engine.py) runs it on a
-background thread with an asyncio bridge so nothing blocks the event loop. No HTTP here (see server/).
+`LLMEngine` is synchronous and single-threaded (`step()`); its tokenizer is used on the thread that steps
+it only (detokenization). `AsyncEngine` (async_engine.py) runs it on a background thread. No HTTP here.
 """
 from __future__ import annotations
 
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 
+from atv_core.engine.detokenizer import OutputText
 from atv_core.engine.kv_cache import default_budget
-from atv_core.engine.request import Request, RequestOutput, Status
+from atv_core.engine.request import Request, RequestOutput, SteeringReport, Status, TokenLogprob
 from atv_core.engine.runner import ModelRunner
 from atv_core.engine.sampler import make_generator, sample, token_logprobs
 from atv_core.engine.scheduler import Scheduler, SchedulerConfig
@@ -62,13 +63,20 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class StepStats:
+    """Handed to step listeners (on the engine thread) after every step."""
     phase: str
     duration_s: float
     batch_size: int
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's load (metrics gauges)."""
     num_running: int
     num_waiting: int
-    slots_used: int
-    new_tokens: int
+    vector_slots_used: int
+    kv_blocks_used: int
+    kv_blocks_total: int
 
 
 class LLMEngine:
@@ -150,6 +158,22 @@ class LLMEngine:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    def stats(self) -> EngineStats:
+        blocks = self.scheduler.blocks
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.runner.slots_used,
+                           blocks.num_used, blocks.num_blocks)
+
+    def fail(self, request: Request, message: str) -> RequestOutput:
+        """End a request that never entered the scheduler with an error output."""
+        request.finish("error", message)
+        return self._emit(request, [], None)
+
+    def fail_all(self, message: str) -> None:
+        """End every queued and running request with an error output (the engine cannot go on)."""
+        for request in (*self.scheduler.running, *self.scheduler.waiting):
+            request.finish("error", message)
+            self._emit(request, [], None)
+
     # ---- one step -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
@@ -167,8 +191,7 @@ class LLMEngine:
             if sampled:
                 outputs += self._sample_and_append(sampled, logits)
         duration = time.perf_counter() - start
-        stats = StepStats(batch.phase, duration, len(chunks), len(self.scheduler.running),
-                          len(self.scheduler.waiting), self.runner.slots_used, len(sampled))
+        stats = StepStats(batch.phase, duration, len(chunks))
         for listener in self.step_listeners:
             listener(stats)
         return outputs
@@ -180,9 +203,9 @@ class LLMEngine:
         now = time.monotonic()
         for request in requests:
             request.scheduled_time = now
-            request.steering_info = {"mode": request.steering.mode, "scale": request.steering.scale}
-            if request.steering.uses_named_vector:
-                request.steering_info["vector"] = request.steering.vector
+            request.steering_report = SteeringReport(request.steering.mode, request.steering.scale,
+                                                     request.steering.vector if request.steering.uses_named_vector
+                                                     else None)
         steered = [r for r in requests if r.steering.mode != "off" and r.steering.scale != 0]
         named = {id(r): self._named_vector(r) for r in steered if r.steering.uses_named_vector}
         generated = self._generated_vectors([r for r in steered if not r.finished])
@@ -239,7 +262,7 @@ class LLMEngine:
 
     def _assign(self, request: Request, vector: torch.Tensor, gate: float | None, generator_s: float) -> None:
         norm = float(vector.norm())
-        request.steering_info.update(gate=gate, vector_norm=norm, generator_s=generator_s)
+        request.steering_report = replace(request.steering_report, gate=gate, vector_norm=norm, generator_s=generator_s)
         if not math.isfinite(norm):
             request.finish("error", "the steering vector is non-finite (the generator's output, or a scale or "
                                     "vector_weight too large)")
@@ -261,54 +284,49 @@ class LLMEngine:
         outputs = []
         for i, (request, token) in enumerate(zip(requests, tokens.tolist())):
             request.first_token_time = request.first_token_time or now
-            request.last_token_time = now
             outputs.append(self._append(request, token, logprobs.get(i)))
         return outputs
 
-    def _append(self, request: Request, token: int, logprob) -> RequestOutput:
+    def _append(self, request: Request, token: int, logprob: TokenLogprob | None) -> RequestOutput:
         params = request.params
         request.output_ids.append(token)
+        if request.output is None:
+            request.output = OutputText(self.tokenizer, params.stop)
+        text = request.output
         stop_token = (token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids
-        text_ids = request.output_ids[:-1] if stop_token else request.output_ids
-        text = self.tokenizer.decode(text_ids, skip_special_tokens=True)
-        # a trailing U+FFFD may merge with the next byte into one character: search again from before it
-        hit = _find_stop(text, params.stop, len(request.output_text.rstrip("\ufffd")))
-        if hit is not None:
-            text = text[:hit]
-        request.output_text = text
-        if stop_token or hit is not None:
+        delta = text.finish() if stop_token else text.add(token)  # a stop token is not part of the text
+        if stop_token or text.stopped:
             request.finish("stop")
         elif len(request.output_ids) >= params.max_tokens or request.num_tokens >= self.max_model_len:
-            request.finish("length")
+            delta += text.finish()
+            request.finish("stop" if text.stopped else "length")
+        if logprob is not None:
+            self._name_tokens(logprob)
         if request.finished:
-            return self._retire(request, [token], logprob)
-        return self._emit(request, [token], logprob)
+            return self._retire(request, [token], logprob, delta)
+        return self._emit(request, [token], logprob, delta)
 
-    def _emit(self, request: Request, token_ids: list[int], logprob) -> RequestOutput:
-        text = request.output_text
-        end = len(text)
-        if not request.finished:  # hold back what could still become a stop string or a split character
-            end -= max((len(s) for s in request.params.stop), default=1) - 1
-            while end > request.emitted_chars and text[end - 1] == "\ufffd":
-                end -= 1
-        end = max(end, request.emitted_chars)
-        delta, request.emitted_chars = text[request.emitted_chars:end], end
-        out = RequestOutput(request.request_id, delta, token_ids, [logprob] if logprob else None,
-                            request.finished, request.finish_reason, request.error, request.num_prompt_tokens,
-                            len(request.output_ids), request.steering_info,
-                            queue_time_s=(request.scheduled_time - request.arrival_time)
-                            if request.scheduled_time is not None else None)
+    def _name_tokens(self, logprob: TokenLogprob) -> None:
+        """Each token of a logprob entry decoded alone (the response lists them as text)."""
+        logprob.text = self.tokenizer.decode([logprob.token_id])
+        logprob.top_text = [self.tokenizer.decode([token]) for token, _ in logprob.top]
+
+    def _emit(self, request: Request, token_ids: list[int], logprob, delta: str = "") -> RequestOutput:
+        queue_time = request.scheduled_time - request.arrival_time if request.scheduled_time is not None else None
+        out = RequestOutput(request.request_id, delta, token_ids, [logprob] if logprob else None, request.finished,
+                            request.finish_reason, request.error, request.num_prompt_tokens,
+                            len(request.output_ids), request.steering_report, queue_time)
         if request.on_output is not None:
             request.on_output(out)
         return out
 
-    def _retire(self, request: Request, token_ids: list[int], logprob) -> RequestOutput:
+    def _retire(self, request: Request, token_ids: list[int], logprob, delta: str = "") -> RequestOutput:
         self.scheduler.finish(request)
         self.runner.release(request)
         self._generators.pop(request.request_id, None)
         if request.status is not Status.FINISHED:
             request.finish("abort")
-        return self._emit(request, token_ids, logprob)
+        return self._emit(request, token_ids, logprob, delta)
 
 
 def _delta(spec, generated: torch.Tensor | None, named: torch.Tensor | None) -> torch.Tensor:
@@ -326,15 +344,6 @@ def _check_vector_layout(have: VectorLayout, want: VectorLayout) -> None:
         raise ValueError(f"the named vectors were validated for {have.describe()}, but this engine steers "
                          f"{want.describe()}; build the VectorStore with VectorLayout.for_target(model, generator)")
 
-
-def _find_stop(text: str, stops: tuple[str, ...], checked: int) -> int | None:
-    """Earliest index where a stop string starts, searching only text that can contain a new match."""
-    hits = []
-    for stop in stops:
-        index = text.find(stop, max(0, checked - len(stop) + 1))
-        if index >= 0:
-            hits.append(index)
-    return min(hits) if hits else None
 
 
 def _scheduler_config(config: EngineConfig, device: torch.device, num_blocks: int) -> SchedulerConfig:

@@ -1,16 +1,21 @@
 """The life of one request, as plain data (no torch).
 
 `Request` is the single object the scheduler, the runner and the engine pass around: prompt ids, sampling
-parameters, steering spec, its KV blocks and vector slot, what it has produced, and its timestamps.
-Its token sequence is prompt + output; `num_computed_tokens` of them have their K/V in the cache (the
-last output token is computed by the next step, and a preempted request recomputes from 0). `RequestOutput` is what the engine emits to the caller after each step.
+parameters, steering spec, its KV blocks and vector slot, what it has produced, and the two timestamps that
+metrics read. Its token sequence is prompt + output; `num_computed_tokens` of them have their K/V in the
+cache (the last output token is computed by the next step, and a preempted request recomputes from 0).
+`RequestOutput` is what the engine emits to the caller after each step, with a `SteeringReport` saying what
+steering was applied.
 """
 from __future__ import annotations
 
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import TYPE_CHECKING, Callable, Literal
+
+if TYPE_CHECKING:
+    from atv_core.engine.detokenizer import OutputText
 
 SteeringMode = Literal["atv", "vector", "off"]
 FinishReason = Literal["stop", "length", "abort", "error"]
@@ -99,6 +104,20 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]]      # (token id, logprob), best first
+    text: str = ""                    # the token decoded alone (filled in by the engine)
+    top_text: list[str] = field(default_factory=list)  # the same for each entry of `top`
+
+
+@dataclass(frozen=True)
+class SteeringReport:
+    """What steering was applied to one request: mode, scale, the named vector; for an applied delta its norm,
+    the generator's gate and the generator time of the batch that made the generated part."""
+    mode: SteeringMode
+    scale: float
+    vector: str | None = None         # the named vector applied, if any
+    vector_norm: float | None = None
+    gate: float | None = None
+    generator_s: float | None = None
 
 
 @dataclass
@@ -112,7 +131,7 @@ class RequestOutput:
     error: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    steering: dict | None = None      # what was applied: mode, scale, gate, vector norm, generator time
+    steering: SteeringReport | None = None  # what was applied (set once the request reached a prefill)
     queue_time_s: float | None = None # arrival -> admission into a prefill batch
 
 
@@ -128,19 +147,21 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)
-    output_text: str = ""             # detokenized output, stop strings removed once matched
-    emitted_chars: int = 0            # how much of output_text has been streamed
+    output: OutputText | None = None  # the streamed text (detokenizer and stop strings), made by the engine
     finish_reason: FinishReason | None = None
     error: str | None = None
     vector_slot: int = 0              # 0 = unsteered; kept while preempted, so recompute steers the same
     block_table: list[int] = field(default_factory=list)   # KV blocks: token p lives in block_table[p // size]
     num_computed_tokens: int = 0      # tokens of prompt + output whose K/V are in the cache
     num_preemptions: int = 0          # times its blocks were taken back (it then recomputes from its tokens)
-    steering_info: dict | None = None
-    scheduled_time: float | None = None
+    steering_report: SteeringReport | None = None
+    scheduled_time: float | None = None   # first admission into a batch (queue time)
     first_token_time: float | None = None
-    last_token_time: float | None = None
-    finished_time: float | None = None
+
+    @property
+    def output_text(self) -> str:
+        """The text streamed so far (stop strings removed once matched)."""
+        return self.output.text if self.output is not None else ""
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -166,4 +187,3 @@ class Request:
         self.status = Status.FINISHED
         self.finish_reason = reason
         self.error = error
-        self.finished_time = time.monotonic()

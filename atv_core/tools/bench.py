@@ -29,7 +29,7 @@ from atv_core.engine.llm_engine import EngineConfig, LLMEngine
 from atv_core.steering.layers import find_decoder_layers
 from atv_core.models import DEFAULT_GENERATOR_DIR, EMBEDDED_TARGET
 from atv_core.engine.request import Request, SamplingParams, SteeringSpec
-from atv_core.tools.tasks import load_suite
+from atv_core.tools.tasks import workload_prompts
 
 log = logging.getLogger("atv.bench")
 
@@ -40,20 +40,6 @@ def machine_info() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
-
-
-def workload_prompts(n: int, seed: int = 0) -> list[str]:
-    """n prompts of varied length drawn round-robin from the task suite's test splits (all tasks)."""
-    tasks = load_suite()
-    prompts = []
-    i = 0
-    while len(prompts) < n:
-        task = tasks[i % len(tasks)]
-        examples = task.examples("test")
-        ex = examples[(i // len(tasks) + seed) % len(examples)]
-        prompts.append(task.prompt(ex.input, i % len(task.templates)))
-        i += 1
-    return prompts
 
 
 def run_engine(engine: LLMEngine, prompts: list[str], mode: str, new_tokens: int, stagger_s: float = 0.0) -> dict:

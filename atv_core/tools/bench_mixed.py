@@ -45,7 +45,7 @@ def run_part(part: str, s: dict, engine_kwargs: dict) -> dict:
     """One run in this (fresh) process: 'short', 'mixed' or 'long'."""
     from atv_core.engine.build import build_engine
     from atv_core.engine.llm_engine import EngineConfig
-    from atv_core.tools.bench import workload_prompts
+    from atv_core.tools.tasks import workload_prompts
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     engine = build_engine(s["model"], s["generator"], device=s["device"], dtype=s["dtype"],
@@ -72,7 +72,7 @@ def run_part(part: str, s: dict, engine_kwargs: dict) -> dict:
 
 def _long_prompt(tok, n: int) -> list[int]:
     """Exactly n tokens of task-suite text, prompts end to end."""
-    from atv_core.tools.bench import workload_prompts
+    from atv_core.tools.tasks import workload_prompts
 
     ids: list[int] = []
     count = 64

@@ -169,7 +169,8 @@ def plot(records: list[dict], path: Path) -> None:
 
 def cli(argv: list[str]) -> int:
     from atv_core.models import DEFAULT_GENERATOR_DIR, EMBEDDED_TARGET
-    from atv_core.tools.bench import machine_info, workload_prompts
+    from atv_core.tools.bench import machine_info
+    from atv_core.tools.tasks import workload_prompts
 
     parser = argparse.ArgumentParser(prog="atv bench serve", description=__doc__.split("\n")[0])
     parser.add_argument("--url", help="a running server; default: start the embedded default here")

@@ -171,7 +171,7 @@ def run_method(engine, method, tasks, seed, args, generator, shared_path) -> dic
         chunk = requests[offset: offset + n]
         results[task.name] = dict(zip(("first_token", "exact_match"), score(engine.tokenizer, chunk, golds)))
         if method == "atv":
-            results[task.name]["mean_gate"] = statistics.mean(r.steering_info["gate"] for r in chunk)
+            results[task.name]["mean_gate"] = statistics.mean(r.steering_report.gate for r in chunk)
     return results
 
 

@@ -180,3 +180,17 @@ def load_task_file(path: Path | str, name: str | None = None, templates=None) ->
     return Task(name=name or path.stem, kind="custom", seen=False,
                 templates=tuple(templates) if templates is not None else (DEFAULT_TEMPLATE,),
                 labels=None, source=str(path), licence="user-supplied", root=path)
+
+
+def workload_prompts(n: int, seed: int = 0) -> list[str]:
+    """n prompts of varied length drawn round-robin from the task suite's test splits (all tasks)."""
+    tasks = load_suite()
+    prompts = []
+    i = 0
+    while len(prompts) < n:
+        task = tasks[i % len(tasks)]
+        examples = task.examples("test")
+        ex = examples[(i // len(tasks) + seed) % len(examples)]
+        prompts.append(task.prompt(ex.input, i % len(task.templates)))
+        i += 1
+    return prompts

@@ -1,0 +1,123 @@
+"""One request's output ids -> the text it streams, a few tokens of work per step (runs on the engine thread).
+
+`IncrementalDetokenizer` keeps two offsets into the output ids (vLLM's and mini-sglang's scheme):
+
+    ids:  [ .......... released .......... | prefix_offset .. read_offset | read_offset .. end ]
+                                             context, decoded again         not released yet
+
+Each step decodes only `ids[prefix_offset:]` and `ids[prefix_offset:read_offset]`; the difference is the new
+text. The context makes tokenizers that drop a leading space at the start of a decode (SentencePiece) agree
+with a full decode. New text that ends in U+FFFD (a UTF-8 character split over tokens) is held until the
+character completes, so the concatenated deltas equal `tokenizer.decode(ids, skip_special_tokens=True)`
+(exactly for byte-level BPE; with SentencePiece byte fallback for ids that spell valid text, since its
+decoder turns a whole run of byte tokens into U+FFFDs when one byte of the run is invalid). At most
+HOLD_LIMIT tokens are held (a run of undecodable bytes from a broken model is then released as is), which
+bounds the work per step.
+
+`StopStrings` cuts the released text at the earliest stop string, also one spanning several tokens, and holds
+back the last `max(len(stop)) - 1` characters, which could still begin one (vLLM's rule). `OutputText`
+chains the two for one request. Knows nothing of scheduling, tensors or HTTP. A tokenizer handed to these classes must be used by the
+calling thread only.
+"""
+from __future__ import annotations
+
+HOLD_LIMIT = 32   # tokens held at most while the text ends in an incomplete character
+REPLACEMENT = "\ufffd"
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer, self.skip_special_tokens = tokenizer, skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix_offset = 0         # first id of the context window
+        self.read_offset = 0           # ids before this one have been released as text
+        self.decoded_ids = 0           # ids passed to tokenizer.decode so far: the work done
+
+    def add(self, token_id: int) -> str:
+        """Append one id; return the text that became final (often all of it, "" while a character is split)."""
+        self.ids.append(token_id)
+        return self._release(force=len(self.ids) - self.read_offset > HOLD_LIMIT)
+
+    def flush(self) -> str:
+        """The output ended: release what is held (a split character stays U+FFFD, as in a full decode)."""
+        return self._release(force=True)
+
+    def _release(self, force: bool) -> str:
+        if self.read_offset == len(self.ids):
+            return ""
+        context = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        new = self._decode(self.ids[self.prefix_offset:])[len(context):]
+        if not force and (not new or new.endswith(REPLACEMENT)):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return new
+
+    def _decode(self, ids: list[int]) -> str:
+        self.decoded_ids += len(ids)
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens) if ids else ""
+
+
+class StopStrings:
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.tail = ""                 # released by the detokenizer, not streamed yet
+        self.matched = False
+
+    def feed(self, text: str) -> str:
+        """Take new text; return what may be streamed now: up to a stop string once one matched."""
+        if self.matched or not text:
+            return ""
+        buffer = self.tail + text      # a match ending in `text` starts inside the tail: the tail is long enough
+        hit = find_stop(buffer, self.stops)
+        if hit is not None:
+            self.matched, self.tail = True, ""
+            return buffer[:hit]
+        cut = max(0, len(buffer) - self.hold)
+        self.tail = buffer[cut:]
+        return buffer[:cut]
+
+    def flush(self) -> str:
+        """The output ended without a match: the held tail is plain text."""
+        tail, self.tail = self.tail, ""
+        return tail
+
+
+def find_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    """Index where the earliest stop string starts in `text`, or None."""
+    hits = [i for i in (text.find(stop) for stop in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+class OutputText:
+    """The streamed text of one request: ids in, text deltas out; `text` is all that was streamed."""
+
+    def __init__(self, tokenizer, stops: tuple[str, ...] = ()):
+        self.detokenizer = IncrementalDetokenizer(tokenizer)
+        self.stop_strings = StopStrings(stops)
+        self._parts: list[str] = []
+
+    @property
+    def stopped(self) -> bool:
+        """A stop string matched: the text ends just before it."""
+        return self.stop_strings.matched
+
+    @property
+    def text(self) -> str:
+        return "".join(self._parts)
+
+    def add(self, token_id: int) -> str:
+        return self._streamed(self.stop_strings.feed(self.detokenizer.add(token_id)))
+
+    def finish(self) -> str:
+        """The output ended (not by a stop string seen in `add`): everything held back, up to a stop string."""
+        delta = self.stop_strings.feed(self.detokenizer.flush())
+        if not self.stopped:
+            delta += self.stop_strings.flush()
+        return self._streamed(delta)
+
+    def _streamed(self, delta: str) -> str:
+        if delta:
+            self._parts.append(delta)
+        return delta
+

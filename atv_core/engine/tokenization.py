@@ -1,0 +1,84 @@
+"""Prompts -> token ids on one worker thread that owns its tokenizer, so the event loop never tokenizes.
+
+`TokenizerWorker` runs every call on a single thread ("atv-tokenizer"): plain prompts, chat templates, and the
+one scan of the vocabulary at start. HF fast tokenizers release the GIL while encoding, so a long prompt does
+not stall the event loop either. Before any work, a prompt with more characters than any prompt that fits
+can have is refused (`PromptTooLong`, HTTP 413):
+
+    max_prompt_chars = max_model_len * (characters of the longest vocabulary entry decoded alone + 1)
+
+(+1: SentencePiece decodes a word's leading space only in context). The bound holds when tokenization keeps
+every character, which is checked once on a probe text; a tokenizer that drops characters (BERT's cleaning
+and accent stripping, a fused unknown token) gets no bound, and every prompt is tokenized.
+Knows nothing of the engine loop, requests or HTTP.
+"""
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+from atv_core.engine.llm_engine import PromptTooLong
+
+# control and zero-width characters, a combining accent, runs of spaces, CJK, an emoji, a long rare word
+PROBE = "a\u0301e\u0300 \x00\x07\u200b\ufeff\t\n   \u4e2d\u6587 \U0001f600 " + "\u2603" * 300 + " end"
+
+
+class TokenizerWorker:
+    def __init__(self, tokenizer, max_model_len: int):
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="atv-tokenizer")
+        self._tokenizer = tokenizer   # used on the worker thread only, from here on
+        self.max_model_len = max_model_len
+        self.max_prompt_chars, self.has_chat_template = self._executor.submit(self._describe).result()
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def encode(self, text: str) -> list[int]:
+        """Token ids of a prompt (with the tokenizer's special tokens, e.g. BOS)."""
+        self._check_chars(len(text), "prompt")
+        return await self._run(self._encode, text, True)
+
+    async def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation through the chat template, ending with the assistant's turn.
+        ValueError when there is no template or it refuses the messages."""
+        self._check_chars(sum(len(m["content"]) for m in messages), "conversation")
+        return await self._run(self._encode_chat, messages)
+
+    # ---- on the worker thread -------------------------------------------------------------------
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return list(self._tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
+
+    def _encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        if not self.has_chat_template:
+            raise ValueError("this model has no chat template; use /v1/completions")
+        try:
+            text = self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # jinja2 errors: the template refuses this conversation (e.g. role order)
+            raise ValueError(f"the chat template refused these messages: {exc}") from exc
+        self._check_chars(len(text), "templated conversation")
+        return self._encode(text, False)
+
+    def _describe(self) -> tuple[int | None, bool]:
+        tokenizer = self._tokenizer
+        bound = self.max_model_len * (longest_token_chars(tokenizer) + 1) if keeps_characters(tokenizer) else None
+        return bound, bool(getattr(tokenizer, "chat_template", None))
+
+    def _check_chars(self, chars: int, what: str) -> None:
+        if self.max_prompt_chars is not None and chars > self.max_prompt_chars:
+            raise PromptTooLong(f"the {what} has {chars} characters; no text over {self.max_prompt_chars} "
+                                f"characters fits the context of {self.max_model_len} tokens: shorten it")
+
+
+def longest_token_chars(tokenizer) -> int:
+    """Characters of the longest vocabulary entry decoded alone (special tokens included)."""
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=False)
+    return max(map(len, texts), default=1)
+
+
+def keeps_characters(tokenizer) -> bool:
+    """Whether encoding then decoding PROBE gives back at least as many characters."""
+    ids = tokenizer(PROBE, add_special_tokens=False).input_ids
+    return len(tokenizer.decode(ids, skip_special_tokens=True)) >= len(PROBE)
