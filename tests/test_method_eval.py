@@ -123,3 +123,28 @@ def test_run_method_scores_every_item_and_counts_target_tokens(tmp_path):
     assert ex["prompt_tokens"] == zero["prompt_tokens"]             # demonstrations never reach the target
     assert all(i > z for i, z in zip(icl["prompt_tokens"], zero["prompt_tokens"]))
     assert len(ex["gates"]) == 9 and 0 <= ex["first_token"] <= 1
+
+
+def test_evaluate_seed_end_to_end_resumes_and_reports(tmp_path):
+    from atv_core.tools.evaluate import evaluate_seed, report
+    model, tok = make_model("llama"), make_tokenizer()
+    train(_cfg(tmp_path, static=True, gate="none", epochs=1, tasks=("antonym", "synonym")), model, tok)
+    generator_dir = make_tiny_generator_dir(tmp_path / "g", gate="distance")
+    tasks = load_suite(names=["antonym", "synonym"])
+    args = Namespace(out=str(tmp_path / "eval"), seeds=[0], generator=str(generator_dir), preset="default",
+                     epochs=1, max_per_task=8, methods=["zero_shot", "icl", "static", "atv", "atv_examples"],
+                     static_vectors=str(tmp_path / "run" / "task_vectors.safetensors"), k=2, limit=2,
+                     rotate_templates=False, generic=str(_negatives(tmp_path, 4)), lora_rank=2)
+    results = evaluate_seed(0, args, model, tok, tasks, {})
+    assert set(results["antonym"]) == {"zero_shot", "icl", "static", "atv"}   # this generator reads no examples
+    assert len(results["synonym"]["atv"]["gates"]) == 6 and results["_generic"]["n"] == 4
+    methods_dir = tmp_path / "eval" / "seed0" / "methods"
+    (methods_dir / "icl.json").unlink()
+    (tmp_path / "eval" / "seed0" / "results.json").unlink()
+    stamp = (methods_dir / "atv.json").stat().st_mtime_ns
+    again = evaluate_seed(0, args, model, tok, tasks, {})           # resumes: only ICL is run again
+    assert (methods_dir / "atv.json").stat().st_mtime_ns == stamp and again == results
+    summary, text = report([results], tasks, args.methods, [0])
+    assert "atv - static" in text and "atv - icl" in text and "generic prompts" in text
+    assert summary["summary"]["icl"]["mean_prompt_tokens"]["antonym"][0] > \
+        summary["summary"]["atv"]["mean_prompt_tokens"]["antonym"][0]

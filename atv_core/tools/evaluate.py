@@ -172,9 +172,6 @@ def method_prompts(method: str, task: Task, items: list[tuple[str, str, int]], s
     if method == "shared":
         return prompts, [controls["shared"]] * len(prompts), "atv", None
     if method == "static":
-        if task.name not in controls["static"]:
-            raise ValueError(f"no directly trained static vector for task {task.name!r}; "
-                             "retrain the static control with this task")
         return prompts, [controls["static"][task.name]] * len(prompts), "atv", None
     return prompts, None, "off", None  # zero_shot, and lora (through its own merged model)
 
@@ -183,6 +180,9 @@ def run_method(engine, method, tasks, seed, args, generator, controls) -> dict:
     """All tasks' prompts of one method through the engine in one go (full batches); scores per task."""
     plan, all_prompts, all_vectors, modes = [], [], [], set()
     for task in tasks:
+        if method == "static" and task.name not in controls["static"]:
+            log.warning("no directly trained static vector for task %s: static is not scored there", task.name)
+            continue
         items = test_prompts(task, args.limit, not args.rotate_templates)
         prompts, vectors, mode, gates = method_prompts(method, task, items, seed, args.k, generator, controls)
         plan.append((task, [g for _, g, _ in items], len(all_prompts), len(prompts), gates))
@@ -241,7 +241,7 @@ def load_controls(args, seed: int, cfg: TrainConfig, model, tokenizer, tasks: li
         if not path.exists():
             names = tuple(t.name for t in tasks if t.kind != "custom")
             files = tuple(str(t.root) for t in tasks if t.kind == "custom")
-            train(replace(cfg, static=True, gate="none", tasks=names or None, task_files=files,
+            train(replace(cfg, static=True, gate="none", tasks=names, task_files=files,
                           out=str(out / "static")), model, tokenizer)
         controls["static"] = {k: v * scale for k, v in load_task_vectors(path).items()}
     return controls
@@ -273,7 +273,10 @@ def evaluate_seed(seed: int, args, model, tokenizer, tasks: list[Task], cached: 
         done = out / "methods" / f"{method}.json"   # each method's scores are kept as soon as they exist
         if done.exists():
             by_method[method] = json.loads(done.read_text())
-        elif method == "lora":
+            if method == "zero_shot":
+                cached["zero_shot"] = by_method[method]
+            continue
+        if method == "lora":
             lora_dir = out / "lora"
             lora_dir.mkdir(parents=True, exist_ok=True)
             merged, _ = train_lora(cfg, model, tokenizer, args.lora_rank, lora_dir)
@@ -287,7 +290,7 @@ def evaluate_seed(seed: int, args, model, tokenizer, tasks: list[Task], cached: 
             cached["zero_shot"] = by_method[method]
         done.parent.mkdir(parents=True, exist_ok=True)
         done.write_text(json.dumps(by_method[method]))
-    results = {task.name: {m: by_method[m][task.name] for m in by_method} for task in tasks}
+    results = {task.name: {m: by_method[m][task.name] for m in by_method if task.name in by_method[m]} for task in tasks}
     if args.generic != "none":
         done = out / "methods" / "generic.json"
         if not done.exists():

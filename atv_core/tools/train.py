@@ -83,6 +83,9 @@ class TrainConfig:
 
 PRESETS = {
     "default": TrainConfig(),
+    # Issue 13's recipe: top 2 backbone blocks tuned, reads up to 5 demonstrations, learned do-no-harm gate,
+    # early stopping on validation loss.
+    "strong": TrainConfig(gate="learned", backbone_trainable_layers=2, examples_k=5, epochs=3, patience=1),
     # The paper's recipe; needs GPT-2 weights (a hub or a local copy): --backbone /path/to/gpt2
     "paper": TrainConfig(backbone="gpt2", backbone_kind="decoder", rank=None, scale=0.001, lr=5e-4,
                          weight_decay=1e-5, epochs=15, batch_size=1, optimizer="adam", gate="none",
@@ -343,7 +346,8 @@ def build_generator(cfg: TrainConfig, model, device) -> ATVGenerator:
 
 
 def select_tasks(cfg: TrainConfig) -> list[Task]:
-    tasks = load_suite(names=cfg.tasks) if cfg.tasks else load_suite(seen=True)
+    """cfg.tasks names suite tasks; None = every seen task; () = none (only cfg.task_files)."""
+    tasks = load_suite(names=cfg.tasks) if cfg.tasks else load_suite(seen=True) if cfg.tasks is None else []
     return tasks + [load_task_file(p) for p in cfg.task_files]
 
 
