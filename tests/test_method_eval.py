@@ -148,3 +148,10 @@ def test_evaluate_seed_end_to_end_resumes_and_reports(tmp_path):
     assert "atv - static" in text and "atv - icl" in text and "generic prompts" in text
     assert summary["summary"]["icl"]["mean_prompt_tokens"]["antonym"][0] > \
         summary["summary"]["atv"]["mean_prompt_tokens"]["antonym"][0]
+
+
+def test_table_cells_show_std_only_over_several_seeds_and_a_dash_where_not_scored():
+    from atv_core.tools.evaluate import _cell, _mean_std
+    assert _cell(_mean_std([0.5]), True) == "50.0"
+    assert _cell(_mean_std([0.5, 0.7]), True) == "60.0±14.1"
+    assert _cell(_mean_std([]), True) == "–" and _cell(_mean_std([12.0]), False) == "12.0"

@@ -21,6 +21,7 @@ import argparse
 import copy
 import json
 import logging
+import math
 import random
 import statistics
 from dataclasses import replace
@@ -322,9 +323,10 @@ def aggregate(per_seed: list[dict], tasks: list[Task], methods) -> dict:
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
+    """(mean, std over seeds); std is NaN with one seed, both are NaN with none."""
     if not values:
         return (float("nan"), float("nan"))
-    return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+    return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else float("nan"))
 
 
 def paired_bootstrap(per_seed: list[dict], tasks: list[Task], a: str, b: str, key: str, reps: int = 2000,
@@ -382,8 +384,12 @@ def markdown_table(summary: dict, tasks: list[Task], metric: str) -> str:
 
 
 def _cell(mean_std: tuple[float, float], as_percent: bool) -> str:
+    """"mean±std", "mean" with one seed, "–" where the method was not scored."""
     f = 100 if as_percent else 1
-    return f"{f * mean_std[0]:.1f}±{f * mean_std[1]:.1f}"
+    mean, std = mean_std
+    if math.isnan(mean):
+        return "–"
+    return f"{f * mean:.1f}" if math.isnan(std) else f"{f * mean:.1f}±{f * std:.1f}"
 
 
 def differences_table(diffs: dict) -> str:
@@ -439,7 +445,7 @@ def plot(summary: dict, tasks: list[Task], path: Path) -> None:
     width = 0.8 / len(summary)
     for i, (method, s) in enumerate(summary.items()):
         means = [s["first_token"][c][0] for c in cols]
-        stds = [s["first_token"][c][1] for c in cols]
+        stds = [0.0 if math.isnan(s["first_token"][c][1]) else s["first_token"][c][1] for c in cols]
         ax.bar([x + i * width for x in range(len(cols))], means, width, yerr=stds, label=method)
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(cols))], cols, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("first-token accuracy")
