@@ -290,3 +290,49 @@ def test_empty_prompt_text_is_refused_for_atv_and_a_bad_prompt_fails_alone(parts
     _drain(engine)
     assert bad.finish_reason == "error" and "cannot encode" in bad.error
     assert good.finish_reason == "length" and good.steering_report.vector_norm > 0
+
+
+def _generator_reading_examples(parts, max_examples=2):
+    import copy
+    from dataclasses import replace
+
+    generator = copy.copy(parts[2])
+    generator.config = replace(parts[2].config, max_examples=max_examples)
+    return generator
+
+
+def test_examples_shape_the_vector_through_the_stored_input_format(parts):
+    """atv.examples: the generator reads format_input(query, examples); the target reads the query alone."""
+    from atv_core.engine.request import Example
+
+    model, tok, _ = parts
+    generator = _generator_reading_examples(parts)
+    examples = (Example("hot", "cold"), Example("up", "down"))
+    text = "big ->"
+    with torch.no_grad():
+        expected = generator([generator.format_input(text, examples)]).vectors[0].float()
+    shown = Request("ex", tok(text)["input_ids"], GREEDY, SteeringSpec("atv", examples=examples), text)
+    direct = Request("direct", tok(text)["input_ids"], GREEDY, SteeringSpec("atv"), text, vector=expected.clone())
+    query_only = _request(tok, "query", text)
+    logits = {}
+    for request in (shown, direct, query_only):
+        engine = LLMEngine(model, tok, generator, EngineConfig(max_running=2))
+        seen = _record(engine)
+        engine.add_request(request)
+        _drain(engine)
+        logits.update(seen)
+    assert shown.num_prompt_tokens == direct.num_prompt_tokens  # no demonstration reached the target
+    assert all(torch.equal(a, b) for a, b in zip(logits["ex"], logits["direct"]))
+    assert not torch.equal(logits["ex"][0], logits["query"][0])
+
+
+def test_examples_are_refused_with_the_fix_when_the_generator_cannot_read_them(parts):
+    from atv_core.engine.request import Example
+
+    model, tok, gen = parts
+    request = Request("x", tok("a")["input_ids"], GREEDY, SteeringSpec("atv", examples=(Example("a", "b"),)), "a")
+    with pytest.raises(ValueError, match="not trained to read atv.examples"):
+        LLMEngine(model, tok, gen, EngineConfig(max_running=2)).validate(request)
+    too_many = Request("y", tok("a")["input_ids"], GREEDY, SteeringSpec("atv", examples=(Example("a", "b"),) * 3), "a")
+    with pytest.raises(ValueError, match="reads at most 2"):
+        LLMEngine(model, tok, _generator_reading_examples(parts), EngineConfig(max_running=2)).validate(too_many)

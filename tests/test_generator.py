@@ -104,3 +104,58 @@ def test_bad_configs_and_paths_are_refused(tmp_path):
 def test_no_pickle_in_checkpoints(tmp_path):
     path = save_generator(_generator(tmp_path), tmp_path / "ckpt")
     assert not list(path.glob("*.pt")) and not list(path.glob("*.bin")) and not list(path.glob("*.pkl"))
+
+
+def test_format_input_is_the_query_alone_without_examples_and_one_line_per_demonstration(tmp_path):
+    from atv_core.engine.request import Example
+    generator = _generator(tmp_path, max_examples=2)
+    assert generator.format_input("Input: hot\nOutput:") == "Input: hot\nOutput:"
+    text = generator.format_input("Q {prompt}", [Example("big\none", "small"), Example("{examples}", "down")])
+    assert text == "Q {prompt}\n\nExamples:\nbig one => small\n{examples} => down"
+    with pytest.raises(ValueError, match="at most 2"):
+        generator.format_input("q", [Example("a", "b")] * 3)
+    with pytest.raises(ValueError, match="not trained to read atv.examples"):
+        _generator(tmp_path / "plain").format_input("q", [Example("a", "b")])
+
+
+def test_examples_change_the_vector(tmp_path):
+    from atv_core.engine.request import Example
+    generator = _generator(tmp_path, max_examples=5)
+    with torch.no_grad():
+        a, b = generator([generator.format_input("x", [Example("hot", "cold")]), "x"]).vectors
+    assert not torch.equal(a, b)
+
+
+def test_learned_gate_and_tuned_backbone_blocks_round_trip(tmp_path):
+    generator = _generator(tmp_path, gate="learned", backbone_trainable_layers=1)
+    tuned = [n for n, p in generator.backbone.named_parameters() if p.requires_grad]
+    assert tuned and all(n.startswith("encoder.layer.1.") for n in tuned)   # the top block of 2 only
+    with torch.no_grad():
+        for p in list(generator.gate_head.parameters()) + [p for _, p in generator.backbone.named_parameters()
+                                                           if p.requires_grad]:
+            p.add_(torch.randn_like(p) * 0.3)
+    path = save_generator(generator, tmp_path / "ckpt")
+    stored = load_file_keys(path)
+    assert any(k.startswith("gate_head.") for k in stored)
+    assert {k for k in stored if k.startswith("backbone.")} == {f"backbone.{n}" for n in tuned}
+    loaded = load_generator(path, target=make_model("llama"))
+    prompts = ["hello", "what is the capital of France?"]
+    with torch.no_grad():
+        out, ref = loaded(prompts), generator(prompts)
+    assert torch.equal(out.vectors, ref.vectors) and torch.equal(out.gates, ref.gates)
+    assert ((out.gates > 0) & (out.gates < 1)).all() and not torch.equal(out.gates[0], out.gates[1])
+
+
+def test_old_checkpoints_without_the_new_fields_still_load(tmp_path):
+    path = save_generator(_generator(tmp_path, gate="distance"), tmp_path / "ckpt")
+    meta = json.loads((path / "atv_config.json").read_text())
+    for key in ("backbone_trainable_layers", "max_examples", "examples_format", "example_template"):
+        del meta["generator"][key]
+    (path / "atv_config.json").write_text(json.dumps(meta))
+    loaded = load_generator(path)
+    assert loaded.config.max_examples == 0 and not loaded.config.reads_examples and loaded.gate_head is None
+
+
+def load_file_keys(path):
+    from safetensors.torch import load_file
+    return set(load_file(str(path / "atv_weights.safetensors")))

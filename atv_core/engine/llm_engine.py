@@ -126,12 +126,11 @@ class LLMEngine:
         if request.steering.mode == "vector" and request.vector is not None:
             raise ValueError("Request.vector stands in for the generator's vector, which mode 'vector' does not use; "
                              "use mode 'atv' to add it to the named vector")
-        if request.steering.examples and request.vector is None:
-            raise ValueError("this generator was not trained to read atv.examples; send the query alone")
         if request.steering.mode == "atv" and request.vector is None:
             if self.generator is None:
                 raise ValueError("steering mode 'atv' needs a generator, and this server has none; use mode 'off'")
-            if not request.prompt_text.strip():
+            self.generator.format_input(request.prompt_text, request.steering.examples)  # ValueError with the fix
+            if not request.prompt_text.strip() and not request.steering.examples:
                 raise ValueError("steering mode 'atv' needs prompt text for the generator to read; "
                                  "send a non-empty prompt or use mode 'off'")
 
@@ -238,14 +237,14 @@ class LLMEngine:
             return out
         t0 = time.perf_counter()
         try:
-            results = [self._generate([r.prompt_text for r in pending])]
+            results = [self._generate([self._generator_input(r) for r in pending])]
             groups = [pending]
         except Exception:  # retry one by one so that only the request at fault fails
             log.exception("generator failed on a batch of %d; retrying one by one", len(pending))
             groups, results = [[r] for r in pending], []
             for request in pending:
                 try:
-                    results.append(self._generate([request.prompt_text]))
+                    results.append(self._generate([self._generator_input(request)]))
                 except Exception as exc:
                     request.finish("error", f"vector generation failed: {type(exc).__name__}: {exc}")
                     results.append(None)
@@ -254,6 +253,10 @@ class LLMEngine:
             for i, request in enumerate(group if result is not None else []):
                 out[id(request)] = (result[0][i], result[1][i], elapsed)
         return out
+
+    def _generator_input(self, request: Request) -> str:
+        """What the generator reads: the query, with the request's demonstrations in the checkpoint's format."""
+        return self.generator.format_input(request.prompt_text, request.steering.examples)
 
     def _generate(self, prompts: list[str]) -> tuple[torch.Tensor, list[float]]:
         with torch.no_grad():

@@ -1,16 +1,20 @@
 """The ATV generator: reads a query and writes one steering vector per selected target layer.
 
-    query text --input_template--> backbone (any HF AutoModel) --pool--> q [B, d_s]
+    query (+ k demonstrations) --format_input--> text --input_template--> backbone --pool--> q [B, d_s]
     q --expansion--> v [B, L_sel, d]             full rank: Linear(d_s, L_sel*d)   (the paper)
                                                   low rank:  Linear(d_s, r) -> Linear(r, L_sel*d)
     out = lambda * gate(q) * v                    gate in [0, 1] (1 when no gate is configured)
 
-Every setting that must be identical in training and serving (input template, pooling, position policy,
-selected layers, lambda, gate) lives in the frozen `GeneratorConfig`, which the checkpoint stores.
-This module does not inject vectors (injection.py) and does not train (train.py).
+Gates: "none"; "distance" (cosine to training-query centroids, fitted after training); "learned" (a linear
+head on q, trained with negative kinds and generic prompts whose target is the unsteered model's answer).
+Demonstrations (`format_input`) are read as text by the generator only; the target never sees them.
+Every setting that must be identical in training and serving (input template, examples format, pooling,
+position policy, selected layers, lambda, gate) lives in the frozen `GeneratorConfig`, which the
+checkpoint stores. This module does not inject vectors (injection.py) and does not train (train.py).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Literal
 
@@ -20,7 +24,9 @@ from torch import nn
 from atv_core.steering.injection import POSITION_POLICIES
 
 POOLINGS = ("mean", "last", "cls")
-GATES = ("none", "distance")
+GATES = ("none", "distance", "learned")
+EXAMPLES_FORMAT = "{prompt}\n\nExamples:\n{examples}"
+EXAMPLE_TEMPLATE = "{input} => {output}"
 
 
 @dataclass(frozen=True)
@@ -37,10 +43,14 @@ class GeneratorConfig:
     position: Literal["all", "last"] = "all"
     input_template: str = "{prompt}"   # what the generator reads; {prompt} is the request's prompt text
     max_input_tokens: int = 256
-    gate: Literal["none", "distance"] = "none"
+    gate: Literal["none", "distance", "learned"] = "none"
     gate_threshold: float = 0.0        # distance gate: g = sigmoid((max cos(q, centroid) - threshold) / temperature)
     gate_temperature: float = 0.05
     train_backbone: bool = False
+    backbone_trainable_layers: int = 0 # >0: the top N backbone blocks are fine-tuned and stored (train_backbone=False)
+    max_examples: int = 0              # demonstrations the generator was trained to read; 0 = it reads none
+    examples_format: str = EXAMPLES_FORMAT   # {prompt} = the query, {examples} = the demonstrations, one a line
+    example_template: str = EXAMPLE_TEMPLATE # one demonstration; {input}, {output}
     recipe: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -54,6 +64,12 @@ class GeneratorConfig:
             raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
         if "{prompt}" not in self.input_template:
             raise ValueError(f"input_template must contain '{{prompt}}', got {self.input_template!r}")
+        for name, keys in (("examples_format", ("{prompt}", "{examples}")), ("example_template", ("{input}", "{output}"))):
+            missing = [k for k in keys if k not in getattr(self, name)]
+            if missing:
+                raise ValueError(f"{name} must contain {missing}, got {getattr(self, name)!r}")
+        if self.max_examples < 0 or self.backbone_trainable_layers < 0:
+            raise ValueError("max_examples and backbone_trainable_layers must be >= 0")
         if self.rank is not None and self.rank < 1:
             raise ValueError(f"rank must be a positive int or None (full rank), got {self.rank}")
         if self.layers is not None:
@@ -65,6 +81,10 @@ class GeneratorConfig:
     @property
     def selected_layers(self) -> tuple[int, ...]:
         return self.layers if self.layers is not None else tuple(range(self.target_layers))
+
+    @property
+    def reads_examples(self) -> bool:
+        return self.max_examples > 0
 
     @property
     def pooling_mode(self) -> str:
@@ -122,6 +142,33 @@ class Expansion(nn.Module):
         return self.up(q).view(q.shape[0], self.n_layers, self.d)
 
 
+def backbone_blocks(backbone: nn.Module) -> nn.ModuleList:
+    """The backbone's list of transformer blocks (BERT-style `encoder.layer`, or any decoder layout)."""
+    from atv_core.steering.layers import find_decoder_layers
+
+    encoder_layers = getattr(getattr(backbone, "encoder", None), "layer", None)
+    if isinstance(encoder_layers, nn.ModuleList) and len(encoder_layers) > 0:
+        return encoder_layers
+    return find_decoder_layers(backbone)
+
+
+class GateHead(nn.Module):
+    """The learned gate: q [B, d_s] -> [B] in [0, 1]. Starts open (sigmoid(2) ~ 0.88)."""
+
+    def __init__(self, d_s: int, hidden: int = 64):
+        super().__init__()
+        self.hidden = nn.Linear(d_s, hidden)
+        self.out = nn.Linear(hidden, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.constant_(self.out.bias, 2.0)
+
+    def logits(self, q: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.hidden(q))).squeeze(-1)
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits(q))
+
+
 class ATVGenerator(nn.Module):
     def __init__(self, config: GeneratorConfig, backbone: nn.Module, tokenizer):
         super().__init__()
@@ -133,12 +180,50 @@ class ATVGenerator(nn.Module):
         d_s = backbone.config.hidden_size
         self.expansion = Expansion(d_s, len(config.selected_layers), config.target_hidden, config.rank)
         self.register_buffer("centroids", torch.zeros(0, d_s))  # [K, d_s], unit norm, for the distance gate
+        self.gate_head = GateHead(d_s) if config.gate == "learned" else None
         if not config.train_backbone:
             backbone.requires_grad_(False)
+            if config.backbone_trainable_layers:
+                blocks = backbone_blocks(backbone)
+                if config.backbone_trainable_layers > len(blocks):
+                    raise ValueError(f"backbone_trainable_layers={config.backbone_trainable_layers} but the backbone "
+                                     f"has {len(blocks)} blocks; use at most {len(blocks)}")
+                blocks[len(blocks) - config.backbone_trainable_layers:].requires_grad_(True)
+
+    @property
+    def trains_backbone(self) -> bool:
+        return self.config.train_backbone or self.config.backbone_trainable_layers > 0
+
+    def train(self, mode: bool = True):
+        """A frozen backbone stays in eval mode (no dropout), so training reads what serving reads."""
+        super().train(mode)
+        self.backbone.train(mode and self.trains_backbone)
+        return self
 
     @property
     def device(self) -> torch.device:
         return self.expansion.up.weight.device
+
+    def format_input(self, query: str, examples=()) -> str:
+        """What the generator reads for `query` and k demonstrations (objects with .input and .output).
+
+        The one input format of training and serving: no demonstrations -> the query unchanged; else
+        `examples_format` with one `example_template` line per demonstration (newlines in them become spaces).
+        Pass the result to `generator([...])`. ValueError if this generator was not trained to read examples
+        or more are given than it was trained with.
+        """
+        examples = tuple(examples)
+        if not examples:
+            return query
+        if not self.config.reads_examples:
+            raise ValueError("this generator was not trained to read atv.examples; send the query alone "
+                             "or use a generator trained with examples (atv train --examples-k K)")
+        if len(examples) > self.config.max_examples:
+            raise ValueError(f"{len(examples)} examples given but this generator reads at most "
+                             f"{self.config.max_examples}; send at most {self.config.max_examples}")
+        lines = [_fill(self.config.example_template, input=_one_line(e.input), output=_one_line(e.output))
+                 for e in examples]
+        return _fill(self.config.examples_format, prompt=query, examples="\n".join(lines))
 
     def format_inputs(self, prompts: list[str]) -> list[str]:
         return [self.config.input_template.replace("{prompt}", p) for p in prompts]
@@ -150,7 +235,7 @@ class ATVGenerator(nn.Module):
         ids = self.tokenizer(texts, truncation=True, max_length=self.config.max_input_tokens)["input_ids"]
         order = sorted(range(len(texts)), key=lambda i: len(ids[i]))
         pooled = [None] * len(texts)
-        grad = self.config.train_backbone and self.training and torch.is_grad_enabled()
+        grad = self.trains_backbone and self.training and torch.is_grad_enabled()
         for start in range(0, len(order), chunk):
             part = order[start: start + chunk]
             batch = self.tokenizer.pad({"input_ids": [ids[i] for i in part]}, return_tensors="pt").to(self.device)
@@ -162,6 +247,8 @@ class ATVGenerator(nn.Module):
 
     def gate(self, pooled: torch.Tensor) -> torch.Tensor:
         """[B, d_s] -> [B] in [0, 1]."""
+        if self.gate_head is not None:
+            return self.gate_head(pooled.to(self.gate_head.out.weight.dtype)).to(pooled.dtype)
         if self.config.gate == "none" or self.centroids.shape[0] == 0:
             return pooled.new_ones(pooled.shape[0])
         q = nn.functional.normalize(pooled, dim=-1)
@@ -176,8 +263,20 @@ class ATVGenerator(nn.Module):
         return GeneratorOutput(vectors=vectors, gates=gates, pooled=pooled)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """What a checkpoint stores: expansion, gate buffers, and the backbone only if it was trained."""
+        """What a checkpoint stores: expansion, gate, and the backbone (or its fine-tuned top blocks) if trained."""
         state = {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
         if self.config.train_backbone:
             state.update({f"backbone.{k}": v for k, v in self.backbone.state_dict().items()})
+        elif self.config.backbone_trainable_layers:
+            tuned = {id(p) for p in backbone_blocks(self.backbone)[-self.config.backbone_trainable_layers:].parameters()}
+            state.update({f"backbone.{k}": p for k, p in self.backbone.named_parameters() if id(p) in tuned})
         return state
+
+
+def _fill(template: str, **values: str) -> str:
+    """Replace {name} fields in one pass (a value holding "{prompt}" is not expanded again)."""
+    return re.sub(r"\{(" + "|".join(values) + r")\}", lambda m: values[m.group(1)], template)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())

@@ -4,7 +4,8 @@ A task is a folder `<root>/<name>/{train,valid,test}.jsonl` of `{"input": str, "
 records plus an entry in `<root>/suite.json` (built by `data/build_tasks.py`). A prompt is
 `template.format(input=x)`; the continuation the target model must produce is `" " + output`
 (outputs are stored without the leading space). A user's own task can be one JSONL file of
-records, split deterministically 60/20/20 by a hash of each input.
+records, split deterministically 60/20/20 by a hash of each input; its prompt template comes from the
+caller, else from the records' optional "template" field, else DEFAULT_TEMPLATE.
 
 What it deliberately does not do: tokenize, batch, score or cache anything. Every call reads the
 files again; there is no module state and nothing happens at import time.
@@ -99,6 +100,18 @@ def read_jsonl(path: Path) -> list[Example]:
     return examples
 
 
+def file_templates(path: Path) -> tuple[str, ...]:
+    """The distinct "template" fields of a JSONL task file, in file order (empty if none has one)."""
+    found: list[str] = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        template = json.loads(line).get("template") if line.strip() else None
+        if template is not None and not isinstance(template, str):
+            raise ValueError(f'{path}:{number}: "template" must be a string containing {{input}}')
+        if template and template not in found:
+            found.append(template)
+    return tuple(found)
+
+
 def parse_record(line: str, where: str) -> Example:
     try:
         record = json.loads(line)
@@ -167,7 +180,8 @@ def task_from_entry(entry: dict, root: Path) -> Task:
 def load_task_file(path: Path | str, name: str | None = None, templates=None) -> Task:
     """A user task from one JSONL file of {"input", "output"} records, split 60/20/20 by input hash.
 
-    `name` defaults to the file's stem, `templates` to ("Input: {input}\\nOutput:",). The file is
+    `name` defaults to the file's stem. `templates` (a string or several) default to the distinct
+    "template" fields of the records (in file order), else ("Input: {input}\\nOutput:",). The file is
     validated now (ValueError says what to fix); examples are read again on each `examples` call.
     """
     path = Path(path)
@@ -177,6 +191,8 @@ def load_task_file(path: Path | str, name: str | None = None, templates=None) ->
     read_jsonl(path)
     if isinstance(templates, str):
         templates = (templates,)
+    if templates is None:
+        templates = file_templates(path) or None
     return Task(name=name or path.stem, kind="custom", seen=False,
                 templates=tuple(templates) if templates is not None else (DEFAULT_TEMPLATE,),
                 labels=None, source=str(path), licence="user-supplied", root=path)

@@ -1,10 +1,17 @@
-"""`atv train`: fit a generator (or the shared-vector control) on a task mixture, target frozen.
+"""`atv train`: fit a generator (or a non-adaptive control) on a task mixture, target frozen.
+
+Controls: `shared` = one learned vector for every query; `static` = one vector per task, trained directly
+(all tasks in one run, each item steered by its own task's vector).
 
 Loss: cross-entropy on the answer tokens only (" " + output + "\\n"), with the generator's vectors injected
 by the same hooks, slot policy and input template the server uses. Validation each epoch, the best
-checkpoint kept, a JSONL metrics log, resume from the run folder, a progress bar.
-After training, the distance gate is fitted: centroids of the training queries' pooled embeddings and a
-threshold below which the generator steps back (see generator.py).
+checkpoint kept (early stopping with `patience`), a JSONL metrics log, resume from the run folder, a progress bar.
+Options of the stronger recipe: the top `backbone_trainable_layers` backbone blocks fine-tuned; every item
+under every template (`all_templates`); `examples_k` > 0 trains the generator to read k demonstrations of the
+item's task (text, `ATVGenerator.format_input`) for a share `examples_prob` of the items.
+Gates: "distance" is fitted after training (centroids of the training queries' pooled embeddings and a
+threshold); "learned" is trained with the rest: generic prompts and negative kinds (data/tasks/generic) whose
+target is the unsteered target's own greedy answer, plus a BCE term (task items 1, negatives 0).
 This module does not evaluate methods against each other (evaluate.py does).
 """
 from __future__ import annotations
@@ -21,12 +28,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from atv_core.steering.checkpoint import load_generator, save_generator
+from atv_core.steering.checkpoint import save_generator
 from atv_core.steering.generator import ATVGenerator, GeneratorConfig
 from atv_core.steering.injection import make_table, steering
 from atv_core.steering.layers import find_decoder_layers
 from atv_core.models import EMBEDDED_BACKBONE, EMBEDDED_TARGET, load_backbone, load_target, select_device
-from atv_core.tools.tasks import Task, load_suite, load_task_file
+from atv_core.tools.tasks import DEFAULT_TEMPLATE, Task, load_suite, load_task_file
 
 log = logging.getLogger("atv.train")
 
@@ -43,7 +50,18 @@ class TrainConfig:
     position: str = "all"
     input_template: str = "{prompt}"
     train_backbone: bool = False
-    gate: str = "distance"
+    gate: str = "distance"                      # "distance" | "learned" | "none"
+    backbone_trainable_layers: int = 0          # fine-tune the top N backbone blocks
+    examples_k: int = 0                         # train to read up to k demonstrations (0: never)
+    examples_prob: float = 0.5                  # share of items whose generator input carries demonstrations
+    examples_plain_prob: float = 0.5            # of those, share whose prompt is the task-agnostic "Input:/Output:"
+    all_templates: bool = False                 # every item under every template (else one drawn per item)
+    negatives: str | None = None                # JSONL of {"kind", "prompt"} for the learned gate (default: the suite's)
+    negative_tokens: int = 16                   # length of the unsteered answers used as negatives' targets
+    gate_loss_weight: float = 1.0
+    patience: int | None = None                 # stop after this many epochs without a better validation loss
+    backbone_lr: float = 1e-4                   # learning rate of fine-tuned backbone blocks
+    gate_lr: float = 1e-2                       # learning rate of the learned gate's head
     tasks: tuple[str, ...] | None = None        # suite task names (default: every seen task)
     task_files: tuple[str, ...] = ()            # extra user JSONL files
     max_per_task: int | None = 80
@@ -56,6 +74,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     shared: bool = False                        # the non-adaptive control: one learned vector for all queries
+    static: bool = False                        # the per-task control: one learned vector per task
     out: str = "runs/atv"
 
     def to_json(self) -> dict:
@@ -64,6 +83,9 @@ class TrainConfig:
 
 PRESETS = {
     "default": TrainConfig(),
+    # Issue 13's recipe: top 2 backbone blocks tuned, reads up to 5 demonstrations, learned do-no-harm gate,
+    # early stopping on validation loss.
+    "strong": TrainConfig(gate="learned", backbone_trainable_layers=2, examples_k=5, epochs=3, patience=1),
     # The paper's recipe; needs GPT-2 weights (a hub or a local copy): --backbone /path/to/gpt2
     "paper": TrainConfig(backbone="gpt2", backbone_kind="decoder", rank=None, scale=0.001, lr=5e-4,
                          weight_decay=1e-5, epochs=15, batch_size=1, optimizer="adam", gate="none",
@@ -73,21 +95,101 @@ PRESETS = {
 
 @dataclass
 class Item:
-    prompt: str
-    target: str
+    prompt: str                 # what the target reads
+    target: str                 # the continuation it is trained to produce
     task: str
+    gen_input: str = ""         # what the generator reads (default: the prompt)
+    gate_label: float = 1.0     # 1: steer (a task item), 0: do no harm (a negative)
+    input: str = ""             # the task example's input (to keep an item out of its own demonstrations)
+
+    def __post_init__(self):
+        self.gen_input = self.gen_input or self.prompt
 
 
-def training_items(tasks: list[Task], split: str, seed: int, max_per_task: int | None = None) -> list[Item]:
-    """Every example under a template drawn per example (all templates appear across the set)."""
+def training_items(tasks: list[Task], split: str, seed: int, max_per_task: int | None = None,
+                   all_templates: bool = False) -> list[Item]:
+    """Every example under a template drawn per example (all templates appear across the set), or under
+    every template when `all_templates`."""
     rng = random.Random(seed)
     items = []
     for task in tasks:
         examples = task.examples(split)[:max_per_task] if max_per_task else task.examples(split)
         for i, ex in enumerate(examples):
-            t = (i + rng.randrange(len(task.templates))) % len(task.templates)
-            items.append(Item(task.prompt(ex.input, t), task.target(ex) + "\n", task.name))
+            chosen = range(len(task.templates)) if all_templates else \
+                [(i + rng.randrange(len(task.templates))) % len(task.templates)]
+            items += [Item(task.prompt(ex.input, t), task.target(ex) + "\n", task.name, input=ex.input) for t in chosen]
     rng.shuffle(items)
+    return items
+
+
+def with_examples(items: list[Item], tasks: list[Task], generator: ATVGenerator, k: int, share: float,
+                  seed: int, plain: float = 0.0) -> list[Item]:
+    """A share of the items read 1..k demonstrations of their task (train split, never the item itself).
+    Of those, a share `plain` gets the task-agnostic prompt "Input: x\nOutput:", so that only the
+    demonstrations say what the task is."""
+    rng = random.Random(seed)
+    pools = {t.name: t.examples("train") for t in tasks}
+    out = []
+    for item in items:
+        if k > 0 and rng.random() < share:
+            pool = [e for e in pools[item.task] if e.input != item.input]
+            demos = rng.sample(pool, min(len(pool), rng.randint(1, k)))
+            if item.input and rng.random() < plain:
+                item = replace(item, prompt=DEFAULT_TEMPLATE.format(input=item.input), gen_input="")
+            item = replace(item, gen_input=generator.format_input(item.prompt, demos))
+        out.append(item)
+    return out
+
+
+def default_negatives() -> Path:
+    from atv_core.tools.tasks import default_data_dir
+    return default_data_dir() / "generic" / "train.jsonl"
+
+
+def read_prompts(path: Path | str) -> list[dict]:
+    """JSONL of {"kind": str, "prompt": str} (generic prompts and negative kinds)."""
+    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    bad = [i for i, r in enumerate(rows, 1) if not isinstance(r, dict) or not isinstance(r.get("prompt"), str)]
+    if bad or not rows:
+        raise ValueError(f"{path}: lines {bad[:5]} lack a string \"prompt\"; write one {{\"kind\", \"prompt\"}} per line")
+    return rows
+
+
+def chat_prompt(tokenizer, text: str) -> str:
+    """A user message as the server's chat endpoint sends it (the target's chat template), or the text."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+    return text
+
+
+def unsteered_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 16) -> list[str]:
+    """The target's own greedy continuations (no steering), the do-no-harm targets."""
+    answers = []
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        for i in range(0, len(prompts), batch_size):
+            batch = tokenizer(prompts[i: i + batch_size], return_tensors="pt", padding=True,
+                              add_special_tokens=False).to(model.device)
+            with torch.no_grad():
+                out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id)
+            answers += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return answers
+
+
+def negative_items(path, model, tokenizer, split: str, max_new_tokens: int, seed: int) -> list[Item]:
+    """Negatives (gate label 0) of one split (every 5th prompt is validation), target = unsteered answer."""
+    rows = read_prompts(path)
+    rows = [r for i, r in enumerate(rows) if (i % 5 == 4) == (split == "valid")]
+    prompts = [chat_prompt(tokenizer, r["prompt"]) for r in rows]
+    answers = unsteered_answers(model, tokenizer, prompts, max_new_tokens)
+    items = [Item(p, a, "negative:" + r.get("kind", "generic"), gate_label=0.0)
+             for p, a, r in zip(prompts, answers, rows) if a.strip()]
+    random.Random(seed).shuffle(items)
     return items
 
 
@@ -143,45 +245,91 @@ class SharedVector(nn.Module):
         super().__init__()
         self.v = nn.Parameter(torch.zeros(n_layers, d))
 
-    def forward(self, prompts: list[str]) -> torch.Tensor:
-        return self.v.unsqueeze(0).expand(len(prompts), -1, -1)
+    def forward(self, items: list) -> torch.Tensor:
+        return self.v.unsqueeze(0).expand(len(items), -1, -1)
+
+    def state_to_save(self) -> dict[str, torch.Tensor]:
+        return {"v": self.v.detach().cpu().contiguous()}
+
+
+class TaskVectors(nn.Module):
+    """The per-task control: one learned vector per selected layer and task; item i uses its task's row."""
+
+    def __init__(self, n_layers: int, d: int, tasks: list[str]):
+        super().__init__()
+        self.tasks = list(tasks)
+        self.index = {name: i for i, name in enumerate(self.tasks)}
+        self.v = nn.Parameter(torch.zeros(len(self.tasks), n_layers, d))
+
+    def forward(self, items: list) -> torch.Tensor:
+        return self.v[torch.tensor([self.index[x.task] for x in items], device=self.v.device)]
+
+    def state_to_save(self) -> dict[str, torch.Tensor]:
+        return {f"task.{name}": self.v[i].detach().cpu().contiguous() for i, name in enumerate(self.tasks)}
+
+
+def control_file(cfg_or_shared) -> str:
+    static = isinstance(cfg_or_shared, TaskVectors) or getattr(cfg_or_shared, "static", False)
+    return "task_vectors.safetensors" if static else "shared_vector.safetensors"
+
+
+def load_task_vectors(path: Path | str) -> dict[str, torch.Tensor]:
+    """task name -> [L_sel, d] from a `static` run's task_vectors.safetensors."""
+    from safetensors.torch import load_file
+    return {k.split(".", 1)[1]: v for k, v in load_file(str(path)).items() if k.startswith("task.")}
 
 
 class PooledCache:
-    """Frozen backbone: each prompt's pooled embedding is computed once and reused across epochs."""
+    """Frozen backbone: each input's pooled embedding is computed once and reused across epochs."""
 
     def __init__(self, generator: ATVGenerator):
         self.generator, self.store = generator, {}
 
-    def __call__(self, prompts: list[str]) -> torch.Tensor:
-        todo = list(dict.fromkeys(p for p in prompts if p not in self.store))
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        todo = list(dict.fromkeys(p for p in texts if p not in self.store))
         if todo:
             with torch.no_grad():
                 for p, q in zip(todo, self.generator.encode(todo)):
                     self.store[p] = q
-        return torch.stack([self.store[p] for p in prompts])
+        return torch.stack([self.store[p] for p in texts])
 
 
 def make_vectors_fn(generator: ATVGenerator, shared: SharedVector | None):
-    cache = PooledCache(generator) if not generator.config.train_backbone else None
+    """items -> (vectors [B, L_sel, d] as served: lambda * gate * v, learned-gate logits [B] or None)."""
+    cache = PooledCache(generator) if not generator.trains_backbone else None
 
-    def vectors(prompts: list[str]) -> torch.Tensor:
+    def vectors(items: list[Item]):
+        texts = [x.gen_input for x in items]
         if shared is not None:
-            return shared(prompts) * generator.config.scale
-        pooled = cache(prompts) if cache else generator.encode(prompts)
-        return generator.expansion(pooled) * generator.config.scale
+            return shared(items) * generator.config.scale, None
+        pooled = cache(texts) if cache else generator.encode(texts)
+        v = generator.expansion(pooled) * generator.config.scale
+        if generator.gate_head is None:
+            return v, None
+        logits = generator.gate_head.logits(pooled)
+        return v * torch.sigmoid(logits).view(-1, 1, 1), logits
     return vectors
 
 
-def evaluate_loss(model, tokenizer, items: list[Item], vectors_fn, layers, policy, batch_size, device) -> float:
+def item_loss(model, tokenizer, chunk: list[Item], vectors_fn, layers, policy, device, gate_weight: float):
+    """Answer CE with the items' vectors injected, plus the learned gate's BCE (task 1, negative 0)."""
+    batch = encode(tokenizer, [x.prompt for x in chunk], [x.target for x in chunk], device)
+    slots = sequence_slots(batch["prompt_lens"], batch["total_lens"], policy, batch["ids"].shape[1]).to(device)
+    vectors, logits = vectors_fn(chunk)
+    loss = answer_loss(model, batch, make_table(vectors), slots, layers)
+    if logits is not None and gate_weight:
+        labels = torch.tensor([x.gate_label for x in chunk], device=logits.device)
+        loss = loss + gate_weight * nn.functional.binary_cross_entropy_with_logits(logits, labels)
+    return loss
+
+
+def evaluate_loss(model, tokenizer, items: list[Item], vectors_fn, layers, policy, batch_size, device,
+                  gate_weight: float = 0.0) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(items), batch_size):
             chunk = items[i: i + batch_size]
-            batch = encode(tokenizer, [x.prompt for x in chunk], [x.target for x in chunk], device)
-            table = make_table(vectors_fn([x.prompt for x in chunk]))
-            slots = sequence_slots(batch["prompt_lens"], batch["total_lens"], policy, batch["ids"].shape[1])
-            total += answer_loss(model, batch, table, slots.to(device), layers).item() * len(chunk)
+            total += item_loss(model, tokenizer, chunk, vectors_fn, layers, policy, device, gate_weight).item() * len(chunk)
             count += len(chunk)
     return total / max(count, 1)
 
@@ -192,13 +340,38 @@ def build_generator(cfg: TrainConfig, model, device) -> ATVGenerator:
                            target_hidden=model.config.hidden_size, layers=cfg.layers, backbone_kind=cfg.backbone_kind,
                            pooling=cfg.pooling, rank=cfg.rank, scale=cfg.scale, position=cfg.position,
                            input_template=cfg.input_template, gate=cfg.gate, train_backbone=cfg.train_backbone,
+                           backbone_trainable_layers=cfg.backbone_trainable_layers, max_examples=cfg.examples_k,
                            recipe=cfg.to_json())
     return ATVGenerator(gcfg, backbone, tokenizer).to(device)
 
 
 def select_tasks(cfg: TrainConfig) -> list[Task]:
-    tasks = load_suite(names=cfg.tasks) if cfg.tasks else load_suite(seen=True)
+    """cfg.tasks names suite tasks; None = every seen task; () = none (only cfg.task_files)."""
+    tasks = load_suite(names=cfg.tasks) if cfg.tasks else load_suite(seen=True) if cfg.tasks is None else []
     return tasks + [load_task_file(p) for p in cfg.task_files]
+
+
+def param_groups(cfg: TrainConfig, generator: ATVGenerator, shared: SharedVector | None) -> list[dict]:
+    if shared is not None:
+        return [{"params": list(shared.parameters())}]
+    backbone = [p for p in generator.backbone.parameters() if p.requires_grad]
+    gate = list(generator.gate_head.parameters()) if generator.gate_head is not None else []
+    head = [p for n, p in generator.named_parameters() if p.requires_grad and n.startswith("expansion.")]
+    lr = cfg.lr if cfg.train_backbone else cfg.backbone_lr
+    return [{"params": head}] + ([{"params": backbone, "lr": lr}] if backbone else []) + \
+        ([{"params": gate, "lr": cfg.gate_lr}] if gate else [])
+
+
+def make_items(cfg: TrainConfig, tasks: list[Task], generator, model, tokenizer, split: str) -> list[Item]:
+    """Task items (with demonstrations for a share when examples_k) and, for a learned gate, negatives."""
+    seed = cfg.seed if split == "train" else cfg.seed + 1
+    items = training_items(tasks, split, seed, cfg.max_per_task if split == "train" else None, cfg.all_templates)
+    items = with_examples(items, tasks, generator, cfg.examples_k, cfg.examples_prob, seed, cfg.examples_plain_prob)
+    if cfg.gate == "learned" and not (cfg.shared or cfg.static):
+        items += negative_items(cfg.negatives or default_negatives(), model, tokenizer, split,
+                                cfg.negative_tokens, seed)
+        random.Random(seed).shuffle(items)
+    return items
 
 
 def train(cfg: TrainConfig, model=None, tokenizer=None) -> tuple[ATVGenerator, SharedVector | None, list[dict]]:
@@ -210,42 +383,42 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> tuple[ATVGenerator, S
         model, tokenizer = load_target(cfg.target, cfg.device, "float32")
     model.requires_grad_(False).eval()
     generator = build_generator(cfg, model, device)
-    shared = SharedVector(len(generator.config.selected_layers), generator.config.target_hidden).to(device) \
-        if cfg.shared else None
-    params = list(shared.parameters()) if shared else [p for p in generator.parameters() if p.requires_grad]
-    opt_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-    optimizer = opt_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n_layers, d = len(generator.config.selected_layers), generator.config.target_hidden
     tasks = select_tasks(cfg)
-    train_items = training_items(tasks, "train", cfg.seed, cfg.max_per_task)
-    valid_items = training_items(tasks, "valid", cfg.seed + 1)
+    shared = TaskVectors(n_layers, d, [t.name for t in tasks]).to(device) if cfg.static else \
+        SharedVector(n_layers, d).to(device) if cfg.shared else None
+    opt_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    optimizer = opt_cls(param_groups(cfg, generator, shared), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    train_items = make_items(cfg, tasks, generator, model, tokenizer, "train")
+    valid_items = make_items(cfg, tasks, generator, model, tokenizer, "valid")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps(cfg.to_json(), indent=2))
     vectors_fn = make_vectors_fn(generator, shared)
-    layers = generator.config.selected_layers
-    state_path, start_epoch, best, history = out / "train_state.pt", 0, float("inf"), []
+    layers, policy = generator.config.selected_layers, generator.config.position
+    gate_weight = cfg.gate_loss_weight if cfg.gate == "learned" else 0.0
+    state_path, start_epoch, best, history, stale = out / "train_state.pt", 0, float("inf"), [], 0
     if state_path.exists():  # resume (tensors only; weights_only refuses arbitrary pickles)
         state = torch.load(state_path, weights_only=True)
         (shared or generator).load_state_dict(state["model"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
-        start_epoch, best = int(state["epoch"]) + 1, float(state["best"])
+        start_epoch, best, stale = int(state["epoch"]) + 1, float(state["best"]), int(state.get("stale", 0))
         log.info("resumed from %s at epoch %d", state_path, start_epoch)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     log_file = (out / "metrics.jsonl").open("a")
     steps_per_epoch = (len(train_items) + cfg.batch_size - 1) // cfg.batch_size
     for epoch in range(start_epoch, cfg.epochs):
+        if cfg.patience is not None and stale >= cfg.patience:
+            log.info("early stop: no better validation loss for %d epochs", stale)
+            break
         generator.train()
         random.Random(cfg.seed * 1000 + epoch).shuffle(train_items)
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
         running, t0 = 0.0, time.perf_counter()
         for step in bar:
             chunk = train_items[step * cfg.batch_size: (step + 1) * cfg.batch_size]
-            batch = encode(tokenizer, [x.prompt for x in chunk], [x.target for x in chunk], device)
-            slots = sequence_slots(batch["prompt_lens"], batch["total_lens"], generator.config.position,
-                                   batch["ids"].shape[1]).to(device)
             with autocast:
-                table = make_table(vectors_fn([x.prompt for x in chunk]))
-                loss = answer_loss(model, batch, table, slots, layers)
+                loss = item_loss(model, tokenizer, chunk, vectors_fn, layers, policy, device, gate_weight)
             (loss / cfg.grad_accum).backward()
             if (step + 1) % cfg.grad_accum == 0 or step + 1 == steps_per_epoch:
                 optimizer.step()
@@ -253,20 +426,22 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> tuple[ATVGenerator, S
             running += loss.item()
             bar.set_postfix(loss=f"{running / (step + 1):.3f}")
         generator.eval()
-        valid = evaluate_loss(model, tokenizer, valid_items, vectors_fn, layers, generator.config.position,
-                              cfg.batch_size, device)
+        valid = evaluate_loss(model, tokenizer, valid_items, vectors_fn, layers, policy, cfg.batch_size, device,
+                              gate_weight)
         record = {"epoch": epoch + 1, "train_loss": running / steps_per_epoch, "valid_loss": valid,
                   "seconds": time.perf_counter() - t0}
         history.append(record)
         log_file.write(json.dumps(record) + "\n")
         log_file.flush()
         log.info("epoch %d: train %.4f valid %.4f (%.0fs)", epoch + 1, record["train_loss"], valid, record["seconds"])
+        stale = 0 if valid < best else stale + 1
         if valid < best:
             best = valid
             _save_best(generator, shared, out)
         trainable = (shared or generator).state_dict()
-        torch.save({"model": {k: v for k, v in trainable.items() if not k.startswith("backbone.")},
-                    "optimizer": optimizer.state_dict(), "epoch": epoch, "best": best}, state_path)
+        kept = shared.state_dict() if shared else generator.trainable_state_dict()
+        torch.save({"model": {k: v for k, v in trainable.items() if k in kept},
+                    "optimizer": optimizer.state_dict(), "epoch": epoch, "best": best, "stale": stale}, state_path)
     log_file.close()
     _load_best(generator, shared, out)
     if shared is None and cfg.gate == "distance":
@@ -278,19 +453,23 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> tuple[ATVGenerator, S
 def _save_best(generator, shared, out: Path) -> None:
     if shared is not None:
         from safetensors.torch import save_file
-        save_file({"v": shared.v.detach().cpu().contiguous()}, str(out / "shared_vector.safetensors"))
+        save_file(shared.state_to_save(), str(out / control_file(shared)))
     else:
         save_generator(generator, out / "generator", dtype=torch.float16)
 
 
 def _load_best(generator, shared, out: Path) -> None:
-    if shared is not None:
-        from safetensors.torch import load_file
-        shared.v.data.copy_(load_file(str(out / "shared_vector.safetensors"))["v"])
+    from safetensors.torch import load_file
+    if isinstance(shared, TaskVectors):
+        saved = load_task_vectors(out / control_file(shared))
+        shared.v.data.copy_(torch.stack([saved[name] for name in shared.tasks]))
+    elif shared is not None:
+        shared.v.data.copy_(load_file(str(out / control_file(shared)))["v"])
     else:
-        best = load_generator(out / "generator", backbone=generator.backbone, tokenizer=generator.tokenizer,
-                              device=generator.device)
-        generator.expansion.load_state_dict(best.expansion.state_dict())
+        from atv_core.steering.checkpoint import WEIGHTS_FILE
+        state = load_file(str(out / "generator" / WEIGHTS_FILE))
+        own = generator.state_dict()
+        generator.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items() if k in own}, strict=False)
 
 
 def fit_gate(generator: ATVGenerator, tasks: list[Task], quantile: float = 0.02, margin: float = 0.02) -> None:
@@ -343,9 +522,9 @@ def cli(argv: list[str]) -> int:
             value = tuple(value)
         elif isinstance(default, bool) or isinstance(value, bool):
             value = bool(value)
-        elif name in ("rank", "max_per_task") and str(value).lower() == "none":
+        elif name in ("rank", "max_per_task", "patience", "negatives") and str(value).lower() == "none":
             value = None
-        elif isinstance(default, int) or name in ("rank", "max_per_task"):
+        elif isinstance(default, int) or name in ("rank", "max_per_task", "patience"):
             value = int(value)
         elif isinstance(default, float):
             value = float(value)
