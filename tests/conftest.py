@@ -15,3 +15,13 @@ def _deterministic():
     torch.use_deterministic_algorithms(False)
     yield
 
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine a thread pool waiting
+    for a busy core makes each small op 10-100x slower. Modules opt in with `usefixtures`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -14,19 +14,13 @@ from atv_core.steering.checkpoint import load_generator
 from tests.conftest import ARCHS
 from tests.tiny import drain, make_model, make_tiny_generator_dir, make_tokenizer, record_logits
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 # a small step budget so that prompts are chunked and chunks share steps with decodes
 CHUNKY = dict(max_running=4, max_num_batched_tokens=16, block_size=4, long_prompt_tokens=6, long_prefill_chunk=5)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes gain nothing from threads, and on a shared machine a thread pool waiting for a busy core
-    makes each attention call ~50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _ids(n, seed):

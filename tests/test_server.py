@@ -34,6 +34,8 @@ from server.metrics import Metrics
 from server.settings import Settings, parse_settings
 from tests.tiny import make_tiny_generator_dir, make_tiny_model_dir, make_tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 ROOT = Path(__file__).resolve().parents[1]
 ERROR_KEYS = {"message", "type", "param", "code"}
 
@@ -103,15 +105,6 @@ def serving(engine: AsyncEngine | None, settings: Settings):
             engine.shutdown()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models run 10-100x slower with several intra-op threads on a busy machine."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -363,6 +356,7 @@ def test_generation_failure_is_500_and_harms_nobody(main, monkeypatch):
 
     class NonFinite:  # a generator whose vectors are NaN
         config = real.config
+        format_input = staticmethod(real.format_input)
 
         def __call__(self, texts):
             out = real(texts)

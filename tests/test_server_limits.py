@@ -29,18 +29,12 @@ from tests.test_server import (assert_error, async_engine, eventually, free_port
                                serving, sse_events)
 from tests.tiny import make_tiny_generator_dir, make_tiny_model_dir, make_tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 ROOT = Path(__file__).resolve().parents[1]
 MB = 1024 * 1024
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -19,16 +19,12 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
+from atv_core.engine.request import Example  # one demonstration: the same object a request's atv.examples holds
+
 SPLITS = ("train", "valid", "test")
 DEFAULT_TEMPLATE = "Input: {input}\nOutput:"
 FILE_SPLIT_PERCENT = (60, 20, 20)  # train, valid, test shares for a single-file task
 REBUILD_HINT = "build it with `python data/build_tasks.py` or point ATV_DATA_DIR at a built suite"
-
-
-@dataclass(frozen=True)
-class Example:
-    input: str
-    output: str
 
 
 @dataclass(frozen=True)
