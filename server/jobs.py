@@ -79,9 +79,11 @@ class JobStopped(Exception):
 
 class Job:
     def __init__(self, engine, metrics: Metrics, choices: list[Choice], steering: SteeringSpec, job_id: str,
-                 timeout_s: float, registry: set | None = None, log_fields: dict | None = None):
+                 timeout_s: float, registry: set | None = None, log_fields: dict | None = None,
+                 model_id: str = ""):
         self.engine, self.metrics, self.choices, self.steering = engine, metrics, choices, steering
         self.id, self.timeout_s = job_id, timeout_s
+        self.model_id = model_id       # the served id or preset id the request named (metrics label)
         self.arrival = time.monotonic()
         self.registry = registry if registry is not None else set()
         self.log_fields = log_fields or {}

@@ -21,8 +21,8 @@ from .errors import APIError, error_body
 from .formatting import DONE, ChatFormat, CompletionFormat, sse
 from .jobs import Choice, Job, JobStopped, stopped_error
 from .schemas import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
-                      ModelCard, ModelList, SamplingFields)
-from .state import ServingState
+                      ModelCard, ModelList, SamplingFields, VectorList)
+from .state import Preset, ServingState
 
 MAX_CHOICES = 128
 # Below this a temperature means greedy and a top_p keeps only the top token (vLLM's convention). Smaller
@@ -39,27 +39,38 @@ def api_router(state: ServingState) -> APIRouter:
 
     @router.get("/models", response_model=ModelList)
     async def models() -> ModelList:
-        engine = state.engine
-        card = ModelCard(id=state.settings.model_id, created=state.started, root=state.settings.model,
-                         max_model_len=engine.limits.max_model_len if engine else None,
-                         has_generator=bool(engine and engine.has_generator))
-        return ModelList(data=[card])
+        engine, base = state.engine, state.settings.model_id
+        cards = [ModelCard(id=p.id, created=state.started, root=state.settings.model,
+                           parent=None if p.id == base else base, steering=p.mode, vector=p.vector,
+                           max_model_len=engine.limits.max_model_len if engine else None,
+                           has_generator=bool(engine and engine.has_generator)) for p in state.presets()]
+        return ModelList(data=cards)
+
+    @router.post("/vectors/reload", response_model=VectorList)
+    async def reload_vectors() -> VectorList:
+        engine, _ = state.admit(None)
+        try:
+            names = await engine.reload_vectors()
+        except ValueError as exc:
+            raise APIError(400, str(exc), code="invalid_vectors") from None
+        return VectorList(data=names)
 
     @router.post("/completions", response_model=CompletionResponse)
     async def completions(body: CompletionRequest, request: Request):
-        engine = state.admit(body.model)
-        steering = steering_spec(body, engine)
+        engine, preset = state.admit(body.model)
+        steering = steering_spec(body, engine, preset)
         choices = await completion_choices(body, engine, state)
-        fmt = CompletionFormat(f"cmpl-{uuid.uuid4().hex[:24]}", state.settings.model_id, body.echo)
-        return await respond(state, request, body, choices, steering, fmt, body.logprobs is not None, "completions")
+        fmt = CompletionFormat(f"cmpl-{uuid.uuid4().hex[:24]}", preset.id, body.echo)
+        return await respond(state, request, body, choices, steering, fmt, body.logprobs is not None, "completions",
+                             preset.id)
 
     @router.post("/chat/completions", response_model=ChatCompletionResponse)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        engine = state.admit(body.model)
-        steering = steering_spec(body, engine)
+        engine, preset = state.admit(body.model)
+        steering = steering_spec(body, engine, preset)
         choices = await chat_choices(body, engine, state, steering)
-        fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex[:24]}", state.settings.model_id)
-        return await respond(state, request, body, choices, steering, fmt, body.logprobs, "chat")
+        fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex[:24]}", preset.id)
+        return await respond(state, request, body, choices, steering, fmt, body.logprobs, "chat", preset.id)
 
     return router
 
@@ -138,8 +149,11 @@ def _choices(body: SamplingFields, prompt_index: int, ids: list[int], prompt_tex
     return choices
 
 
-def steering_spec(body: SamplingFields, engine) -> SteeringSpec:
+def steering_spec(body: SamplingFields, engine, preset: Preset) -> SteeringSpec:
+    """The request's `atv` field when given (it wins over the preset), else the preset the model id chose."""
     options = body.atv
+    if options is None and preset.mode is not None:
+        return SteeringSpec(preset.mode, vector=preset.vector)
     if options is None:
         return SteeringSpec("atv" if engine.has_generator else "off")
     mode = options.mode or ("vector" if options.vector else "atv" if engine.has_generator else "off")
@@ -155,12 +169,12 @@ def steering_spec(body: SamplingFields, engine) -> SteeringSpec:
 
 # ---- running and answering ----------------------------------------------------------------------
 async def respond(state: ServingState, request: Request, body: SamplingFields, choices: list[Choice],
-                  steering: SteeringSpec, fmt, want_logprobs: bool, endpoint: str):
-    log_fields = {"endpoint": endpoint, "user": body.user}
+                  steering: SteeringSpec, fmt, want_logprobs: bool, endpoint: str, model_id: str):
+    log_fields = {"endpoint": endpoint, "user": body.user, "model": model_id}
     if state.settings.log_prompts:
         log_fields["prompts"] = sorted({c.prompt_text for c in choices})
     job = Job(state.engine, state.metrics, choices, steering, fmt.id, state.settings.request_timeout, state.jobs,
-              log_fields)
+              log_fields, model_id)
     try:
         job.start(request)
     except BaseException:

@@ -207,6 +207,9 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "atv"
     root: str
+    parent: str | None = Field(None, description="the base model id, for a steering preset")
+    steering: str | None = Field(None, description="the preset's steering mode (null: the server default)")
+    vector: str | None = Field(None, description="the preset's named vector")
     max_model_len: int | None = None
     has_generator: bool
 
@@ -214,3 +217,8 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class VectorList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[str] = Field(description="names of the named vectors now served")

@@ -96,6 +96,7 @@ class LLMEngine:
         limit = getattr(model.config, "max_position_embeddings", None) or 8192
         self.max_model_len = config.max_model_len or min(limit, 8192)
         self.eos_ids = _eos_ids(model, tokenizer)
+        self.vocab_size = model.get_input_embeddings().num_embeddings   # prompt ids must be below this
         self._generators: dict[str, torch.Generator] = {}
         self.step_listeners: list[Callable[[StepStats], None]] = []
         self.vectors = vectors
@@ -111,6 +112,9 @@ class LLMEngine:
         """Checks that need no engine state (safe from any thread). Raises ValueError / PromptTooLong."""
         if not request.prompt_ids:
             raise ValueError("prompt is empty: send at least one token")
+        bad = [t for t in request.prompt_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
         total = request.num_prompt_tokens + request.params.max_tokens
         if total > self.max_model_len:
             raise PromptTooLong(f"prompt ({request.num_prompt_tokens} tokens) + max_tokens "

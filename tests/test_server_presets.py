@@ -1,0 +1,134 @@
+"""Steering presets as model ids and named vectors over HTTP, against a real uvicorn with tiny models: the
+listing, selection by exact id (a base id containing ':'), the `atv` field winning over the preset, 404 for
+unknown ids, and POST /v1/vectors/reload (API key, a bad file refused by name, the old set kept)."""
+from __future__ import annotations
+
+import httpx
+import pytest
+import torch
+from pydantic import SecretStr
+
+from atv_core.engine.async_engine import AsyncEngine
+from atv_core.engine.build import build_engine
+from atv_core.engine.llm_engine import EngineConfig
+from atv_core.steering.vectors import VectorLayout, write_vector
+from tests.test_server import assert_error, make_settings, one_torch_thread, serving  # noqa: F401
+from tests.tiny import make_tiny_generator_dir, make_tiny_model_dir
+
+BASE = "embedded:tiny"     # contains ':' like the embedded default's id
+LAYOUT = VectorLayout(target_layers=3, layers=(0, 1, 2), hidden_size=32, target="tiny")
+KEY = "sekrit"
+
+
+def _write(folder, name: str, seed: int, shape=(3, 32), layout=LAYOUT) -> None:
+    vector = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+    write_vector(folder, name, vector, layout, {"recipe": "test"})
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("presets")
+    vectors = root / "vectors"
+    vectors.mkdir()
+    _write(vectors, "alpha", 1)
+    return make_tiny_model_dir(root / "model"), make_tiny_generator_dir(root / "gen"), vectors
+
+
+def _engine(model, generator, vectors) -> AsyncEngine:
+    config = EngineConfig(max_running=4, max_waiting=4)
+    return AsyncEngine(build_engine(str(model), generator, device="cpu", config=config, vectors=vectors))
+
+
+@pytest.fixture(scope="module")
+def served(assets):
+    model, generator, vectors = assets
+    settings = make_settings(served_model_name=BASE, api_key=SecretStr(KEY), vectors=str(vectors))
+    with serving(_engine(model, generator, vectors), settings) as s:
+        yield s
+
+
+def _post(served, path, body=None, key=KEY):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(served.url + path, json=body, headers=headers, timeout=60)
+
+
+def _complete(served, model, **extra) -> httpx.Response:
+    return _post(served, "/v1/completions", {"model": model, "prompt": "Hello there", "max_tokens": 3,
+                                             "temperature": 0.0, **extra})
+
+
+def _model_ids(served) -> list[str]:
+    r = httpx.get(served.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
+    assert r.status_code == 200, r.text
+    return [card["id"] for card in r.json()["data"]]
+
+
+def test_models_lists_the_base_and_every_preset(served):
+    assert _model_ids(served) == [BASE, f"{BASE}:off", f"{BASE}:atv", f"{BASE}:vector/alpha"]
+
+
+def test_a_server_without_generator_lists_no_atv_preset(assets):
+    model, _, vectors = assets
+    with serving(_engine(model, None, vectors), make_settings(model="tiny", vectors=str(vectors))) as s:
+        ids = [c["id"] for c in httpx.get(s.url + "/v1/models", timeout=10).json()["data"]]
+        assert ids == ["tiny", "tiny:off", "tiny:vector/alpha"]
+
+
+@pytest.mark.parametrize("suffix, mode, vector", [("", "atv", None), (":off", "off", None), (":atv", "atv", None),
+                                                  (":vector/alpha", "vector", "alpha")])
+def test_the_model_id_selects_the_preset(served, suffix, mode, vector):
+    r = _complete(served, BASE + suffix)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == BASE + suffix
+    assert body["choices"][0]["atv"]["mode"] == mode and body["choices"][0]["atv"]["vector"] == vector
+
+
+def test_presets_steer_differently(served):
+    logprob = lambda model: _complete(served, model, logprobs=1)  # noqa: E731
+    off = logprob(f"{BASE}:off").json()["choices"][0]["logprobs"]["token_logprobs"]
+    vec = logprob(f"{BASE}:vector/alpha").json()["choices"][0]["logprobs"]["token_logprobs"]
+    assert off != vec
+
+
+def test_an_explicit_atv_field_wins_over_the_preset(served):
+    r = _complete(served, f"{BASE}:vector/alpha", atv={"mode": "off"})
+    assert r.status_code == 200 and r.json()["choices"][0]["atv"]["mode"] == "off", r.text
+    chat = _post(served, "/v1/chat/completions", {"model": f"{BASE}:off", "max_tokens": 2,
+                                                  "messages": [{"role": "user", "content": "hi"}],
+                                                  "atv": {"vector": "alpha"}})
+    assert chat.status_code == 200 and chat.json()["choices"][0]["atv"]["vector"] == "alpha", chat.text
+
+
+@pytest.mark.parametrize("model", ["embedded", f"{BASE}:", f"{BASE}:vector/nope", f"{BASE}:vector", "tiny:off",
+                                   f"{BASE}:off:off"])
+def test_unknown_model_ids_are_404(served, model):
+    assert_error(_complete(served, model), 404, "model")
+
+
+def test_reload_needs_the_key_adds_vectors_and_refuses_a_bad_file(served, assets):
+    _, _, vectors = assets
+    assert_error(_post(served, "/v1/vectors/reload", key=None), 401)
+    _write(vectors, "beta", 2)
+    r = _post(served, "/v1/vectors/reload")
+    assert r.status_code == 200 and r.json()["data"] == ["alpha", "beta"], r.text
+    assert f"{BASE}:vector/beta" in _model_ids(served)
+    assert _complete(served, f"{BASE}:vector/beta").status_code == 200
+    _write(vectors, "narrow", 3, (3, 16), VectorLayout(3, (0, 1, 2), 16))
+    try:
+        error = assert_error(_post(served, "/v1/vectors/reload"), 400)
+        assert "narrow.safetensors" in error["message"] and "expected [3, 32]" in error["message"], error
+        assert _model_ids(served)[-2:] == [f"{BASE}:vector/alpha", f"{BASE}:vector/beta"]   # the old set kept
+    finally:
+        (vectors / "narrow.safetensors").unlink()
+        (vectors / "narrow.json").unlink()
+        (vectors / "beta.safetensors").unlink()
+        (vectors / "beta.json").unlink()
+        assert _post(served, "/v1/vectors/reload").json()["data"] == ["alpha"]
+
+
+def test_reload_without_a_vectors_folder_is_400(assets):
+    model, _, _ = assets
+    with serving(_engine(model, None, None), make_settings()) as s:
+        assert_error(httpx.post(s.url + "/v1/vectors/reload", timeout=10), 400)
+        assert [c["id"] for c in httpx.get(s.url + "/v1/models", timeout=10).json()["data"]] == ["tiny", "tiny:off"]
