@@ -82,7 +82,7 @@ async def completion_choices(body: CompletionRequest, engine, state: ServingStat
     _check_choice_count(len(body.prompts) * body.n)
     choices = []
     for p, prompt in enumerate(body.prompts):
-        ids = await encoded(engine.encode(prompt), "prompt")
+        ids, prompt = await prompt_ids(prompt, engine)
         requested = body.max_tokens if body.max_tokens is not None else min(16, state.settings.max_tokens)
         max_tokens = _max_tokens(requested, len(ids), engine, state, "prompt")
         choices += _choices(body, p, ids, prompt, max_tokens, body.logprobs, len(choices))
@@ -100,6 +100,16 @@ async def chat_choices(body: ChatCompletionRequest, engine, state: ServingState,
     max_tokens = _max_tokens(body.max_new_tokens, len(ids), engine, state, "messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     return _choices(body, 0, ids, user_text, max_tokens, logprobs, 0)
+
+
+async def prompt_ids(prompt: str | list[int], engine) -> tuple[list[int], str]:
+    """(token ids, text the generator reads) of a text prompt or a token-id prompt (checked against the vocab)."""
+    if isinstance(prompt, str):
+        return await encoded(engine.encode(prompt), "prompt"), prompt
+    bad = [t for t in prompt if t >= engine.vocab_size]
+    if bad:
+        raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{engine.vocab_size - 1})", "prompt")
+    return list(prompt), await engine.decode(prompt)
 
 
 async def encoded(tokenization, param: str) -> list[int]:

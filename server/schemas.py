@@ -21,6 +21,7 @@ Scale = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-100.0, le=1
 Temperature = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0.0, le=2.0)]
 TopP = Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0.0, le=1.0)]
 NonEmptyStr = Annotated[StrictStr, Field(min_length=1)]
+TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
 StopStrings = NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=4)]
 
 
@@ -79,16 +80,20 @@ class SamplingFields(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: NonEmptyStr | Annotated[list[NonEmptyStr], Field(min_length=1, max_length=MAX_PROMPTS)] = Field(
-        description="one string, or a list of strings (n choices each)")
+    prompt: (NonEmptyStr | Annotated[list[NonEmptyStr], Field(min_length=1, max_length=MAX_PROMPTS)] | TokenIds
+             | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]) = Field(
+        description="one string, a list of strings, one list of token ids, or a list of such lists (n choices each)")
     max_tokens: Annotated[StrictInt, Field(ge=1, le=INT64_MAX)] | None = Field(
         None, description="omitted or null: 16 (the server's limit if lower)")
     logprobs: Annotated[StrictInt, Field(ge=0, le=5)] | None = None
     echo: StrictBool = False
 
     @property
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt: a string, or a list of token ids."""
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return list(self.prompt)
 
 
 class TextPart(BaseModel):

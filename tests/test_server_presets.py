@@ -132,3 +132,25 @@ def test_reload_without_a_vectors_folder_is_400(assets):
     with serving(_engine(model, None, None), make_settings()) as s:
         assert_error(httpx.post(s.url + "/v1/vectors/reload", timeout=10), 400)
         assert [c["id"] for c in httpx.get(s.url + "/v1/models", timeout=10).json()["data"]] == ["tiny", "tiny:off"]
+
+
+# ---- token-id prompts ---------------------------------------------------------------------------
+def test_token_id_prompts_equal_their_text(served):
+    from tests.tiny import make_tokenizer
+
+    ids = make_tokenizer()("Hello there").input_ids
+    text = _complete(served, BASE, logprobs=2).json()["choices"][0]
+    as_ids = _post(served, "/v1/completions", {"model": BASE, "prompt": ids, "max_tokens": 3, "temperature": 0.0,
+                                               "logprobs": 2})
+    assert as_ids.status_code == 200, as_ids.text
+    got = as_ids.json()["choices"][0]
+    assert got["text"] == text["text"] and got["logprobs"] == text["logprobs"]
+    assert got["atv"]["mode"] == "atv" and got["atv"]["vector_norm"] == text["atv"]["vector_norm"]  # same text read
+    both = _post(served, "/v1/completions", {"model": BASE, "prompt": [ids, ids[:2]], "max_tokens": 2})
+    assert both.status_code == 200 and len(both.json()["choices"]) == 2, both.text
+    assert both.json()["usage"]["prompt_tokens"] == len(ids) + 2
+
+
+@pytest.mark.parametrize("prompt", [[10**6], [[1, 2], [10**6]], [-1], [1, "a"], [], [[]]])
+def test_bad_token_id_prompts_are_400(served, prompt):
+    assert_error(_post(served, "/v1/completions", {"model": BASE, "prompt": prompt, "max_tokens": 2}), 400)

@@ -123,6 +123,14 @@ class AsyncEngine:
         """[{role, content}, ...] through the chat template. PromptTooLong, or ValueError if the template refuses."""
         return await self._tokens.encode_chat(messages)
 
+    async def decode(self, ids: list[int]) -> str:
+        """The text of token ids, special tokens dropped (what the generator reads of a token-id prompt)."""
+        return await self._tokens.decode(ids)
+
+    async def token_texts(self, ids: list[int]) -> list[str]:
+        """Each token decoded alone, special tokens kept (the `tokens` of prompt logprobs)."""
+        return await self._tokens.token_texts(ids)
+
     # ---- requests -------------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams, steering: SteeringSpec,
                on_output: Callable[[RequestOutput], None], *, prompt_text: str = "",
