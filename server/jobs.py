@@ -44,6 +44,7 @@ class Choice:
     params: SamplingParams
     text_parts: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)   # echo + logprobs
     completion_tokens: int = 0
     finish_reason: str | None = None
     error: str | None = None
@@ -64,6 +65,7 @@ class Choice:
         if out.text_delta:
             self.text_parts.append(out.text_delta)
         self.logprobs += out.logprobs or []
+        self.prompt_logprobs += out.prompt_logprobs or []
         self.completion_tokens = out.completion_tokens
         self.steering = out.steering or self.steering
         self.queue_time_s = out.queue_time_s if out.queue_time_s is not None else self.queue_time_s

@@ -77,15 +77,15 @@ def api_router(state: ServingState) -> APIRouter:
 
 # ---- requests -> choices ------------------------------------------------------------------------
 async def completion_choices(body: CompletionRequest, engine, state: ServingState) -> list[Choice]:
-    if body.echo and body.logprobs is not None:
-        raise APIError(400, "echo with logprobs is not supported (no prompt logprobs)", "echo")
+    if body.max_tokens == 0 and body.prompt_logprobs is None:
+        raise APIError(400, "max_tokens 0 only scores the prompt: send it with echo true and logprobs", "max_tokens")
     _check_choice_count(len(body.prompts) * body.n)
     choices = []
     for p, prompt in enumerate(body.prompts):
         ids, prompt = await prompt_ids(prompt, engine)
         requested = body.max_tokens if body.max_tokens is not None else min(16, state.settings.max_tokens)
         max_tokens = _max_tokens(requested, len(ids), engine, state, "prompt")
-        choices += _choices(body, p, ids, prompt, max_tokens, body.logprobs, len(choices))
+        choices += _choices(body, p, ids, prompt, max_tokens, body.logprobs, len(choices), body.prompt_logprobs)
     return choices
 
 
@@ -144,7 +144,7 @@ def _max_tokens(requested: int | None, prompt_len: int, engine, state: ServingSt
 
 
 def _choices(body: SamplingFields, prompt_index: int, ids: list[int], prompt_text: str, max_tokens: int,
-             logprobs: int | None, first_index: int) -> list[Choice]:
+             logprobs: int | None, first_index: int, prompt_logprobs: int | None = None) -> list[Choice]:
     choices = []
     for j in range(body.n):
         seed = None if body.seed is None else body.seed + j
@@ -152,7 +152,7 @@ def _choices(body: SamplingFields, prompt_index: int, ids: list[int], prompt_tex
             params = SamplingParams(max_tokens=max_tokens, top_k=max(body.top_k, 0), seed=seed,
                                     temperature=body.temperature if body.temperature >= SAMPLING_EPS else 0.0,
                                     top_p=max(body.top_p, SAMPLING_EPS), stop=body.stop_strings,
-                                    ignore_eos=body.ignore_eos, logprobs=logprobs)
+                                    ignore_eos=body.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         except ValueError as exc:
             raise APIError(400, str(exc)) from exc
         choices.append(Choice(first_index + j, prompt_index, ids, prompt_text, params))

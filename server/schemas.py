@@ -83,10 +83,16 @@ class CompletionRequest(SamplingFields):
     prompt: (NonEmptyStr | Annotated[list[NonEmptyStr], Field(min_length=1, max_length=MAX_PROMPTS)] | TokenIds
              | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]) = Field(
         description="one string, a list of strings, one list of token ids, or a list of such lists (n choices each)")
-    max_tokens: Annotated[StrictInt, Field(ge=1, le=INT64_MAX)] | None = Field(
-        None, description="omitted or null: 16 (the server's limit if lower)")
+    max_tokens: Annotated[StrictInt, Field(ge=0, le=INT64_MAX)] | None = Field(
+        None, description="omitted or null: 16 (the server's limit if lower); 0 only with echo and logprobs "
+        "(score the prompt, sample nothing)")
     logprobs: Annotated[StrictInt, Field(ge=0, le=5)] | None = None
-    echo: StrictBool = False
+    echo: StrictBool = Field(False, description="prepend the prompt; with logprobs, also the prompt tokens' logprobs "
+                             "(the first one null), computed with this request's steering")
+
+    @property
+    def prompt_logprobs(self) -> int | None:
+        return self.logprobs if self.echo else None
 
     @property
     def prompts(self) -> list[str | list[int]]:
@@ -146,8 +152,8 @@ class Usage(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]            # None: a prompt's first token (echo)
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 

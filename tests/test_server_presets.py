@@ -3,6 +3,8 @@ listing, selection by exact id (a base id containing ':'), the `atv` field winni
 unknown ids, and POST /v1/vectors/reload (API key, a bad file refused by name, the old set kept)."""
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 import torch
@@ -154,3 +156,47 @@ def test_token_id_prompts_equal_their_text(served):
 @pytest.mark.parametrize("prompt", [[10**6], [[1, 2], [10**6]], [-1], [1, "a"], [], [[]]])
 def test_bad_token_id_prompts_are_400(served, prompt):
     assert_error(_post(served, "/v1/completions", {"model": BASE, "prompt": prompt, "max_tokens": 2}), 400)
+
+
+# ---- prompt logprobs (echo + logprobs) ----------------------------------------------------------
+def _echo(served, model, **extra) -> dict:
+    r = _post(served, "/v1/completions", {"model": model, "prompt": "Hello there, general", "echo": True,
+                                          "logprobs": 2, "max_tokens": 0, "temperature": 0.0, **extra})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_echo_logprobs_score_the_prompt_like_a_plain_forward(served, assets):
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny import make_tokenizer
+
+    body = _echo(served, f"{BASE}:off")
+    choice, ids = body["choices"][0], make_tokenizer()("Hello there, general").input_ids
+    lp = choice["logprobs"]
+    assert choice["text"] == "Hello there, general" and choice["finish_reason"] == "length"
+    assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(ids)
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
+    assert all(1 <= len(top) <= 2 for top in lp["top_logprobs"][1:])
+    model = AutoModelForCausalLM.from_pretrained(assets[0])
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+    want = ref[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    torch.testing.assert_close(torch.tensor(lp["token_logprobs"][1:]), want, atol=1e-4, rtol=0)
+    steered = _echo(served, f"{BASE}:vector/alpha")["choices"][0]["logprobs"]["token_logprobs"][1:]
+    assert max(abs(a - b) for a, b in zip(steered, lp["token_logprobs"][1:])) > 1e-3
+    one = _echo(served, f"{BASE}:off", max_tokens=1, prompt=ids)["choices"][0]   # a token-id prompt, one token
+    assert len(one["logprobs"]["tokens"]) == len(ids) + 1 and one["logprobs"]["token_logprobs"][:-1] == \
+        lp["token_logprobs"]
+
+
+def test_echo_logprobs_stream_the_prompt_once(served):
+    with httpx.stream("POST", served.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, json={
+            "model": f"{BASE}:off", "prompt": "Hello there", "echo": True, "logprobs": 1, "max_tokens": 2,
+            "stream": True}, timeout=60) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    with_logprobs = [e["choices"][0]["logprobs"] for e in events if e["choices"][0]["logprobs"]]
+    assert with_logprobs[0]["token_logprobs"][0] is None and len(with_logprobs[0]["tokens"]) > 2
+    assert sum(len(lp["tokens"]) for lp in with_logprobs) == len(with_logprobs[0]["tokens"]) + 1
