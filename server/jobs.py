@@ -118,8 +118,7 @@ class Job:
             self._submitted.append(choice)
         self.admitted = True
         for choice in self.choices:
-            self.metrics.prompt_tokens.inc(len(choice.prompt_ids))
-            self.metrics.requests_steering.labels(self.steering.mode).inc()
+            self.metrics.count_admitted(self.model_id, self.steering.mode, len(choice.prompt_ids))
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(max(0.0, self.arrival + self.timeout_s - time.monotonic()), self.stop, "timeout")
         if http_request is not None:
@@ -153,22 +152,19 @@ class Job:
         now = time.monotonic()
         if out.token_ids:
             if choice.first_token_at is None:
-                self.metrics.ttft.observe(now - self.arrival)
+                self.metrics.observe_ttft(self.model_id, now - self.arrival)
             else:
-                self.metrics.inter_token.observe((now - choice.last_token_at) / len(out.token_ids))
+                self.metrics.observe_inter_token(self.model_id, (now - choice.last_token_at) / len(out.token_ids))
             choice.first_token_at = choice.first_token_at or now
             choice.last_token_at = now
-            self.metrics.generation_tokens.inc(len(out.token_ids))
+            self.metrics.count_generated(self.model_id, len(out.token_ids))
         choice.absorb(out)
         if out.finished:
             self._record_finish(choice, out.finish_reason, now)
 
     def _record_finish(self, choice: Choice, reason: str, now: float) -> None:
         m = self.metrics
-        m.requests_finished.labels(reason).inc()
-        m.e2e_latency.observe(now - self.arrival)
-        if choice.queue_time_s is not None:
-            m.queue_time.observe(choice.queue_time_s)
+        m.observe_finish(self.model_id, reason, now - self.arrival, choice.queue_time_s)
         if choice.steering is not None and choice.steering.generator_s:
             m.vector_generation.observe(choice.steering.generator_s)
 

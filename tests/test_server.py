@@ -94,7 +94,7 @@ def make_settings(**overrides) -> Settings:
 
 @contextlib.contextmanager
 def serving(engine: AsyncEngine | None, settings: Settings):
-    app = create_app(engine.start() if engine else None, settings, Metrics())
+    app = create_app(engine.start() if engine else None, settings)   # its Metrics from the settings
     try:
         with ServerThread(app) as thread:
             yield Served(thread.url, app, engine)
@@ -162,7 +162,9 @@ def scrape(url: str) -> dict:
 
 
 def metric(samples: dict, name: str, **labels) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
+    """The sum over the samples of `name` whose labels include `labels` (model_name and the like summed out)."""
+    want = set(labels.items())
+    return sum(v for (n, have), v in samples.items() if n == name and want <= have)
 
 
 def idle(served: Served) -> bool:

@@ -200,3 +200,49 @@ def test_echo_logprobs_stream_the_prompt_once(served):
     with_logprobs = [e["choices"][0]["logprobs"] for e in events if e["choices"][0]["logprobs"]]
     assert with_logprobs[0]["token_logprobs"][0] is None and len(with_logprobs[0]["tokens"]) > 2
     assert sum(len(lp["tokens"]) for lp in with_logprobs) == len(with_logprobs[0]["tokens"]) + 1
+
+
+# ---- metrics ------------------------------------------------------------------------------------
+def test_request_metrics_carry_the_preset_id_and_default_metrics_pass_promtool(served):
+    import shutil
+    import subprocess
+
+    from tests.test_server import metric, scrape
+
+    before = scrape(served.url)
+    assert _complete(served, f"{BASE}:off").status_code == 200
+    after = scrape(served.url)
+    for name, labels in [("atv_requests_finished_total", {"finish_reason": "length"}),
+                         ("atv_e2e_request_latency_seconds_count", {}), ("atv_time_to_first_token_seconds_count", {}),
+                         ("atv_requests_steering_total", {"mode": "off"})]:
+        key = dict(labels, model_name=f"{BASE}:off")
+        assert metric(after, name, **key) == metric(before, name, **key) + 1, name
+    assert metric(after, "atv_generation_tokens_total", model_name=f"{BASE}:off") - \
+        metric(before, "atv_generation_tokens_total", model_name=f"{BASE}:off") == 3
+    assert not any(name.startswith("vllm:") for name, _ in after)   # off by default
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed")
+    text = httpx.get(served.url + "/metrics", timeout=10).content
+    done = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stdout.decode() + done.stderr.decode()
+
+
+def test_vllm_metrics_setting_exports_vllm_names(assets):
+    from tests.test_server import metric, scrape
+
+    model, _, _ = assets
+    with serving(_engine(model, None, None), make_settings(vllm_metrics=True)) as s:
+        assert httpx.post(s.url + "/v1/completions", json={"model": "tiny:off", "prompt": "hi", "max_tokens": 2},
+                          timeout=60).status_code == 200
+        m = scrape(s.url)
+    for name in ("vllm:time_to_first_token_seconds_count", "vllm:e2e_request_latency_seconds_count",
+                 "vllm:request_queue_time_seconds_count"):
+        assert metric(m, name, model_name="tiny:off") == 1, name
+    assert metric(m, "vllm:inter_token_latency_seconds_count", model_name="tiny:off") == 1
+    assert metric(m, "vllm:request_success_total", model_name="tiny:off", finished_reason="length") == 1
+    assert metric(m, "vllm:generation_tokens_total", model_name="tiny:off") == 2
+    assert metric(m, "vllm:prompt_tokens_total", model_name="tiny:off") > 0
+    assert ("vllm:num_requests_waiting", frozenset({("model_name", "tiny")})) in m
+    assert ("vllm:num_requests_running", frozenset({("model_name", "tiny")})) in m
+    assert metric(m, "atv_e2e_request_latency_seconds_count", model_name="tiny:off") == 1   # atv_ series unchanged

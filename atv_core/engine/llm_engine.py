@@ -192,7 +192,7 @@ class LLMEngine:
         sampled = [c.request for c in chunks if c.samples]
         if chunks:
             scored = [i for i, c in enumerate(chunks) if _scores_prompt(c)]
-            logits, prompt_logits = self.runner.run_scored(chunks, scored)
+            logits, prompt_logits = self.runner.run_scored(chunks, scored) if scored else (self.runner.run(chunks), {})
             for i, chunk_logits in prompt_logits.items():
                 self._score_prompt(chunks[i], chunk_logits)
             del prompt_logits
