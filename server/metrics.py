@@ -70,6 +70,8 @@ class Metrics:
             self.requests_steering.labels(mode, self.model_name)
         self.prompt_tokens.labels(self.model_name)
         self.generation_tokens.labels(self.model_name)
+        for series in (self.e2e_latency, self.ttft, self.inter_token, self.queue_time):   # rate() from the start
+            series.labels(self.model_name)
 
     def _gauges(self) -> None:
         g = lambda name, doc: Gauge(name, doc, registry=self.registry)  # noqa: E731
