@@ -58,7 +58,8 @@ class StreamOptions(BaseModel):
 
 class SamplingFields(BaseModel):
     """Fields shared by completions and chat."""
-    model: StrictStr | None = Field(None, description="must be the served model id (GET /v1/models)")
+    model: StrictStr | None = Field(None, description="a model id of GET /v1/models: the served base id, or a "
+                                    "steering preset <base>:off | :atv | :vector/<name>")
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
     top_k: Annotated[StrictInt, Field(ge=-1, le=2**31 - 1)] = Field(-1, description="-1 or 0: no top-k")
