@@ -4,6 +4,8 @@
                                                            │
        first time scheduled: generator(prompts) -> vectors -> runner.assign_vector
        runner.run(chunks): one packed forward, paged KV, logits for chunks that end their sequence
+       (run_scored: also every position of the chunks of requests that asked for prompt logprobs, scored
+       chunk by chunk: log_softmax, gather, top-N; never a [prompt length, V] matrix for a whole long prompt)
                                                            │
                          sampler.sample(logits) -> tokens -> _append(): stop / length / EOS
                                                            │          (text: detokenizer.OutputText)
@@ -192,7 +194,10 @@ class LLMEngine:
         sampled = [c.request for c in chunks if c.samples]
         if chunks:
             scored = [i for i, c in enumerate(chunks) if _scores_prompt(c)]
-            logits, prompt_logits = self.runner.run_scored(chunks, scored) if scored else (self.runner.run(chunks), {})
+            if scored:   # some request asked for prompt logprobs: every position of those chunks
+                logits, prompt_logits = self.runner.run_scored(chunks, scored)
+            else:
+                logits, prompt_logits = self.runner.run(chunks), {}
             for i, chunk_logits in prompt_logits.items():
                 self._score_prompt(chunks[i], chunk_logits)
             del prompt_logits

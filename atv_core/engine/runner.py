@@ -8,7 +8,8 @@ Owns all per-model torch state:
 One step = one forward over the packed sequence [1, N] of every chunk's tokens (prompt chunks and decodes
 together) with per-token positions, a per-token vector slot, and the "atv_paged" attention (attention.py),
 which writes the new K/V into the pools and attends over each request's own tokens. Logits are computed
-only for the chunks that end their request's sequence.
+only for the chunks that end their request's sequence, and (run_scored) for every position of the chunks
+whose request asked for prompt logprobs.
 
 Steering slots: token p of a request is steered (slot = its vector slot) under position policy "all"
 always, under "last" when p >= (prompt length - 1): the last prompt token and every output token, which is
