@@ -36,7 +36,7 @@ def create_app(async_engine=None, settings: Settings | None = None, metrics: Met
     """An app serving `async_engine` (a started, warmed AsyncEngine), or one still loading when it is None
     (then `app.state.atv.attach(engine)` makes it ready)."""
     settings = settings or Settings()
-    state = ServingState(settings, metrics or Metrics())
+    state = ServingState(settings, metrics or Metrics(model_name=settings.model_id, vllm=settings.vllm_metrics))
     app = FastAPI(title="ATV", version="0.1.0", summary="OpenAI-compatible serving with per-request "
                   "Adaptive Task Vector steering (extension field `atv`)")
     app.state.atv = state
@@ -115,7 +115,7 @@ def cli(argv: list[str] | None = None) -> int:
     settings = parse_settings(argv)
     configure_logging(settings.log_level)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-    app = create_app(None, settings, Metrics())
+    app = create_app(None, settings)
     config = uvicorn_config(app, settings)
     server = DrainingServer(config, app.state.atv, settings.drain_timeout)
     log.info("loading target %s (generator %s, device %s, dtype %s); listening on http://%s:%d meanwhile",

@@ -70,13 +70,15 @@ class CompletionFormat(_Format):
         self._offsets: dict[int, int] = {}   # choice index -> text offset of its next token (streaming)
 
     def logprobs(self, entries: list[TokenLogprob], offset: int) -> CompletionLogprobs:
+        """tokens, token_logprobs, top_logprobs, text_offset (a prompt's first token: logprob and top null)."""
         tokens = [e.text for e in entries]
         offsets = []
         for token in tokens:
             offsets.append(offset)
             offset += len(token)
         return CompletionLogprobs(tokens=tokens, token_logprobs=[e.logprob for e in entries], text_offset=offsets,
-                                  top_logprobs=[{text: lp for text, (_, lp) in zip(e.top_text, e.top)}
+                                  top_logprobs=[None if e.logprob is None else
+                                                {text: lp for text, (_, lp) in zip(e.top_text, e.top)}
                                                 for e in entries])
 
     def opening(self, choice: Choice) -> dict | None:
@@ -86,12 +88,13 @@ class CompletionFormat(_Format):
                                                   "logprobs": None, "finish_reason": None}])
 
     def chunk(self, choice: Choice, out: RequestOutput) -> dict | None:
-        if not (out.text_delta or out.logprobs or out.finished):
+        if not (out.text_delta or out.logprobs or out.prompt_logprobs or out.finished):
             return None
         logprobs = None
-        if out.logprobs:
-            start = self._offsets.get(choice.index, len(choice.prompt_text) if self.echo else 0)
-            logprobs = self.logprobs(out.logprobs, start)
+        if out.logprobs or out.prompt_logprobs:   # prompt logprobs come once, with the first output
+            start = 0 if out.prompt_logprobs else self._offsets.get(choice.index,
+                                                                    len(choice.prompt_text) if self.echo else 0)
+            logprobs = self.logprobs((out.prompt_logprobs or []) + (out.logprobs or []), start)
             self._offsets[choice.index] = start + sum(len(t) for t in logprobs.tokens)
         body = {"index": choice.index, "text": out.text_delta,
                 "logprobs": logprobs.model_dump() if logprobs else None, **self._finish_fields(choice, out)}
@@ -101,7 +104,10 @@ class CompletionFormat(_Format):
         choices = []
         for c in job.choices:
             prefix = c.prompt_text if self.echo else ""
-            logprobs = self.logprobs(c.logprobs, len(prefix)) if want_logprobs else None
+            if want_logprobs and c.prompt_logprobs:   # echo: prompt tokens, then the completion's
+                logprobs = self.logprobs(c.prompt_logprobs + c.logprobs, 0)
+            else:
+                logprobs = self.logprobs(c.logprobs, len(prefix)) if want_logprobs else None
             choices.append(CompletionChoice(index=c.index, text=prefix + c.text, logprobs=logprobs,
                                             finish_reason=c.finish_reason, atv=steering_report(c.steering)))
         return CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,

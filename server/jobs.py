@@ -44,6 +44,7 @@ class Choice:
     params: SamplingParams
     text_parts: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)   # echo + logprobs
     completion_tokens: int = 0
     finish_reason: str | None = None
     error: str | None = None
@@ -64,6 +65,7 @@ class Choice:
         if out.text_delta:
             self.text_parts.append(out.text_delta)
         self.logprobs += out.logprobs or []
+        self.prompt_logprobs += out.prompt_logprobs or []
         self.completion_tokens = out.completion_tokens
         self.steering = out.steering or self.steering
         self.queue_time_s = out.queue_time_s if out.queue_time_s is not None else self.queue_time_s
@@ -79,9 +81,11 @@ class JobStopped(Exception):
 
 class Job:
     def __init__(self, engine, metrics: Metrics, choices: list[Choice], steering: SteeringSpec, job_id: str,
-                 timeout_s: float, registry: set | None = None, log_fields: dict | None = None):
+                 timeout_s: float, registry: set | None = None, log_fields: dict | None = None,
+                 model_id: str = ""):
         self.engine, self.metrics, self.choices, self.steering = engine, metrics, choices, steering
         self.id, self.timeout_s = job_id, timeout_s
+        self.model_id = model_id       # the served id or preset id the request named (metrics label)
         self.arrival = time.monotonic()
         self.registry = registry if registry is not None else set()
         self.log_fields = log_fields or {}
@@ -114,8 +118,7 @@ class Job:
             self._submitted.append(choice)
         self.admitted = True
         for choice in self.choices:
-            self.metrics.prompt_tokens.inc(len(choice.prompt_ids))
-            self.metrics.requests_steering.labels(self.steering.mode).inc()
+            self.metrics.count_admitted(self.model_id, self.steering.mode, len(choice.prompt_ids))
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(max(0.0, self.arrival + self.timeout_s - time.monotonic()), self.stop, "timeout")
         if http_request is not None:
@@ -149,22 +152,19 @@ class Job:
         now = time.monotonic()
         if out.token_ids:
             if choice.first_token_at is None:
-                self.metrics.ttft.observe(now - self.arrival)
+                self.metrics.observe_ttft(self.model_id, now - self.arrival)
             else:
-                self.metrics.inter_token.observe((now - choice.last_token_at) / len(out.token_ids))
+                self.metrics.observe_inter_token(self.model_id, (now - choice.last_token_at) / len(out.token_ids))
             choice.first_token_at = choice.first_token_at or now
             choice.last_token_at = now
-            self.metrics.generation_tokens.inc(len(out.token_ids))
+            self.metrics.count_generated(self.model_id, len(out.token_ids))
         choice.absorb(out)
         if out.finished:
             self._record_finish(choice, out.finish_reason, now)
 
     def _record_finish(self, choice: Choice, reason: str, now: float) -> None:
         m = self.metrics
-        m.requests_finished.labels(reason).inc()
-        m.e2e_latency.observe(now - self.arrival)
-        if choice.queue_time_s is not None:
-            m.queue_time.observe(choice.queue_time_s)
+        m.observe_finish(self.model_id, reason, now - self.arrival, choice.queue_time_s)
         if choice.steering is not None and choice.steering.generator_s:
             m.vector_generation.observe(choice.steering.generator_s)
 

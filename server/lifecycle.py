@@ -40,7 +40,7 @@ def load_engine(settings: Settings):
                           kv_cache_fraction=settings.kv_cache_fraction, long_prompt_tokens=settings.long_prompt_tokens,
                           long_prefill_chunk=settings.long_prefill_chunk)
     engine = build_engine(settings.model, settings.generator, device=settings.device, dtype=settings.dtype,
-                          device_map=settings.device_map, config=config)
+                          device_map=settings.device_map, config=config, vectors=settings.vectors)
     return AsyncEngine(engine).start()
 
 

@@ -4,7 +4,12 @@ Names are fixed (the deploy dashboards, alerts and autoscaler query them); bucke
 Engine-side series come from two places: a step listener on the AsyncEngine (step time, batch size; called
 on the engine thread, so it only observes) and gauges read at scrape time from `AsyncEngine.stats()`, the
 snapshot the engine thread takes after every step or idle wait (running, waiting, vector slots, KV blocks), and its
-error (engine up). Per-request series are recorded by server/jobs.py.
+error (engine up). Per-request series are recorded by server/jobs.py through the `observe_*` / `count_*`
+methods, labelled `model_name` (the model id or steering preset id the request named).
+
+With `vllm=True` the same observations also feed vLLM-named series (`vllm:...`, labelled `model_name`; the
+engine gauges carry the served base id), so dashboards, alerts and autoscalers written for vLLM read this
+server unchanged. promtool's linter rejects ':' in names by design, so they are off by default.
 """
 from __future__ import annotations
 
@@ -24,19 +29,25 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None):
+    def __init__(self, registry: CollectorRegistry | None = None, *, model_name: str = "", vllm: bool = False):
+        """model_name: the served base id (series created up front carry it); vllm: also export vllm: series."""
         self.registry = registry or CollectorRegistry()
+        self.model_name = model_name
         self._histograms()
         self._counters()
         self._gauges()
+        self.vllm = VLLMSeries(self.registry, model_name) if vllm else None
 
     def _histograms(self) -> None:
         h = lambda name, doc, buckets, labels=(): Histogram(  # noqa: E731
             name, doc, labels, buckets=buckets, registry=self.registry)
-        self.e2e_latency = h("atv_e2e_request_latency_seconds", "Arrival to finish of a request", REQUEST_BUCKETS)
-        self.ttft = h("atv_time_to_first_token_seconds", "Arrival to first generated token", TTFT_BUCKETS)
-        self.inter_token = h("atv_inter_token_latency_seconds", "Time between generated tokens", ITL_BUCKETS)
-        self.queue_time = h("atv_request_queue_time_seconds", "Arrival to admission into a prefill", QUEUE_BUCKETS)
+        model = ("model_name",)
+        self.e2e_latency = h("atv_e2e_request_latency_seconds", "Arrival to finish of a request", REQUEST_BUCKETS,
+                             model)
+        self.ttft = h("atv_time_to_first_token_seconds", "Arrival to first generated token", TTFT_BUCKETS, model)
+        self.inter_token = h("atv_inter_token_latency_seconds", "Time between generated tokens", ITL_BUCKETS, model)
+        self.queue_time = h("atv_request_queue_time_seconds", "Arrival to admission into a prefill", QUEUE_BUCKETS,
+                            model)
         self.vector_generation = h("atv_vector_generation_seconds", "Generator time of the batch that made a "
                                    "request's vector", STEP_BUCKETS)
         self.step_duration = h("atv_step_duration_seconds", "Engine step time", STEP_BUCKETS, ("phase",))
@@ -46,16 +57,21 @@ class Metrics:
 
     def _counters(self) -> None:
         c = lambda name, doc, labels=(): Counter(name, doc, labels, registry=self.registry)  # noqa: E731
-        self.prompt_tokens = c("atv_prompt_tokens", "Prompt tokens of admitted requests")
-        self.generation_tokens = c("atv_generation_tokens", "Generated tokens")
-        self.requests_finished = c("atv_requests_finished", "Finished engine requests", ("finish_reason",))
+        self.prompt_tokens = c("atv_prompt_tokens", "Prompt tokens of admitted requests", ("model_name",))
+        self.generation_tokens = c("atv_generation_tokens", "Generated tokens", ("model_name",))
+        self.requests_finished = c("atv_requests_finished", "Finished engine requests", ("finish_reason", "model_name"))
         self.http_requests = c("atv_http_requests", "HTTP responses of the /v1 API", ("status",))
         self.client_disconnects = c("atv_client_disconnects", "Requests whose client went away before the end")
-        self.requests_steering = c("atv_requests_steering", "Admitted engine requests by steering mode", ("mode",))
+        self.requests_steering = c("atv_requests_steering", "Admitted engine requests by steering mode",
+                                   ("mode", "model_name"))
         for reason in ("stop", "length", "abort", "error"):  # series exist from the start: rate() works at once
-            self.requests_finished.labels(reason)
+            self.requests_finished.labels(reason, self.model_name)
         for mode in ("atv", "off"):
-            self.requests_steering.labels(mode)
+            self.requests_steering.labels(mode, self.model_name)
+        self.prompt_tokens.labels(self.model_name)
+        self.generation_tokens.labels(self.model_name)
+        for series in (self.e2e_latency, self.ttft, self.inter_token, self.queue_time):   # rate() from the start
+            series.labels(self.model_name)
 
     def _gauges(self) -> None:
         g = lambda name, doc: Gauge(name, doc, registry=self.registry)  # noqa: E731
@@ -74,6 +90,38 @@ class Metrics:
         self.kv_cache_usage.set_function(lambda: _usage(async_engine.stats()))
         self.engine_up.set_function(lambda: 1 if async_engine.error is None else 0)
         async_engine.add_step_listener(self.on_step)
+        if self.vllm is not None:
+            self.vllm.bind(async_engine)
+
+    # ---- per request (server/jobs.py, on the event loop) ----------------------------------------
+    def count_admitted(self, model_name: str, mode: str, prompt_tokens: int) -> None:
+        self.prompt_tokens.labels(model_name).inc(prompt_tokens)
+        self.requests_steering.labels(mode, model_name).inc()
+        if self.vllm is not None:
+            self.vllm.prompt_tokens.labels(model_name).inc(prompt_tokens)
+
+    def count_generated(self, model_name: str, tokens: int) -> None:
+        self.generation_tokens.labels(model_name).inc(tokens)
+        if self.vllm is not None:
+            self.vllm.generation_tokens.labels(model_name).inc(tokens)
+
+    def observe_ttft(self, model_name: str, seconds: float) -> None:
+        self.ttft.labels(model_name).observe(seconds)
+        if self.vllm is not None:
+            self.vllm.ttft.labels(model_name).observe(seconds)
+
+    def observe_inter_token(self, model_name: str, seconds: float) -> None:
+        self.inter_token.labels(model_name).observe(seconds)
+        if self.vllm is not None:
+            self.vllm.inter_token.labels(model_name).observe(seconds)
+
+    def observe_finish(self, model_name: str, reason: str, e2e_s: float, queue_s: float | None) -> None:
+        self.requests_finished.labels(reason, model_name).inc()
+        self.e2e_latency.labels(model_name).observe(e2e_s)
+        if queue_s is not None:
+            self.queue_time.labels(model_name).observe(queue_s)
+        if self.vllm is not None:
+            self.vllm.observe_finish(model_name, reason, e2e_s, queue_s)
 
     def on_step(self, stats) -> None:
         """Step listener (engine thread): observe only."""
@@ -82,6 +130,49 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class VLLMSeries:
+    """The vLLM-named request and engine series (`vllm:*`, label `model_name`), fed by `Metrics`."""
+
+    def __init__(self, registry: CollectorRegistry, model_name: str):
+        model = ("model_name",)
+        h = lambda name, doc, buckets: Histogram(name, doc, model, buckets=buckets, registry=registry)  # noqa: E731
+        self.model_name = model_name
+        self.ttft = h("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
+                      TTFT_BUCKETS)
+        self.inter_token = h("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
+                             ITL_BUCKETS)
+        self.e2e_latency = h("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
+                             REQUEST_BUCKETS)
+        self.queue_time = h("vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase for "
+                            "request.", QUEUE_BUCKETS)
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Number of prefill tokens processed.", model,
+                                     registry=registry)
+        self.generation_tokens = Counter("vllm:generation_tokens", "Number of generation tokens processed.", model,
+                                         registry=registry)
+        self.request_success = Counter("vllm:request_success", "Count of successfully processed requests.",
+                                       ("finished_reason", "model_name"), registry=registry)
+        self.num_running = Gauge("vllm:num_requests_running", "Number of requests in model execution batches.",
+                                 model, registry=registry)
+        self.num_waiting = Gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.",
+                                 model, registry=registry)
+        for series in (self.ttft, self.inter_token, self.e2e_latency, self.queue_time, self.prompt_tokens,
+                       self.generation_tokens):
+            series.labels(model_name)
+        for reason in ("stop", "length", "abort"):
+            self.request_success.labels(reason, model_name)
+
+    def bind(self, async_engine) -> None:
+        self.num_running.labels(self.model_name).set_function(lambda: async_engine.stats().num_running)
+        self.num_waiting.labels(self.model_name).set_function(lambda: async_engine.stats().num_waiting)
+
+    def observe_finish(self, model_name: str, reason: str, e2e_s: float, queue_s: float | None) -> None:
+        if reason != "error":   # vLLM counts finished requests as successes, aborted ones included
+            self.request_success.labels(reason, model_name).inc()
+        self.e2e_latency.labels(model_name).observe(e2e_s)
+        if queue_s is not None:
+            self.queue_time.labels(model_name).observe(queue_s)
 
 
 def _usage(stats) -> float:

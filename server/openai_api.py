@@ -21,8 +21,8 @@ from .errors import APIError, error_body
 from .formatting import DONE, ChatFormat, CompletionFormat, sse
 from .jobs import Choice, Job, JobStopped, stopped_error
 from .schemas import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
-                      ModelCard, ModelList, SamplingFields)
-from .state import ServingState
+                      ModelCard, ModelList, SamplingFields, VectorList)
+from .state import Preset, ServingState
 
 MAX_CHOICES = 128
 # Below this a temperature means greedy and a top_p keeps only the top token (vLLM's convention). Smaller
@@ -39,42 +39,53 @@ def api_router(state: ServingState) -> APIRouter:
 
     @router.get("/models", response_model=ModelList)
     async def models() -> ModelList:
-        engine = state.engine
-        card = ModelCard(id=state.settings.model_id, created=state.started, root=state.settings.model,
-                         max_model_len=engine.limits.max_model_len if engine else None,
-                         has_generator=bool(engine and engine.has_generator))
-        return ModelList(data=[card])
+        engine, base = state.engine, state.settings.model_id
+        cards = [ModelCard(id=p.id, created=state.started, root=state.settings.model,
+                           parent=None if p.id == base else base, steering=p.mode, vector=p.vector,
+                           max_model_len=engine.limits.max_model_len if engine else None,
+                           has_generator=bool(engine and engine.has_generator)) for p in state.presets()]
+        return ModelList(data=cards)
+
+    @router.post("/vectors/reload", response_model=VectorList)
+    async def reload_vectors() -> VectorList:
+        engine, _ = state.admit(None)
+        try:
+            names = await engine.reload_vectors()
+        except ValueError as exc:
+            raise APIError(400, str(exc), code="invalid_vectors") from None
+        return VectorList(data=names)
 
     @router.post("/completions", response_model=CompletionResponse)
     async def completions(body: CompletionRequest, request: Request):
-        engine = state.admit(body.model)
-        steering = steering_spec(body, engine)
+        engine, preset = state.admit(body.model)
+        steering = steering_spec(body, engine, preset)
         choices = await completion_choices(body, engine, state)
-        fmt = CompletionFormat(f"cmpl-{uuid.uuid4().hex[:24]}", state.settings.model_id, body.echo)
-        return await respond(state, request, body, choices, steering, fmt, body.logprobs is not None, "completions")
+        fmt = CompletionFormat(f"cmpl-{uuid.uuid4().hex[:24]}", preset.id, body.echo)
+        return await respond(state, request, body, choices, steering, fmt, body.logprobs is not None, "completions",
+                             preset.id)
 
     @router.post("/chat/completions", response_model=ChatCompletionResponse)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        engine = state.admit(body.model)
-        steering = steering_spec(body, engine)
+        engine, preset = state.admit(body.model)
+        steering = steering_spec(body, engine, preset)
         choices = await chat_choices(body, engine, state, steering)
-        fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex[:24]}", state.settings.model_id)
-        return await respond(state, request, body, choices, steering, fmt, body.logprobs, "chat")
+        fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex[:24]}", preset.id)
+        return await respond(state, request, body, choices, steering, fmt, body.logprobs, "chat", preset.id)
 
     return router
 
 
 # ---- requests -> choices ------------------------------------------------------------------------
 async def completion_choices(body: CompletionRequest, engine, state: ServingState) -> list[Choice]:
-    if body.echo and body.logprobs is not None:
-        raise APIError(400, "echo with logprobs is not supported (no prompt logprobs)", "echo")
+    if body.max_tokens == 0 and body.prompt_logprobs is None:
+        raise APIError(400, "max_tokens 0 only scores the prompt: send it with echo true and logprobs", "max_tokens")
     _check_choice_count(len(body.prompts) * body.n)
     choices = []
     for p, prompt in enumerate(body.prompts):
-        ids = await encoded(engine.encode(prompt), "prompt")
+        ids, prompt = await prompt_ids(prompt, engine)
         requested = body.max_tokens if body.max_tokens is not None else min(16, state.settings.max_tokens)
         max_tokens = _max_tokens(requested, len(ids), engine, state, "prompt")
-        choices += _choices(body, p, ids, prompt, max_tokens, body.logprobs, len(choices))
+        choices += _choices(body, p, ids, prompt, max_tokens, body.logprobs, len(choices), body.prompt_logprobs)
     return choices
 
 
@@ -89,6 +100,16 @@ async def chat_choices(body: ChatCompletionRequest, engine, state: ServingState,
     max_tokens = _max_tokens(body.max_new_tokens, len(ids), engine, state, "messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     return _choices(body, 0, ids, user_text, max_tokens, logprobs, 0)
+
+
+async def prompt_ids(prompt: str | list[int], engine) -> tuple[list[int], str]:
+    """(token ids, text the generator reads) of a text prompt or a token-id prompt (checked against the vocab)."""
+    if isinstance(prompt, str):
+        return await encoded(engine.encode(prompt), "prompt"), prompt
+    bad = [t for t in prompt if t >= engine.vocab_size]
+    if bad:
+        raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{engine.vocab_size - 1})", "prompt")
+    return list(prompt), await engine.decode(prompt)
 
 
 async def encoded(tokenization, param: str) -> list[int]:
@@ -123,7 +144,7 @@ def _max_tokens(requested: int | None, prompt_len: int, engine, state: ServingSt
 
 
 def _choices(body: SamplingFields, prompt_index: int, ids: list[int], prompt_text: str, max_tokens: int,
-             logprobs: int | None, first_index: int) -> list[Choice]:
+             logprobs: int | None, first_index: int, prompt_logprobs: int | None = None) -> list[Choice]:
     choices = []
     for j in range(body.n):
         seed = None if body.seed is None else body.seed + j
@@ -131,15 +152,18 @@ def _choices(body: SamplingFields, prompt_index: int, ids: list[int], prompt_tex
             params = SamplingParams(max_tokens=max_tokens, top_k=max(body.top_k, 0), seed=seed,
                                     temperature=body.temperature if body.temperature >= SAMPLING_EPS else 0.0,
                                     top_p=max(body.top_p, SAMPLING_EPS), stop=body.stop_strings,
-                                    ignore_eos=body.ignore_eos, logprobs=logprobs)
+                                    ignore_eos=body.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         except ValueError as exc:
             raise APIError(400, str(exc)) from exc
         choices.append(Choice(first_index + j, prompt_index, ids, prompt_text, params))
     return choices
 
 
-def steering_spec(body: SamplingFields, engine) -> SteeringSpec:
+def steering_spec(body: SamplingFields, engine, preset: Preset) -> SteeringSpec:
+    """The request's `atv` field when given (it wins over the preset), else the preset the model id chose."""
     options = body.atv
+    if options is None and preset.mode is not None:
+        return SteeringSpec(preset.mode, vector=preset.vector)
     if options is None:
         return SteeringSpec("atv" if engine.has_generator else "off")
     mode = options.mode or ("vector" if options.vector else "atv" if engine.has_generator else "off")
@@ -155,12 +179,12 @@ def steering_spec(body: SamplingFields, engine) -> SteeringSpec:
 
 # ---- running and answering ----------------------------------------------------------------------
 async def respond(state: ServingState, request: Request, body: SamplingFields, choices: list[Choice],
-                  steering: SteeringSpec, fmt, want_logprobs: bool, endpoint: str):
-    log_fields = {"endpoint": endpoint, "user": body.user}
+                  steering: SteeringSpec, fmt, want_logprobs: bool, endpoint: str, model_id: str):
+    log_fields = {"endpoint": endpoint, "user": body.user, "model": model_id}
     if state.settings.log_prompts:
         log_fields["prompts"] = sorted({c.prompt_text for c in choices})
     job = Job(state.engine, state.metrics, choices, steering, fmt.id, state.settings.request_timeout, state.jobs,
-              log_fields)
+              log_fields, model_id)
     try:
         job.start(request)
     except BaseException:

@@ -21,6 +21,7 @@ Scale = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-100.0, le=1
 Temperature = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0.0, le=2.0)]
 TopP = Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0.0, le=1.0)]
 NonEmptyStr = Annotated[StrictStr, Field(min_length=1)]
+TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
 StopStrings = NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=4)]
 
 
@@ -57,7 +58,8 @@ class StreamOptions(BaseModel):
 
 class SamplingFields(BaseModel):
     """Fields shared by completions and chat."""
-    model: StrictStr | None = Field(None, description="must be the served model id (GET /v1/models)")
+    model: StrictStr | None = Field(None, description="a model id of GET /v1/models: the served base id, or a "
+                                    "steering preset <base>:off | :atv | :vector/<name>")
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
     top_k: Annotated[StrictInt, Field(ge=-1, le=2**31 - 1)] = Field(-1, description="-1 or 0: no top-k")
@@ -79,16 +81,26 @@ class SamplingFields(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: NonEmptyStr | Annotated[list[NonEmptyStr], Field(min_length=1, max_length=MAX_PROMPTS)] = Field(
-        description="one string, or a list of strings (n choices each)")
-    max_tokens: Annotated[StrictInt, Field(ge=1, le=INT64_MAX)] | None = Field(
-        None, description="omitted or null: 16 (the server's limit if lower)")
+    prompt: (NonEmptyStr | Annotated[list[NonEmptyStr], Field(min_length=1, max_length=MAX_PROMPTS)] | TokenIds
+             | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]) = Field(
+        description="one string, a list of strings, one list of token ids, or a list of such lists (n choices each)")
+    max_tokens: Annotated[StrictInt, Field(ge=0, le=INT64_MAX)] | None = Field(
+        None, description="omitted or null: 16 (the server's limit if lower); 0 only with echo and logprobs "
+        "(score the prompt, sample nothing)")
     logprobs: Annotated[StrictInt, Field(ge=0, le=5)] | None = None
-    echo: StrictBool = False
+    echo: StrictBool = Field(False, description="prepend the prompt; with logprobs, also the prompt tokens' logprobs "
+                             "(the first one null), computed with this request's steering")
 
     @property
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+    def prompt_logprobs(self) -> int | None:
+        return self.logprobs if self.echo else None
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt: a string, or a list of token ids."""
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return list(self.prompt)
 
 
 class TextPart(BaseModel):
@@ -141,8 +153,8 @@ class Usage(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]            # None: a prompt's first token (echo)
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 
@@ -207,6 +219,9 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "atv"
     root: str
+    parent: str | None = Field(None, description="the base model id, for a steering preset")
+    steering: str | None = Field(None, description="the preset's steering mode (null: the server default)")
+    vector: str | None = Field(None, description="the preset's named vector")
     max_model_len: int | None = None
     has_generator: bool
 
@@ -214,3 +229,8 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class VectorList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[str] = Field(description="names of the named vectors now served")

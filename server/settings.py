@@ -21,6 +21,10 @@ class Settings(BaseSettings):
     model: str = Field(EMBEDDED_TARGET, description="target model: a local path, an HF id or an embedded: name")
     generator: str = Field("default", description="generator checkpoint folder; 'default' = "
                            "atv_core/default_generator when present, 'none' = serve without steering")
+    vectors: str | None = Field(None, description="folder of named vectors (`atv vectors build`); each is served "
+                                "as model id <model>:vector/<name>; reload with POST /v1/vectors/reload")
+    vllm_metrics: bool = Field(False, description="also export vLLM-named series (vllm:...) with a model_name "
+                               "label, for vLLM dashboards, alerts and autoscalers")
     served_model_name: str | None = Field(None, description="model id in the API (default: --model)")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     dtype: str = Field("auto", description="auto, float32, bfloat16, float16")

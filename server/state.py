@@ -5,12 +5,22 @@ from __future__ import annotations
 
 import secrets
 import time
+from dataclasses import dataclass
 
 from fastapi import Request
 
 from .errors import APIError
 from .metrics import Metrics
 from .settings import Settings
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A steering preset served as a model id: <base> (the server default), <base>:off, <base>:atv,
+    <base>:vector/<name>. An explicit `atv` field in a request wins over it."""
+    id: str
+    mode: str | None = None       # None: the server default (atv with a generator, else off)
+    vector: str | None = None
 
 
 class ServingState:
@@ -39,16 +49,30 @@ class ServingState:
             return "loading"
         return "ready" if self.engine.is_alive else "dead"
 
-    def admit(self, model: str | None):
-        """The engine for a new request, or the reason it cannot have one (503 / 404)."""
+    def presets(self) -> list[Preset]:
+        """Every model id this server answers to (GET /v1/models), the base id first."""
+        base = self.settings.model_id
+        found = [Preset(base), Preset(f"{base}:off", "off")]
+        if self.engine is not None and self.engine.has_generator:
+            found.append(Preset(f"{base}:atv", "atv"))
+        names = self.engine.vector_names() if self.engine is not None else []
+        return found + [Preset(f"{base}:vector/{name}", "vector", name) for name in names]
+
+    def admit(self, model: str | None) -> tuple[object, Preset]:
+        """The engine and the preset for a new request, or the reason it cannot have them (503 / 404).
+        The model id is matched whole against the listed ids (the base id may itself contain ':')."""
         status = self.readiness()
         if status != "ready":
             raise APIError(503, f"the server is {status}; retry later", code=f"server_{status}",
                            headers={"Retry-After": "1"})
-        if model is not None and model != self.settings.model_id:
-            raise APIError(404, f"model {model!r} does not exist; this server serves {self.settings.model_id!r} "
-                           "(see GET /v1/models)", "model", "model_not_found")
-        return self.engine
+        presets = self.presets()
+        if model is None:
+            return self.engine, presets[0]
+        for preset in presets:
+            if preset.id == model:
+                return self.engine, preset
+        raise APIError(404, f"model {model!r} does not exist; this server serves {self.settings.model_id!r} and "
+                       "its steering presets (see GET /v1/models)", "model", "model_not_found")
 
     def check_api_key(self, request: Request) -> None:
         """FastAPI dependency of /v1: 'Authorization: Bearer KEY' when ATV_API_KEY is set."""

@@ -69,6 +69,7 @@ def run_harness(python: Path, tasks: list[str], model_id: str, base_url: str, to
         cmd += ["--limit", str(limit)]
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "HF_HOME": str(out_dir / "hf"), "TOKENIZERS_PARALLELISM": "false"}
+    out_dir.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(cmd, cwd=out_dir, env=env, capture_output=True, text=True, timeout=timeout)
     results = sorted((out_dir / "out").rglob("results_*.json"))
     samples = {task: [json.loads(line) for f in (out_dir / "out").rglob(f"samples_{task}_*.jsonl")

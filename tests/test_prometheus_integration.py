@@ -109,7 +109,8 @@ def atv_server(tmp_path_factory):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ATV_")}  # no stray API key, limits...
     env.update(ATV_CACHE_DIR=str(work / "cache"), HF_HOME=str(work / "hf"), HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", ATV_DEVICE="cpu", ATV_DRAIN_TIMEOUT="5", PYTHONUNBUFFERED="1")
+               TRANSFORMERS_OFFLINE="1", ATV_DEVICE="cpu", ATV_DRAIN_TIMEOUT="5", PYTHONUNBUFFERED="1",
+               ATV_VLLM_METRICS="1")   # the vllm: series too (the atv_ ones are unchanged by it)
     cmd = [sys.executable, "-m", "atv_core.cli", "serve", "--model", str(model_dir), "--generator", "none",
            "--host", "127.0.0.1", "--port", str(port)]
     log_path = work / "server.log"
@@ -229,6 +230,21 @@ def test_atv_series_read_back(prometheus, traffic):
     assert reasons and reasons <= {"stop", "length", "abort", "error"}, finished
     statuses = {r["metric"].get("status") for r in query(prometheus, 'atv_http_requests_total{job="atv"}')}
     assert "200" in statuses, statuses
+
+
+def test_vllm_named_series_read_back_with_model_name(prometheus, traffic):
+    """ATV_VLLM_METRICS=1: what vLLM dashboards, alerts and KEDA triggers query, labelled with the model id."""
+    for expr in ('vllm:time_to_first_token_seconds_count{job="atv"}', 'vllm:e2e_request_latency_seconds_count{job="atv"}',
+                 'vllm:num_requests_waiting{job="atv"}'):
+        result = wait_for(prometheus, expr)
+        assert {r["metric"].get("model_name") for r in result} >= {traffic}, result
+    ttft = wait_for(prometheus, f'sum(vllm:time_to_first_token_seconds_count{{job="atv", model_name="{traffic}"}}) >= 3')
+    assert value(ttft) >= 3
+    success = query(prometheus, f'sum(vllm:request_success_total{{job="atv", model_name="{traffic}"}})')
+    assert value(success) >= 3
+    for name in ("vllm:inter_token_latency_seconds_count", "vllm:request_queue_time_seconds_count",
+                 "vllm:num_requests_running", "vllm:prompt_tokens_total", "vllm:generation_tokens_total"):
+        assert query(prometheus, f'{name}{{job="atv", model_name="{traffic}"}}'), name
 
 
 def test_dashboard_and_autoscaler_queries_return_data(prometheus, traffic):

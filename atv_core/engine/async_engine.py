@@ -94,6 +94,22 @@ class AsyncEngine:
         """Running / waiting requests and vector slots as of the engine thread's last step."""
         return self._stats
 
+    def vector_names(self) -> list[str]:
+        """The named vectors this engine serves (empty without a vectors folder)."""
+        return self.engine.vectors.names() if self.engine.vectors is not None else []
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids a prompt may hold: 0 .. vocab_size - 1."""
+        return self.engine.vocab_size
+
+    async def reload_vectors(self) -> list[str]:
+        """Re-read the vectors folder on a worker thread -> names. ValueError (naming the bad file) keeps the
+        old set; ValueError too when the engine was built without a folder."""
+        if self.engine.vectors is None:
+            raise ValueError("this server has no vectors folder; start it with --vectors DIR (ATV_VECTORS)")
+        return await asyncio.to_thread(self.engine.vectors.reload)
+
     def add_step_listener(self, listener: Callable[[StepStats], None]) -> None:
         """listener(StepStats) after every step, on the engine thread: it must only observe, and be quick."""
         self.engine.step_listeners.append(listener)
@@ -106,6 +122,14 @@ class AsyncEngine:
     async def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """[{role, content}, ...] through the chat template. PromptTooLong, or ValueError if the template refuses."""
         return await self._tokens.encode_chat(messages)
+
+    async def decode(self, ids: list[int]) -> str:
+        """The text of token ids, special tokens dropped (what the generator reads of a token-id prompt)."""
+        return await self._tokens.decode(ids)
+
+    async def token_texts(self, ids: list[int]) -> list[str]:
+        """Each token decoded alone, special tokens kept (the `tokens` of prompt logprobs)."""
+        return await self._tokens.token_texts(ids)
 
     # ---- requests -------------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams, steering: SteeringSpec,

@@ -4,6 +4,8 @@
                                                            │
        first time scheduled: generator(prompts) -> vectors -> runner.assign_vector
        runner.run(chunks): one packed forward, paged KV, logits for chunks that end their sequence
+       (run_scored: also every position of the chunks of requests that asked for prompt logprobs, scored
+       chunk by chunk: log_softmax, gather, top-N; never a [prompt length, V] matrix for a whole long prompt)
                                                            │
                          sampler.sample(logits) -> tokens -> _append(): stop / length / EOS
                                                            │          (text: detokenizer.OutputText)
@@ -96,6 +98,7 @@ class LLMEngine:
         limit = getattr(model.config, "max_position_embeddings", None) or 8192
         self.max_model_len = config.max_model_len or min(limit, 8192)
         self.eos_ids = _eos_ids(model, tokenizer)
+        self.vocab_size = model.get_input_embeddings().num_embeddings   # prompt ids must be below this
         self._generators: dict[str, torch.Generator] = {}
         self.step_listeners: list[Callable[[StepStats], None]] = []
         self.vectors = vectors
@@ -111,6 +114,9 @@ class LLMEngine:
         """Checks that need no engine state (safe from any thread). Raises ValueError / PromptTooLong."""
         if not request.prompt_ids:
             raise ValueError("prompt is empty: send at least one token")
+        bad = [t for t in request.prompt_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
         total = request.num_prompt_tokens + request.params.max_tokens
         if total > self.max_model_len:
             raise PromptTooLong(f"prompt ({request.num_prompt_tokens} tokens) + max_tokens "
@@ -186,7 +192,14 @@ class LLMEngine:
         chunks = [c for c in batch.chunks if not c.request.finished]
         sampled = [c.request for c in chunks if c.samples]
         if chunks:
-            logits = self.runner.run(chunks)
+            scored = [i for i, c in enumerate(chunks) if _scores_prompt(c)]
+            if scored:   # some request asked for prompt logprobs: every position of those chunks
+                logits, prompt_logits = self.runner.run_scored(chunks, scored)
+            else:
+                logits, prompt_logits = self.runner.run(chunks), {}
+            for i, chunk_logits in prompt_logits.items():
+                self._score_prompt(chunks[i], chunk_logits)
+            del prompt_logits
             if sampled:
                 outputs += self._sample_and_append(sampled, logits)
         duration = time.perf_counter() - start
@@ -272,7 +285,37 @@ class LLMEngine:
         else:
             self.runner.assign_vector(request, vector)
 
+    def _score_prompt(self, chunk, logits: torch.Tensor) -> None:
+        """Prompt logprobs from one chunk's logits [chunk length, V]: position p scores prompt token p + 1
+        (token 0 gets a None entry). Positions already scored (a recompute after preemption) are skipped."""
+        request = chunk.request
+        if not request.prompt_logprobs:
+            first = TokenLogprob(request.prompt_ids[0], None, [])
+            self._name_tokens(first)
+            request.prompt_logprobs.append(first)
+        lo = max(chunk.start, len(request.prompt_logprobs) - 1)
+        hi = min(chunk.end, request.num_prompt_tokens - 1)
+        if lo >= hi:
+            return
+        targets = torch.tensor(request.prompt_ids[lo + 1: hi + 1], device=logits.device)
+        for entry in token_logprobs(logits[lo - chunk.start: hi - chunk.start], targets,
+                                    request.params.prompt_logprobs):
+            self._name_tokens(entry)
+            request.prompt_logprobs.append(entry)
+
     def _sample_and_append(self, requests: list[Request], logits: torch.Tensor) -> list[RequestOutput]:
+        scoring_only = [r for r in requests if r.params.max_tokens == 0]
+        for request in scoring_only:   # max_tokens 0: the prompt is scored, nothing is sampled
+            request.finish("length")
+        outputs = [self._retire(r, [], None) for r in scoring_only]
+        if scoring_only:
+            keep = [i for i, r in enumerate(requests) if r.params.max_tokens > 0]
+            requests, logits = [requests[i] for i in keep], logits[keep]
+            if not requests:
+                return outputs
+        return outputs + self._sample_tokens(requests, logits)
+
+    def _sample_tokens(self, requests: list[Request], logits: torch.Tensor) -> list[RequestOutput]:
         params = [r.params for r in requests]
         tokens = sample(logits, params, [self._generators[r.request_id] for r in requests])
         want = [i for i, p in enumerate(params) if p.logprobs is not None]
@@ -316,9 +359,13 @@ class LLMEngine:
 
     def _emit(self, request: Request, token_ids: list[int], logprob, delta: str = "") -> RequestOutput:
         queue_time = request.scheduled_time - request.arrival_time if request.scheduled_time is not None else None
+        prompt_logprobs = None
+        if request.prompt_logprobs and not request.prompt_logprobs_sent and \
+                len(request.prompt_logprobs) == request.num_prompt_tokens:
+            prompt_logprobs, request.prompt_logprobs_sent = request.prompt_logprobs, True
         out = RequestOutput(request.request_id, delta, token_ids, [logprob] if logprob else None, request.finished,
                             request.finish_reason, request.error, request.num_prompt_tokens,
-                            len(request.output_ids), request.steering_report, queue_time)
+                            len(request.output_ids), request.steering_report, queue_time, prompt_logprobs)
         if request.on_output is not None:
             request.on_output(out)
         return out
@@ -330,6 +377,13 @@ class LLMEngine:
         if request.status is not Status.FINISHED:
             request.finish("abort")
         return self._emit(request, token_ids, logprob, delta)
+
+
+def _scores_prompt(chunk) -> bool:
+    """Whether this chunk's logits are needed for its request's prompt logprobs."""
+    request = chunk.request
+    return request.params.prompt_logprobs is not None and len(request.prompt_logprobs) < request.num_prompt_tokens \
+        and chunk.start < max(request.num_prompt_tokens - 1, 1)
 
 
 def _delta(spec, generated: torch.Tensor | None, named: torch.Tensor | None) -> torch.Tensor:

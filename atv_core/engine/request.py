@@ -38,10 +38,14 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None       # number of top alternatives to report per token (0..20)
+    prompt_logprobs: int | None = None  # also score the prompt: logprob of each prompt token + top alternatives
 
     def __post_init__(self):
         checks = [
-            (self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
+            (self.max_tokens >= 1 or (self.max_tokens == 0 and self.prompt_logprobs is not None),
+             f"max_tokens must be >= 1 (0 only to score the prompt, with prompt_logprobs), got {self.max_tokens}"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+             f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}"),
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be an int >= 0, got {self.top_k!r}"),
@@ -102,7 +106,7 @@ class SteeringSpec:
 @dataclass
 class TokenLogprob:
     token_id: int
-    logprob: float
+    logprob: float | None             # None only for a prompt's first token (nothing predicts it)
     top: list[tuple[int, float]]      # (token id, logprob), best first
     text: str = ""                    # the token decoded alone (filled in by the engine)
     top_text: list[str] = field(default_factory=list)  # the same for each entry of `top`
@@ -133,6 +137,7 @@ class RequestOutput:
     completion_tokens: int = 0
     steering: SteeringReport | None = None  # what was applied (set once the request reached a prefill)
     queue_time_s: float | None = None # arrival -> admission into a prefill batch
+    prompt_logprobs: list[TokenLogprob] | None = None  # every prompt token's, once, with the first output
 
 
 @dataclass(eq=False)
@@ -157,6 +162,8 @@ class Request:
     steering_report: SteeringReport | None = None
     scheduled_time: float | None = None   # first admission into a batch (queue time)
     first_token_time: float | None = None
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per prompt token scored so far
+    prompt_logprobs_sent: bool = False
 
     @property
     def output_text(self) -> str:

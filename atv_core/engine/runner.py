@@ -8,7 +8,8 @@ Owns all per-model torch state:
 One step = one forward over the packed sequence [1, N] of every chunk's tokens (prompt chunks and decodes
 together) with per-token positions, a per-token vector slot, and the "atv_paged" attention (attention.py),
 which writes the new K/V into the pools and attends over each request's own tokens. Logits are computed
-only for the chunks that end their request's sequence.
+only for the chunks that end their request's sequence, and (run_scored) for every position of the chunks
+whose request asked for prompt logprobs.
 
 Steering slots: token p of a request is steered (slot = its vector slot) under position policy "all"
 always, under "last" when p >= (prompt length - 1): the last prompt token and every output token, which is
@@ -75,22 +76,34 @@ class ModelRunner:
     @torch.no_grad()
     def run(self, chunks: Sequence[Chunk]) -> torch.Tensor:
         """One packed forward over every chunk -> logits [k, V] (fp32) for the k chunks that sample, in order."""
-        ids, positions, slots, keep = [], [], [], []
+        return self.run_scored(chunks, ())[0]
+
+    @torch.no_grad()
+    def run_scored(self, chunks: Sequence[Chunk], scored: Sequence[int]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """run(), plus the logits of every position of the chunks whose indices are in `scored` (prompt
+        logprobs) -> (logits [k, V] of the sampling chunks, {chunk index: logits [chunk length, V]})."""
+        ids, positions, slots, keep, sample_rows, spans = [], [], [], [], [], {}
         first = 0
-        for chunk in chunks:
+        for i, chunk in enumerate(chunks):
             self.held[id(chunk.request)] = chunk.request
             ids += chunk.request.token_slice(chunk.start, chunk.end)
             positions.append(torch.arange(chunk.start, chunk.end))
             slots.append(self._slots(chunk))
-            first += chunk.length
+            if i in scored:
+                spans[i] = (len(keep), len(keep) + chunk.length)
+                keep += range(first, first + chunk.length)
+            elif chunk.samples:
+                keep.append(first + chunk.length - 1)
             if chunk.samples:
-                keep.append(first - 1)
+                sample_rows.append(len(keep) - 1)
+            first += chunk.length
         self.cache.reserve(1 + max(max(c.request.block_table) for c in chunks))
         segments = [Segment(c.start, c.length, c.request.block_table) for c in chunks]
         plan = plan_step(segments, self.cache, self.device)
         ids = torch.tensor(ids, dtype=torch.long).view(1, -1)
-        return self._forward(ids, torch.cat(positions).view(1, -1), torch.cat(slots).view(1, -1), plan,
-                             torch.tensor(keep, dtype=torch.long))
+        logits = self._forward(ids, torch.cat(positions).view(1, -1), torch.cat(slots).view(1, -1), plan,
+                               torch.tensor(keep, dtype=torch.long))                   # [K, V]
+        return logits[sample_rows], {i: logits[a:b] for i, (a, b) in spans.items()}
 
     def _slots(self, chunk: Chunk) -> torch.Tensor:
         """[length] vector slot of each token of the chunk (0 where the position policy does not steer)."""

@@ -44,12 +44,26 @@ class TokenizerWorker:
         self._check_chars(sum(len(m["content"]) for m in messages), "conversation")
         return await self._run(self._encode_chat, messages)
 
+    async def decode(self, ids: list[int]) -> str:
+        """The text of token ids (special tokens dropped): what the generator reads of a token-id prompt."""
+        return await self._run(self._decode, ids)
+
+    async def token_texts(self, ids: list[int]) -> list[str]:
+        """Each token decoded alone (special tokens kept), as logprobs report tokens."""
+        return await self._run(self._token_texts, ids)
+
     # ---- on the worker thread -------------------------------------------------------------------
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
         return list(self._tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _token_texts(self, ids: list[int]) -> list[str]:
+        return self._tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False)
 
     def _encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         if not self.has_chat_template:
