@@ -14,8 +14,10 @@ from atv_core.engine.async_engine import AsyncEngine
 from atv_core.engine.build import build_engine
 from atv_core.engine.llm_engine import EngineConfig
 from atv_core.steering.vectors import VectorLayout, write_vector
-from tests.test_server import assert_error, make_settings, one_torch_thread, serving  # noqa: F401
+from tests.test_server import assert_error, make_settings, serving
 from tests.tiny import make_tiny_generator_dir, make_tiny_model_dir
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 BASE = "embedded:tiny"     # contains ':' like the embedded default's id
 LAYOUT = VectorLayout(target_layers=3, layers=(0, 1, 2), hidden_size=32, target="tiny")
