@@ -61,15 +61,17 @@ def _add_to_output(output, delta: torch.Tensor):
     return output + delta
 
 
-def _make_hook(delta: torch.Tensor):
-    """delta [N, d]: this layer's V[j, slot] for the N = B*T tokens of the step, gathered once per step."""
+def _make_hook(rows: torch.Tensor, index: torch.Tensor):
+    """rows [U, d]: this layer's V[j, s] for the U distinct slots of the step; index [N]: each token's row.
+    The [N, d] delta exists for one layer at a time (a 512-token step would hold L_sel x N x d otherwise)."""
     def hook(_module: nn.Module, _inputs, output):
         hidden = output[0] if isinstance(output, tuple) else output
-        if delta.shape[0] != hidden.shape[:-1].numel():
-            raise ValueError(f"slot index has {delta.shape[0]} tokens but hidden states are "
+        if index.shape[0] != hidden.shape[:-1].numel():
+            raise ValueError(f"slot index has {index.shape[0]} tokens but hidden states are "
                              f"{tuple(hidden.shape)}; build it for this step's [B, T] layout")
-        d = delta if delta.device == hidden.device else delta.to(hidden.device)  # layers spread by device_map
-        return _add_to_output(output, d.view_as(hidden).to(hidden.dtype))
+        delta = rows.index_select(0, index)                                                      # [N, d]
+        delta = delta if delta.device == hidden.device else delta.to(hidden.device)  # layers spread by device_map
+        return _add_to_output(output, delta.view_as(hidden).to(hidden.dtype))
     return hook
 
 
@@ -91,11 +93,12 @@ def steering(model: nn.Module, table: torch.Tensor | None, slots: torch.Tensor |
     bad = [i for i in layers if not 0 <= i < len(blocks)]
     if bad:
         raise ValueError(f"layer indices {bad} out of range for a model with {len(blocks)} decoder layers")
-    deltas = table.index_select(1, slots.reshape(-1).to(table.device))    # [L_sel, N, d], one gather per step
+    used, index = torch.unique(slots.reshape(-1).to(table.device), return_inverse=True)  # [U], [N]
+    rows = table.index_select(1, used)                                  # [L_sel, U, d], once per step
     handles = []
     try:
-        for j, index in enumerate(layers):
-            handles.append(blocks[index].register_forward_hook(_make_hook(deltas[j])))
+        for j, layer in enumerate(layers):
+            handles.append(blocks[layer].register_forward_hook(_make_hook(rows[j], index)))
         yield
     finally:
         for handle in handles:
