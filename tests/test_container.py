@@ -186,11 +186,16 @@ def post(url: str, body: dict, timeout: float = 120) -> dict:
 
 
 def metric(text: str, name: str, labels: str = "") -> float:
-    """The value of one sample of the Prometheus text exposition, e.g. metric(t, "x_total", 'mode="off"')."""
-    for line in text.splitlines():
-        if line.startswith(f"{name}{{{labels}}} " if labels else f"{name} "):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"no sample {name}{{{labels}}} in /metrics")
+    """The sum of the samples of one series whose labels include `labels`, e.g. metric(t, "x_total", 'mode="off"')
+    (request series carry more labels, such as model_name, than a test names)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    want = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+    values = [sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+              if sample.name == name and want.items() <= sample.labels.items()]
+    if not values:
+        raise AssertionError(f"no sample {name}{{{labels}}} in /metrics")
+    return sum(values)
 
 
 def promql(prom: str, expr: str) -> list[dict]:
