@@ -38,7 +38,7 @@ case "$KIND" in
   *) echo "usage: $0 [atv|prometheus] [TAG]" >&2; exit 2 ;;
 esac
 
-log() { printf '==> %s\n' "$*" >&2; }
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"   # log, die, as_root
 
 choose_base() {
   if [ -n "${BASE_IMAGE:-}" ]; then printf '%s\n' "$BASE_IMAGE"; return; fi

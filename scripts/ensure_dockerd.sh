@@ -13,15 +13,7 @@ set -euo pipefail
 DOCKERD_LOG="${DOCKERD_LOG:-/var/log/atv-dockerd.log}"
 DOCKERD_WAIT="${DOCKERD_WAIT:-60}"
 
-log() { printf '==> %s\n' "$*" >&2; }
-die() { printf 'ERROR: %s\n' "$*" >&2; exit 1; }
-
-as_root() {
-  if [ "$(id -u)" -eq 0 ]; then "$@"
-  elif command -v sudo >/dev/null 2>&1; then sudo "$@"
-  else die "need root (or sudo) to run: $*"
-  fi
-}
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"   # log, die, as_root
 
 engine_up() { docker info >/dev/null 2>&1; }
 

@@ -14,15 +14,7 @@ IMAGE="${1:-atv-base:bookworm}"
 SUITE=bookworm
 PACKAGES=python3,python3-venv,ca-certificates
 
-log() { printf '==> %s\n' "$*" >&2; }
-die() { printf 'ERROR: %s\n' "$*" >&2; exit 1; }
-
-as_root() {
-  if [ "$(id -u)" -eq 0 ]; then "$@"
-  elif command -v sudo >/dev/null 2>&1; then sudo "$@"
-  else die "need root (or sudo) to run: $*"
-  fi
-}
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"   # log, die, as_root
 
 # The first Debian (not -security) URI of this machine's apt sources, deb822 or one-line format.
 debian_mirror() {
