@@ -186,12 +186,16 @@ class AsyncEngine:
             log.exception("engine loop died")
             self._fail_all(f"{type(exc).__name__}: {exc}")
 
-    def _drain_inbox(self) -> None:
+    def _take_inbox(self):
+        """The messages waiting in the inbox, taken without blocking."""
         while True:
             try:
-                message = self._inbox.get_nowait()
+                yield self._inbox.get_nowait()
             except queue.Empty:
                 return
+
+    def _drain_inbox(self) -> None:
+        for message in self._take_inbox():
             if isinstance(message, AbortRequest):
                 self.engine.abort(message.request_id)
                 continue
@@ -214,11 +218,7 @@ class AsyncEngine:
         message = f"engine failed: {reason}"
         with self._lock:  # from here on submit() refuses, so nothing reaches the inbox after the drain below
             self.error = reason
-        while True:
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                break
+        for item in self._take_inbox():
             if isinstance(item, AddRequest):
                 self.engine.fail(item.request, message)
         self.engine.fail_all(message)
