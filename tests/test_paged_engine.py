@@ -127,7 +127,7 @@ def test_a_budget_too_small_for_one_request_refuses_it_at_admission():
         engine.add_request(Request("big", _ids(15, 0), GREEDY, SteeringSpec("off")))
     engine.add_request(ok := Request("ok", _ids(12, 0), GREEDY, SteeringSpec("off")))
     drain(engine)
-    assert ok.finish_reason == "length" and engine.runner.cache.capacity == 5
+    assert ok.finish_reason == "length" and engine.runner.cache.high_water <= 5 and engine.runner.cache.capacity == 5
 
 
 def test_decodes_are_not_padded_to_a_long_request():
@@ -175,3 +175,33 @@ def test_no_leaks_after_1000_random_requests_with_aborts_and_preemptions():
     assert not engine.scheduler.has_work() and engine.runner.rows == [] and not engine._generators
     assert engine.runner.slots_used == 0 and torch.count_nonzero(engine.runner.table) == 0
     assert all(not r.block_table and r.vector_slot == 0 for r in reqs)
+
+
+def _layout(device: str):
+    from atv_core.engine.kv_cache import KVLayout, LayerKV
+    return KVLayout({0: LayerKV(2, 4, torch.float32, torch.device(device)),
+                     1: LayerKV(2, 4, torch.float32, torch.device(device))})
+
+
+def test_cpu_pools_are_allocated_once_at_the_budget_and_never_copied():
+    from atv_core.engine.kv_cache import PagedKVCache
+    cache = PagedKVCache(_layout("cpu"), block_size=4, max_blocks=300)
+    cache.reserve(3)
+    pointers = [cache.k[0].data_ptr(), cache.v[1].data_ptr()]
+    cache.reserve(250)
+    assert cache.capacity == 300 and cache.k[0].shape == (1200, 2, 4)
+    assert [cache.k[0].data_ptr(), cache.v[1].data_ptr()] == pointers
+    assert cache.high_water == 250 and cache.touched_bytes == 250 * 4 * cache.layout.bytes_per_token
+    with pytest.raises(RuntimeError, match="301 KV blocks needed but the budget holds 300"):
+        cache.reserve(301)
+
+
+def test_accelerator_pools_grow_by_doubling_up_to_the_budget_and_keep_their_content():
+    from atv_core.engine.kv_cache import PagedKVCache
+    cache = PagedKVCache(_layout("meta"), block_size=4, max_blocks=300)    # meta: the non-CPU path, no memory
+    grown = []
+    for need in (3, 16, 17, 40, 200, 299):
+        cache.reserve(need)
+        grown.append(cache.capacity)
+    assert grown == [16, 16, 32, 64, 256, 300]
+    assert cache.k[1].shape == (1200, 2, 4) and cache.high_water == 299

@@ -3,9 +3,16 @@
     pool[layer]: K, V  [capacity * block_size, H_kv, D]     slot = block * block_size + offset
 
 Block ids come from the scheduler's BlockManager (block_manager.py, lowest id first); the pools only hold
-the tensors. They start empty and grow (doubling, one layer at a time, so a growth step copies at most one
-layer's pool at once) to cover the highest block in use, never beyond `max_blocks`, the number the memory
-budget allows. Slots are never zeroed: the attention (attention.py) reads only slots its step has written.
+the tensors, and never more than `max_blocks`, the number the memory budget allows. How they get there:
+- on CPU every pool is allocated at its full size once, untouched: the OS backs a page only when a slot in
+  it is first written, so resident memory follows the highest block in use (`high_water`) with no copies.
+  (Growing by doubling and copying, as before, left each outgrown pool's pages in malloc's heap: measured
+  on the mixed scenario, 31 short + one 7k-token prompt, peak RSS 1586 MiB growing vs 1450 MiB allocated
+  once.)
+- on accelerators, where an allocation is resident at once, the pools start empty and grow (doubling, one
+  layer at a time, so a growth step copies at most one layer's pool at once) to cover the highest block in
+  use, and the outgrown pools are handed back to the device.
+Slots are never zeroed: the attention (attention.py) reads only slots its step has written.
 Each layer's pool lives on the device of that layer's keys (layers may be spread over devices).
 
 `KVLayout` says how many bytes a token costs; it is read from the model itself by one probe forward
@@ -62,23 +69,34 @@ class PagedKVCache:
     block_size: int
     max_blocks: int
     capacity: int = 0                 # blocks allocated in every pool
+    high_water: int = 0               # 1 + the highest block reserved so far (on CPU: what is resident)
     k: dict[int, torch.Tensor] = field(default_factory=dict)   # layer -> [capacity * block_size, H_kv, D]
     v: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def allocated_bytes(self) -> int:
+        """Bytes of the pools as allocated (on CPU the whole budget, mostly never touched)."""
         return self.capacity * self.block_size * self.layout.bytes_per_token
 
+    @property
+    def touched_bytes(self) -> int:
+        """Bytes of the blocks up to the high-water mark: the KV memory actually backed."""
+        return self.high_water * self.block_size * self.layout.bytes_per_token
+
     def reserve(self, num_blocks: int) -> None:
-        """Make every pool hold at least num_blocks blocks (grown by doubling, at most max_blocks)."""
-        if num_blocks <= self.capacity:
-            return
+        """Make every pool hold at least num_blocks blocks (at most max_blocks; see the module docstring)."""
         if num_blocks > self.max_blocks:
             raise RuntimeError(f"{num_blocks} KV blocks needed but the budget holds {self.max_blocks}")
-        new = max(self.capacity, 16)
-        while new < num_blocks:
-            new *= 2
-        new = min(new, self.max_blocks)
+        self.high_water = max(self.high_water, num_blocks)
+        if num_blocks <= self.capacity:
+            return
+        if all(spec.device.type == "cpu" for spec in self.layout.layers.values()):
+            new = self.max_blocks
+        else:
+            new = max(self.capacity, 16)
+            while new < num_blocks:
+                new *= 2
+            new = min(new, self.max_blocks)
         for index, spec in self.layout.layers.items():
             self.k[index] = self._grown(self.k.get(index), spec, new)
             self.v[index] = self._grown(self.v.get(index), spec, new)

@@ -62,7 +62,7 @@ def run_part(part: str, s: dict, engine_kwargs: dict) -> dict:
     result.update(part=part, peak_rss_bytes=max(load_peak, run_peak), run_peak_rss_bytes=run_peak if reset else None,
                   load_peak_rss_bytes=load_peak, long_tokens=len(long_ids),
                   kv_bytes_per_token=engine.runner.layout.bytes_per_token, preemptions=engine.scheduler.num_preemptions,
-                  kv_pool_bytes=engine.runner.cache.allocated_bytes,
+                  kv_pool_bytes=engine.runner.cache.allocated_bytes, kv_touched_bytes=engine.runner.cache.touched_bytes,
                   step_budget=engine.scheduler.config.max_num_batched_tokens,
                   long_prefill_chunk=engine.scheduler.config.long_prefill_chunk)
     for i, request in enumerate(result["requests"]):
