@@ -2,7 +2,6 @@
 ratios from given figures, the closed-batch `generate` baseline token for token against the engine (steering
 off and on, both position policies), varied output lengths shared by every variant, the per-step cost run."""
 import argparse
-import asyncio
 import json
 import statistics
 

@@ -43,7 +43,7 @@ from atv_core.engine.request import Request, SamplingParams, SteeringSpec
 from atv_core.models import DEFAULT_GENERATOR_DIR, EMBEDDED_TARGET
 from atv_core.steering.injection import make_table, steering
 from atv_core.steering.layers import find_decoder_layers
-from atv_core.tools.bench_rounds import output_lengths, ratio_summary, run_rounds, spread, summarize
+from atv_core.tools.bench_rounds import output_lengths, run_rounds, summarize
 from atv_core.tools.tasks import workload_prompts
 
 log = logging.getLogger("atv.bench")
@@ -418,7 +418,7 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--requests", type=int, default=32, help="uniform: concurrent requests")
     parser.add_argument("--new-tokens", type=int, help="tokens per request (default 64 uniform, 48 mixed)")
     parser.add_argument("--varied-lengths", action="store_true",
-                        help="uniform: each request's max_tokens drawn from [n/4, 7n/4] (seeded, same for every variant)")
+                        help="uniform: max_tokens per request drawn from [n/4, 7n/4] (seeded; same for all variants)")
     parser.add_argument("--seed", type=int, default=0, help="seed of --varied-lengths")
     parser.add_argument("--rounds", type=int, default=5, help="uniform: interleaved rounds; figures are medians")
     parser.add_argument("--step-repetitions", type=int, default=30,

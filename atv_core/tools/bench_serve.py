@@ -242,7 +242,7 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--varied-lengths", action="store_true",
                         help="request i of a level asks for a seeded length in [n/4, 7n/4], the same for every mode")
     parser.add_argument("--seed", type=int, default=0, help="seed of --varied-lengths")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds per level, modes interleaved; figures are medians")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per level, modes interleaved; medians reported")
     parser.add_argument("--ttft-concurrency", type=int, default=32,
                         help="level of the ATV/off and TTFT(atv) - TTFT(off) targets (default 32, else the largest)")
     parser.add_argument("--requests-per-level", type=int, default=0, help="default: max(4, 2 x concurrency)")
@@ -292,8 +292,8 @@ def targets(records: list[dict], base: dict, concurrency: int) -> dict:
     the ratio of medians) and TTFT p50(atv) - TTFT p50(off) per round (`ttft_atv_minus_off`: seconds, and
     `ttft_atv_minus_off_fraction_of_off`, the median of the per-round (atv - off) / off); then the single-run
     baselines' ratios to the median HTTP ATV tok/s."""
-    at = lambda mode: next((r for r in records if r["mode"] == mode and r["concurrency"] == concurrency), None)  # noqa: E731
-    atv, off = at("atv"), at("off")
+    atv, off = (next((r for r in records if r["mode"] == mode and r["concurrency"] == concurrency), None)
+                for mode in ("atv", "off"))
     if not (atv and off):
         return {}
     ratio = ratio_summary([r["tok_per_s"] for r in atv["rounds"]], [r["tok_per_s"] for r in off["rounds"]])
@@ -319,8 +319,8 @@ def table(records: list[dict], base: dict, targets: dict) -> str:
     for r in records:
         t, i, e, s = r["ttft_s"], r["itl_s"], r["e2e_s"], r["tok_per_s_spread"]
         lines.append(f"| {r['mode']} | {r['concurrency']} | {r['tok_per_s']:.1f} ({s['min']:.1f}-{s['max']:.1f}) | "
-                     f"{r['req_per_s']:.2f} | {f(t['p50'])}/{f(t['p95'])}/{f(t['p99'])} | {f(i['p50'])}/{f(i['p95'])} | "
-                     f"{f(e['p50'])}/{f(e['p95'])} | {r['failures']} |")
+                     f"{r['req_per_s']:.2f} | {f(t['p50'])}/{f(t['p95'])}/{f(t['p99'])} | "
+                     f"{f(i['p50'])}/{f(i['p95'])} | {f(e['p50'])}/{f(e['p95'])} | {r['failures']} |")
     if base:
         lines += ["", "| baseline (same prompts, concurrency %d, one run) | tok/s |" % base["concurrency"], "|---|---|"]
         lines += [f"| {k} | {v:.1f} |" for k, v in base.items() if isinstance(v, float)]
@@ -332,8 +332,9 @@ def table(records: list[dict], base: dict, targets: dict) -> str:
                      f"{detail['ratio_of_medians']:.3f}x |")
         if "ttft_detail" in targets:
             d = targets["ttft_detail"]
-            lines.append(f"| TTFT p50 atv - off (median of rounds; min-max; % of off) | {d['median_of_round_differences']:.3f} s; "
-                         f"{d['min']:.3f}-{d['max']:.3f} s; {100 * d['median_of_round_fractions']:.1f} % |")
+            lines.append(f"| TTFT p50 atv - off (median of rounds; min-max; % of off) | "
+                         f"{d['median_of_round_differences']:.3f} s; {d['min']:.3f}-{d['max']:.3f} s; "
+                         f"{100 * d['median_of_round_fractions']:.1f} % |")
         lines += [f"| {k} | {v:.2f}x |" for k, v in targets.items() if k.startswith("http_atv_over_") and
                   k != "http_atv_over_http_off"]
     return "\n".join(lines)
