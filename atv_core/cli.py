@@ -1,4 +1,4 @@
-"""The `atv` command: serve, train, eval, vectors build|list, bench engine|serve. Parses the command, hands off."""
+"""The `atv` command: serve, train, eval, vectors build|list, bench engine|serve|prefix. Parses the command, hands off."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +13,7 @@ COMMANDS = {
     "vectors list": "atv_core.tools.vectors:list_cli",
     "bench engine": "atv_core.tools.bench:cli",
     "bench serve": "atv_core.tools.bench_serve:cli",
+    "bench prefix": "atv_core.tools.bench_prefix:cli",
 }
 
 

@@ -3,8 +3,8 @@
 Names are fixed (the deploy dashboards, alerts and autoscaler query them); buckets follow vLLM's.
 Engine-side series come from two places: a step listener on the AsyncEngine (step time, batch size; called
 on the engine thread, so it only observes) and gauges read at scrape time from `AsyncEngine.stats()`, the
-snapshot the engine thread takes after every step or idle wait (running, waiting, vector slots, KV blocks), and its
-error (engine up). Per-request series are recorded by server/jobs.py through the `observe_*` / `count_*`
+snapshot the engine thread takes after every step or idle wait (running, waiting, vector slots, KV blocks, and
+the cumulative prefix-cache token counts, exported as counters by `PrefixCacheSeries`), and its error (engine up). Per-request series are recorded by server/jobs.py through the `observe_*` / `count_*`
 methods, labelled `model_name` (the model id or steering preset id the request named).
 
 With `vllm=True` the same observations also feed vLLM-named series (`vllm:...`, labelled `model_name`; the
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
@@ -89,6 +90,7 @@ class Metrics:
         self.vector_slots_used.set_function(lambda: async_engine.stats().vector_slots_used)
         self.kv_cache_usage.set_function(lambda: _usage(async_engine.stats()))
         self.engine_up.set_function(lambda: 1 if async_engine.error is None else 0)
+        self.registry.register(PrefixCacheSeries(async_engine, self.model_name, vllm=self.vllm is not None))
         async_engine.add_step_listener(self.on_step)
         if self.vllm is not None:
             self.vllm.bind(async_engine)
@@ -173,6 +175,36 @@ class VLLMSeries:
         self.e2e_latency.labels(model_name).observe(e2e_s)
         if queue_s is not None:
             self.queue_time.labels(model_name).observe(queue_s)
+
+
+class PrefixCacheSeries:
+    """Prompt tokens looked up in the prefix cache and those found there (counters read at scrape time from
+    the engine's cumulative counts); with vllm=True also vLLM's `vllm:prefix_cache_queries` / `_hits`."""
+
+    def __init__(self, async_engine, model_name: str, vllm: bool):
+        self.engine, self.model_name, self.vllm = async_engine, model_name, vllm
+
+    def describe(self):
+        return self._families(0, 0)
+
+    def collect(self):
+        stats = self.engine.stats()
+        return self._families(stats.prefix_cache_queries, stats.prefix_cache_hits)
+
+    def _families(self, queries: int, hits: int) -> list[CounterMetricFamily]:
+        families = [CounterMetricFamily("atv_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                        value=queries),
+                    CounterMetricFamily("atv_prefix_cache_hits", "Prompt tokens found in the prefix cache "
+                                        "(reused, not computed)", value=hits)]
+        if self.vllm:
+            for name, doc, value in (("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of "
+                                      "queried tokens.", queries),
+                                     ("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached "
+                                      "tokens.", hits)):
+                family = CounterMetricFamily(name, doc, labels=["model_name"])
+                family.add_metric([self.model_name], value)
+                families.append(family)
+        return families
 
 
 def _usage(stats) -> float:

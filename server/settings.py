@@ -44,6 +44,9 @@ class Settings(BaseSettings):
                                        "min(2, a quarter of the available RAM), on CUDA --kv-cache-fraction")
     kv_cache_fraction: float = Field(0.8, gt=0, le=1, description="CUDA: share of the free GPU memory at start "
                                      "given to the KV cache when --kv-cache-gib is not set")
+    enable_prefix_caching: bool = Field(True, description="reuse the KV blocks of a prompt prefix already computed "
+                                        "for another request where steering leaves them equal (steering off, the "
+                                        "same vector, or tokens before the last prompt token under policy last)")
     max_model_len: int | None = Field(None, ge=2, description="context length (default: the model's, capped at 8192)")
     max_prompt_tokens: int | None = Field(None, ge=1, description="longest accepted prompt; longer is HTTP 413")
     max_tokens: int = Field(2048, ge=1, description="most completion tokens one request may ask for")

@@ -1,6 +1,6 @@
 """The paged engine on tiny random models: logits parity with a plain forward through prefill, chunked prefill
 and decode on every layout; exact recompute after preemption under both position policies; refusal of a
-request the KV budget cannot hold; attention buckets; no leaks after 1,000 random requests."""
+request the KV budget cannot hold; attention buckets; no leaks after 1,000 random requests (shared prefixes, prefix caching on)."""
 import random
 
 import pytest
@@ -147,13 +147,16 @@ def test_no_leaks_after_1000_random_requests_with_aborts_and_preemptions():
     engine = LLMEngine(model, make_tokenizer(), None, EngineConfig(max_running=16, max_waiting=2000, block_size=4,
                                                                    kv_cache_bytes=_budget(model, 40)))
     rng = random.Random(0)
+    prefixes = [_ids(n, 100 + n) for n in (0, 9, 17, 26)]      # shared prompt prefixes (prefix caching) ...
+    vectors = [torch.randn(3, 32) for _ in range(3)]           # ... and recurring vectors (shared under 'all')
     reqs = []
     for i in range(1000):
         params = SamplingParams(max_tokens=rng.randint(1, 8), temperature=rng.choice([0.0, 1.0]), seed=i,
                                 ignore_eos=True)
         steered = rng.random() < 0.5          # a precomputed vector: slots without the generator's cost
-        reqs.append(Request(f"r{i}", _ids(rng.randint(1, 40), i), params, SteeringSpec("atv" if steered else "off"),
-                            f"prompt {i}", vector=torch.randn(3, 32) if steered else None))
+        prompt = rng.choice(prefixes) + _ids(rng.randint(1, 14), i)
+        reqs.append(Request(f"r{i}", prompt, params, SteeringSpec("atv" if steered else "off"),
+                            f"prompt {i}", vector=rng.choice(vectors) if steered else None))
         engine.add_request(reqs[-1])
     aborted = set()
     while engine.has_work():
@@ -162,7 +165,7 @@ def test_no_leaks_after_1000_random_requests_with_aborts_and_preemptions():
             victim = rng.choice(reqs)
             if engine.abort(victim.request_id) is not None:
                 aborted.add(victim.request_id)
-    assert engine.scheduler.num_preemptions > 10 and len(aborted) > 20
+    assert engine.scheduler.num_preemptions > 10 and len(aborted) > 20 and engine.stats().prefix_cache_hits > 1000
     for r in reqs:
         if r.request_id in aborted:
             assert r.finish_reason == "abort"

@@ -482,6 +482,19 @@ def test_metrics_count_known_requests(main):
     assert {"atv_vector_generation_seconds_count", "atv_num_requests_waiting"} <= names
 
 
+def test_prefix_cache_counters_count_a_repeated_prompt(main):
+    tokenizer = make_tokenizer()
+    prompt = "a system prompt long enough to fill a few KV blocks of sixteen tokens each: " * 2
+    n = len(tokenizer(prompt).input_ids)
+    before = scrape(main.url)
+    for _ in range(2):
+        completion(main, prompt=prompt, max_tokens=2, ignore_eos=True, atv={"mode": "off"})
+    after = scrape(main.url)
+    hits = metric(after, "atv_prefix_cache_hits_total") - metric(before, "atv_prefix_cache_hits_total")
+    assert metric(after, "atv_prefix_cache_queries_total") - metric(before, "atv_prefix_cache_queries_total") == 2 * n
+    assert hits == (n - 1) // 16 * 16 > 0    # the second request reuses every full block before its last token
+
+
 def test_http_statuses_are_counted(main):
     before = scrape(main.url)
     main.post("/v1/completions", {"prompt": ""})

@@ -62,7 +62,7 @@ class Bucket:
     out_index: torch.Tensor           # [n] their index in the step's N tokens
     causal: bool                      # fresh prompts only, no padding: SDPA's causal kernel, no mask
     unmasked: bool                    # single queries that see every key: no mask
-    masks: dict[int, torch.Tensor] = field(default_factory=dict)   # window (0: none) -> [B_b, 1, Q_b, K_b]
+    masks: dict = field(default_factory=dict)   # window (0: none) -> bool [B_b, 1, Q_b, K_b]; (-1-window, dtype) -> additive
 
     def mask(self, window: int) -> torch.Tensor | None:
         keys = self.kv_slot.shape[1]
@@ -81,6 +81,8 @@ class Bucket:
     def attend(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, window: int,
                scaling: float | None) -> torch.Tensor:
         """q [N, H, D], pools [S, H_kv, D] -> outputs of this bucket's real queries [n, H, D]."""
+        if self.q_index.shape[1] == 1 and q.device.type == "cpu":
+            return self.attend_decodes(q, k_pool, v_pool, window, scaling)
         query = _gather(q, self.q_index).transpose(1, 2)                                # [B_b, H, Q_b, D]
         key = _gather(k_pool, self.kv_slot).transpose(1, 2)                             # [B_b, H_kv, K_b, D]
         value = _gather(v_pool, self.kv_slot).transpose(1, 2)
@@ -92,6 +94,39 @@ class Bucket:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=causal, scale=scaling,
                                              enable_gqa=query.shape[1] != key.shape[1])
         return out.transpose(1, 2).reshape(-1, *q.shape[1:]).index_select(0, self.out_rows)
+
+    def attend_decodes(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, window: int,
+                       scaling: float | None) -> torch.Tensor:
+        """One query per request, on CPU: per K/V head two batched matmuls straight on the gathered
+        [B_b, K_b, H_kv, D] keys (strided rows, no transposed copy), about 2x faster than SDPA's CPU kernel
+        for a single query. Same arithmetic as SDPA's math: softmax(q k^T * scale + mask) v."""
+        keys = _gather(k_pool, self.kv_slot)                                            # [B_b, K_b, H_kv, D]
+        values = _gather(v_pool, self.kv_slot)
+        batch, heads_kv, head_dim = keys.shape[0], keys.shape[2], keys.shape[3]
+        query = q.index_select(0, self.q_index[:, 0]).view(batch, heads_kv, -1, head_dim)  # [B_b, H_kv, G, D]
+        bias = self.additive_mask(window, q.dtype)                                     # [B_b, 1, K_b] or None
+        scale = head_dim ** -0.5 if scaling is None else scaling
+        out = torch.empty_like(query)
+        for h in range(heads_kv):
+            k_h = keys[:, :, h].transpose(1, 2)                                         # [B_b, D, K_b]
+            scores = torch.bmm(query[:, h], k_h).mul_(scale)                             # [B_b, G, K_b]
+            if bias is not None:
+                scores.add_(bias)
+            weights = scores.softmax(-1, dtype=torch.float32).to(values.dtype)          # fp32 softmax, as SDPA's
+            torch.bmm(weights, values[:, :, h], out=out[:, h])                          # [B_b, G, D]
+        return out.view(batch, -1, head_dim)                                            # [B_b, H, D]
+
+    def additive_mask(self, window: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """mask(window) as 0 / -inf [B_b, 1, K_b] for the decode path (cached like the boolean masks)."""
+        allowed = self.mask(window)
+        if allowed is None:
+            return None
+        key = (-1 - window, dtype)
+        if key not in self.masks:
+            self.masks[key] = torch.zeros(allowed.shape[0], 1, allowed.shape[-1], dtype=dtype,
+                                          device=allowed.device).masked_fill_(~allowed.view(allowed.shape[0], 1, -1),
+                                                                               float("-inf"))
+        return self.masks[key]
 
     def to(self, device: torch.device) -> "Bucket":
         moved = {name: getattr(self, name).to(device) for name in ("q_index", "q_pos", "kv_slot", "out_rows",

@@ -55,6 +55,7 @@ class EngineConfig:
     kv_cache_fraction: float = 0.8      # CUDA this fraction of the free memory at start
     long_prompt_tokens: int = 256       # prompts with more tokens left are long: beside decodes, long prompts ...
     long_prefill_chunk: int | None = None  # ... advance this many tokens per step in all; default 8 CPU, 256 CUDA
+    enable_prefix_caching: bool = True  # reuse computed KV blocks of a shared prompt prefix (where steering allows)
 
     def __post_init__(self):
         if not 0 < self.kv_cache_fraction <= 1:
@@ -79,6 +80,8 @@ class EngineStats:
     vector_slots_used: int
     kv_blocks_used: int
     kv_blocks_total: int
+    prefix_cache_queries: int = 0       # tokens of admitted sequences looked up in the prefix cache (cumulative)
+    prefix_cache_hits: int = 0          # ... of which were reused instead of computed
 
 
 class LLMEngine:
@@ -91,7 +94,8 @@ class LLMEngine:
         self.runner = ModelRunner(model, config.max_running, gen_cfg.selected_layers if gen_cfg else None,
                                   gen_cfg.position if gen_cfg else "all", block_size=config.block_size,
                                   kv_budget_bytes=budget)
-        self.scheduler = Scheduler(_scheduler_config(config, device, self.runner.cache.max_blocks))
+        self.scheduler = Scheduler(_scheduler_config(config, device, self.runner.cache.max_blocks,
+                                                     self.runner.position))
         log.info("KV cache: budget %.1f MiB = %d blocks of %d tokens (%d bytes per token); step budget %d tokens",
                  budget / 2**20, self.runner.cache.max_blocks, config.block_size,
                  self.runner.layout.bytes_per_token, self.scheduler.config.max_num_batched_tokens)
@@ -166,7 +170,8 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         blocks = self.scheduler.blocks
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.runner.slots_used,
-                           blocks.num_used, blocks.num_blocks)
+                           blocks.num_used, blocks.num_blocks, self.scheduler.prefix_queries,
+                           self.scheduler.prefix_hits)
 
     def fail(self, request: Request, message: str) -> RequestOutput:
         """End a request that never entered the scheduler with an error output."""
@@ -189,7 +194,7 @@ class LLMEngine:
         fresh = [r for r in batch.requests if r.scheduled_time is None]  # not seen before (not a recompute)
         if fresh:
             self._attach_vectors(fresh, outputs)
-        chunks = [c for c in batch.chunks if not c.request.finished]
+        chunks = self.scheduler.reuse_attached([c for c in batch.chunks if not c.request.finished])
         sampled = [c.request for c in chunks if c.samples]
         if chunks:
             scored = [i for i, c in enumerate(chunks) if _scores_prompt(c)]
@@ -197,6 +202,7 @@ class LLMEngine:
                 logits, prompt_logits = self.runner.run_scored(chunks, scored)
             else:
                 logits, prompt_logits = self.runner.run(chunks), {}
+            self.scheduler.cache_computed(chunks)
             for i, chunk_logits in prompt_logits.items():
                 self._score_prompt(chunks[i], chunk_logits)
             del prompt_logits
@@ -403,14 +409,15 @@ def _check_vector_layout(have: VectorLayout, want: VectorLayout) -> None:
 
 
 
-def _scheduler_config(config: EngineConfig, device: torch.device, num_blocks: int) -> SchedulerConfig:
-    """Engine settings -> scheduler limits; the unset token budgets default by device."""
+def _scheduler_config(config: EngineConfig, device: torch.device, num_blocks: int, position: str) -> SchedulerConfig:
+    """Engine settings -> scheduler limits (the unset token budgets default by device) and prefix caching."""
     cuda = device.type == "cuda"
     return SchedulerConfig(max_running=config.max_running,
                            max_num_batched_tokens=config.max_num_batched_tokens or (2048 if cuda else 512),
                            max_waiting=config.max_waiting, block_size=config.block_size, num_blocks=num_blocks,
                            long_prompt_tokens=config.long_prompt_tokens,
-                           long_prefill_chunk=config.long_prefill_chunk or (256 if cuda else 8))
+                           long_prefill_chunk=config.long_prefill_chunk or (256 if cuda else 8),
+                           prefix_caching=config.enable_prefix_caching, steer_position=position)
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

@@ -102,6 +102,11 @@ class SteeringSpec:
     def uses_named_vector(self) -> bool:
         return self.mode != "off" and self.vector is not None
 
+    @property
+    def steers(self) -> bool:
+        """Whether a delta is added at all (mode off or scale 0 leave the target's hidden states alone)."""
+        return self.mode != "off" and self.scale != 0
+
 
 @dataclass
 class TokenLogprob:
@@ -156,8 +161,10 @@ class Request:
     finish_reason: FinishReason | None = None
     error: str | None = None
     vector_slot: int = 0              # 0 = unsteered; kept while preempted, so recompute steers the same
+    steering_key: bytes | None = None # digest of the delta in its slot (set with the slot): prefix-cache identity
     block_table: list[int] = field(default_factory=list)   # KV blocks: token p lives in block_table[p // size]
     num_computed_tokens: int = 0      # tokens of prompt + output whose K/V are in the cache
+    block_hashes: list[bytes] = field(default_factory=list)  # chain hashes of its first full blocks (prefix cache)
     num_preemptions: int = 0          # times its blocks were taken back (it then recomputes from its tokens)
     steering_report: SteeringReport | None = None
     scheduled_time: float | None = None   # first admission into a batch (queue time)

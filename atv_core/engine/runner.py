@@ -18,6 +18,7 @@ Knows nothing of HTTP, queues or sampling.
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Sequence
 
 import torch
@@ -66,6 +67,7 @@ class ModelRunner:
         slot = self.free_slots.pop()
         self.table[:, slot] = vector.to(self.device, self.dtype)
         request.vector_slot = slot
+        request.steering_key = _digest(self.table[:, slot])
         self.held[id(request)] = request
 
     @property
@@ -131,3 +133,9 @@ class ModelRunner:
             self.table[:, request.vector_slot] = 0
             self.free_slots.append(request.vector_slot)
             request.vector_slot = 0
+
+
+def _digest(vector: torch.Tensor) -> bytes:
+    """The identity of a delta exactly as the table holds it (dtype and bits): the prefix cache's steering key."""
+    raw = vector.detach().cpu().contiguous().view(torch.uint8)
+    return hashlib.blake2b(raw.numpy().tobytes(), digest_size=16).digest()
