@@ -119,7 +119,7 @@ def engine(request, model, tmp_path_factory):
     path = make_tiny_generator_dir(tmp_path_factory.mktemp("g") / "gen", position=request.param)
     generator = load_generator(path, target=model)
     assert generator.config.position == request.param
-    return LLMEngine(model, make_tokenizer(), generator, EngineConfig(max_running=8))
+    return LLMEngine(model, make_tokenizer(), generator, EngineConfig(max_running=8, enable_prefix_caching=False))
 
 
 @pytest.mark.parametrize("varied", [False, True])
@@ -159,8 +159,8 @@ def test_closed_batch_slots_follow_the_position_policy():
 # ---- variants, step cost, the whole command -----------------------------------------------------------
 def _args(**kw):
     base = dict(stagger_ms=1.0, no_closed_batch=False, moonshot_requests=3, new_tokens=6, varied_lengths=True,
-                seed=0, max_num_batched_tokens=None, long_prompt_tokens=None, long_prefill_chunk=None,
-                kv_cache_gib=None)
+                seed=0, prefix_caching=False, max_num_batched_tokens=None, long_prompt_tokens=None,
+                long_prefill_chunk=None, kv_cache_gib=None)
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -211,3 +211,4 @@ def test_bench_engine_command_writes_rounds_medians_and_ratios(tmp_path):
     assert report["closed_batch_outputs_equal_engine"] == {"atv": 3, "off": 3}
     assert {"naive_generate", "atv_over_naive_generate"} <= set(report["tok_per_s"]) | set(report["ratios"])
     assert report["step_cost"]["step_ms"]["steered"]["n"] == 2 and report["workload"]["rounds"] == 2
+    assert report["engine_config"]["enable_prefix_caching"] is False    # rounds do not reuse earlier rounds' KV

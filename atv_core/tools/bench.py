@@ -14,6 +14,8 @@ per round (bench_rounds.py), and every figure is the median over rounds with its
                      position policy. Only each request's own tokens count (a closed batch computes
                      max(lengths) for every row).
 - moonshot_atv:      (--moonshot-requests N) N ATV requests in an engine with max_running N.
+Prefix caching is off in these engines unless --prefix-caching (uniform_engine_kwargs says why; `atv bench
+prefix` measures it).
 Ratios (ATV/off, ATV/closed batch, ...) are computed per round; reported as the median of the per-round
 ratios (`ratios`) and, in `ratio_detail`, with their min/max and the ratio of the medians.
 Once per run: the per-step cost of steering alone (`step_cost`: the same batch of decodes at fixed positions
@@ -278,6 +280,13 @@ def engine_kwargs(args, max_running: int) -> dict:
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
+def uniform_engine_kwargs(args, max_running: int) -> dict:
+    """engine_kwargs plus prefix caching, off unless --prefix-caching: the uniform workload's prompts share no
+    full block within a run, so the only reuse there is of an earlier run's (or round's) identical prompts,
+    which fresh traffic would not find and the closed-batch baseline does not get."""
+    return {**engine_kwargs(args, max_running), "enable_prefix_caching": args.prefix_caching}
+
+
 def engine_variants(args, engine: LLMEngine, prompts: list[str], lengths: list[int]) -> dict:
     """name -> a zero-argument run returning a result dict with tok_per_s and (engine runs) ttft_p50_s."""
     model, tokenizer, generator = engine.model, engine.tokenizer, engine.generator
@@ -291,7 +300,8 @@ def engine_variants(args, engine: LLMEngine, prompts: list[str], lengths: list[i
         variants["closed_batch_atv"] = lambda: closed_batch(model, tokenizer, prompts, lengths, generator)
         variants["closed_batch_off"] = lambda: closed_batch(model, tokenizer, prompts, lengths)
     if args.moonshot_requests:
-        big = LLMEngine(model, tokenizer, generator, EngineConfig(**engine_kwargs(args, args.moonshot_requests)))
+        config = EngineConfig(**uniform_engine_kwargs(args, args.moonshot_requests))
+        big = LLMEngine(model, tokenizer, generator, config)
         big_prompts = workload_prompts(args.moonshot_requests)
         big_lengths = output_lengths(args.moonshot_requests, args.new_tokens, args.varied_lengths, args.seed)
         variants["moonshot_atv"] = lambda: run_engine(big, big_prompts, "atv", big_lengths)
@@ -314,7 +324,7 @@ def engine_figures(results: dict[str, list[dict]]) -> dict:
 
 def bench_engine(args) -> dict:
     engine = build_engine(args.model, args.generator, device=args.device, dtype=args.dtype,
-                          config=EngineConfig(**engine_kwargs(args, max(args.requests, 1))))
+                          config=EngineConfig(**uniform_engine_kwargs(args, max(args.requests, 1))))
     if engine.generator is None:
         raise ValueError("atv bench engine compares steered with unsteered serving and needs a generator; "
                          "pass --generator DIR")
@@ -330,7 +340,7 @@ def bench_engine(args) -> dict:
     results = run_rounds(variants, args.rounds,
                          on_run=lambda r, name: log.info("round %d/%d: %s", r + 1, args.rounds, name))
     report = {"machine": machine_info(), "workload": _workload(args, model, prompt_lens, lengths),
-              "engine_config": engine_kwargs(args, max(args.requests, 1)), **engine_figures(results)}
+              "engine_config": uniform_engine_kwargs(args, max(args.requests, 1)), **engine_figures(results)}
     report["staggered_tok_per_s"] = {m: report["tok_per_s"][f"{m}_staggered"] for m in ("atv", "off")
                                      if f"{m}_staggered" in report["tok_per_s"]}
     report["atv_outputs_differ_from_off"] = sum(a != b for a, b in zip(results["atv"][0]["outputs"],
@@ -425,6 +435,9 @@ def cli(argv: list[str]) -> int:
                         help="uniform: steered and unsteered runs of one decode batch for the per-step cost (0: skip)")
     parser.add_argument("--moonshot-requests", type=int, default=0,
                         help="uniform: also run this many ATV requests with max_running as many, in the rounds")
+    parser.add_argument("--prefix-caching", action="store_true",
+                        help="uniform: keep the engine's prefix caching on (later rounds then reuse earlier rounds' "
+                             "prompt blocks)")
     parser.add_argument("--no-closed-batch", action="store_true", help="uniform: skip the closed-batch generate")
     parser.add_argument("--no-generate-batch", action="store_true", help="uniform: skip transformers generate_batch")
     parser.add_argument("--mode", choices=("atv", "off"), default="atv", help="mixed: steering of every request")

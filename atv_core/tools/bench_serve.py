@@ -11,7 +11,9 @@ tok/s and TTFT p50 beside them), failures summed. `targets`: HTTP ATV/off per ro
 ratios) and, at --ttft-concurrency, TTFT p50(atv) - TTFT p50(off) per round (median, and as a fraction of
 TTFT(off)). Then, unless --no-baselines, on the same prompts and token counts, in this process, one run
 each: the engine driven directly, sequential batch-1 hooked `generate`, and transformers' `generate_batch`.
-With no --url it starts the embedded default server itself and stops it afterwards.
+With no --url it starts the embedded default server itself (prefix caching off unless --prefix-caching: the
+prompts of a level share no block, so the only reuse would be of an earlier round's identical prompts) and
+stops it afterwards.
 """
 from __future__ import annotations
 
@@ -173,7 +175,8 @@ def baselines(args, prompts: list[str]) -> dict:
     from atv_core.tools.bench import hf_generate_batch, naive_generate, run_engine
 
     engine = build_engine(args.model, args.generator, device=args.device, dtype=args.dtype,
-                          config=EngineConfig(max_running=args.max_running))
+                          config=EngineConfig(max_running=args.max_running,
+                                              enable_prefix_caching=args.prefix_caching))
     model, tokenizer, generator = engine.model, engine.tokenizer, engine.generator
     n = args.baseline_concurrency
     batch = prompts[:n]
@@ -250,6 +253,9 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--baseline-concurrency", type=int, default=32)
     parser.add_argument("--naive-requests", type=int, default=8, help="0: skip the sequential baseline")
     parser.add_argument("--no-baselines", action="store_true")
+    parser.add_argument("--prefix-caching", action="store_true",
+                        help="the started server and the baseline engine keep prefix caching on (later rounds then "
+                             "reuse earlier rounds' identical prompts)")
     parser.add_argument("--json", default="bench/serve.json")
     parser.add_argument("--plot", default="bench/serve.png")
     args = parser.parse_args(argv)
@@ -260,8 +266,9 @@ def cli(argv: list[str]) -> int:
     proc = None
     url = args.url
     if url is None:
+        caching = "--enable-prefix-caching" if args.prefix_caching else "--no-enable-prefix-caching"
         proc, url = start_server(["--model", args.model, "--generator", args.generator, "--device", args.device,
-                                  "--dtype", args.dtype], args.max_running)
+                                  "--dtype", args.dtype, caching], args.max_running)
     try:
         asyncio.run(run_level(url, prompts, args.modes[0], 2, 4, 4))  # warm-up
         records = run_levels(url, prompts, args)
@@ -277,7 +284,8 @@ def cli(argv: list[str]) -> int:
     report = {"machine": machine_info(),
               "workload": {"new_tokens": args.new_tokens, "varied_lengths": args.varied_lengths, "seed": args.seed,
                            "rounds": args.rounds, "model": args.model, "generator": args.generator,
-                           "dtype": args.dtype, "max_running": args.max_running, "url": args.url or "local"},
+                           "dtype": args.dtype, "max_running": args.max_running, "url": args.url or "local",
+                           "prefix_caching": args.prefix_caching if args.url is None else "as the server at --url"},
               "records": records, "baselines_tok_per_s": base, "targets": targets(records, base, level)}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
