@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Callable, Literal
 
 if TYPE_CHECKING:
     from atv_core.engine.detokenizer import OutputText
+    from atv_core.engine.vector_worker import VectorJob
 
 SteeringMode = Literal["atv", "vector", "off"]
 FinishReason = Literal["stop", "length", "abort", "error"]
@@ -148,6 +149,7 @@ class Request:
     steering: SteeringSpec = field(default_factory=SteeringSpec)
     prompt_text: str = ""             # what the generator reads (through its input template)
     vector: object | None = None      # optional precomputed [L_sel, d] tensor used instead of the generator's
+    vector_job: VectorJob | None = None   # its generator vector while being made off the engine thread
     on_output: Callable[[RequestOutput], None] | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     status: Status = Status.WAITING
@@ -169,6 +171,11 @@ class Request:
     def output_text(self) -> str:
         """The text streamed so far (stop strings removed once matched)."""
         return self.output.text if self.output is not None else ""
+
+    @property
+    def ready(self) -> bool:
+        """Whether the scheduler may admit it: nothing it needs is still being made (its generator vector)."""
+        return self.vector_job is None or self.vector_job.done
 
     @property
     def num_prompt_tokens(self) -> int:
