@@ -182,7 +182,7 @@ class AsyncEngine:
         try:
             while not self._stop.is_set():
                 self._drain_inbox()
-                if self.engine.ready_to_step():   # not only requests whose vectors are still being made
+                if self.engine.has_work() and self.engine.ready_to_step():   # not only pending vectors
                     self.engine.step()  # outputs reach each request's on_output callback
                 else:                             # a message or a finished vector wakes it at once
                     self._wake.wait(IDLE_WAIT_S)

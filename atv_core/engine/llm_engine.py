@@ -96,7 +96,7 @@ class EngineStats:
 class LLMEngine:
     def __init__(self, model, tokenizer, generator=None, config: EngineConfig = EngineConfig(),
                  vectors: VectorStore | None = None):
-        self.model, self.tokenizer, self.generator, self.config = model, tokenizer, generator, config
+        self.model, self.tokenizer, self._generator, self.config = model, tokenizer, generator, config
         gen_cfg = generator.config if generator is not None else None
         device = model.get_input_embeddings().weight.device
         budget = config.kv_cache_bytes or default_budget(device, config.kv_cache_fraction)
@@ -123,6 +123,17 @@ class LLMEngine:
     @property
     def has_generator(self) -> bool:
         return self.generator is not None
+
+    @property
+    def generator(self):
+        return self._generator
+
+    @generator.setter
+    def generator(self, generator) -> None:
+        """Swap the generator (same layout): the worker's next batch uses the new one."""
+        self._generator = generator
+        if self.vector_worker is not None:
+            self.vector_worker.generator = generator
 
     # ---- admission ------------------------------------------------------------------------------
     def validate(self, request: Request) -> None:
