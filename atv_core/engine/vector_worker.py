@@ -7,11 +7,23 @@
     job.result = VectorResult(G, gate, seconds) <────── (retried one by one if the run fails, so only
                or VectorResult(error=...)               the job at fault fails) -> listeners()
 
-The worker owns the generator while it runs (its tokenizer and modules are used on this thread only) and
-sets its own torch intra-op thread count (`threads`, default 1): the target's forward on the engine thread
-keeps the process's count. A `VectorJob` is plain data the request holds (`Request.vector_job`): its
-result lives and dies with the request, so a request that is aborted or refused leaves nothing behind
-here. This module does not decide when a request runs (the scheduler admits a request once its job is
+The worker owns the generator while it runs (its tokenizer and modules are used on this thread only).
+
+Sizing (`threads`, torch intra-op threads of this thread only; default 1). Every step waits for the
+target's forward on the engine thread, which keeps torch's default (one OpenMP thread per core); the
+generator runs once per arriving request, on short prompts, with a smaller model (MiniLM, 22M parameters,
+beside the 135M target). With one thread the worker takes one core for the length of a batch: the
+engine's thread on that core shares it meanwhile (its ops slow down for that time, as an OpenMP region
+waits for its slowest thread), and the worker's own single-threaded ops never wait at such a barrier. With
+two threads it would contend for both cores of a 2-core machine during each batch, and its own regions
+would wait on threads the engine pushes off a core. Raise it only where cores are to spare. Torch keeps
+the count per thread, but set_num_threads() also sets the default that threads started later take, so
+start() puts the starting thread's count back as that default. A vector made with another thread count can
+differ from the synchronous path's in the last bit (the sums are split otherwise); with equal counts the two
+are bit-equal.
+
+A `VectorJob` is plain data the request holds (`Request.vector_job`): its result lives and dies with the
+request, so a request that is aborted or refused leaves nothing behind here. This module does not decide when a request runs (the scheduler admits a request once its job is
 done) and does not place vectors in the runner's table (llm_engine.py).
 """
 from __future__ import annotations
