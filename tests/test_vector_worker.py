@@ -265,3 +265,22 @@ def test_examples_reach_the_worker_in_the_stored_format(parts, gen_calls):
     engine.add_request(request)
     drain(engine)
     assert gen_calls["calls"][0][1] == [reading.format_input("big ->", examples)]
+
+
+def test_the_scheduler_passes_over_requests_that_are_not_ready_and_keeps_their_place():
+    """Plain scheduler, no model: a pending job (anything with .done) holds back only its own request."""
+    from types import SimpleNamespace
+
+    from atv_core.engine.scheduler import Scheduler, SchedulerConfig
+
+    scheduler = Scheduler(SchedulerConfig(max_running=4, max_num_batched_tokens=64, block_size=4, num_blocks=64))
+    reqs = [Request(f"r{i}", [1, 2, 3], SamplingParams()) for i in range(4)]
+    reqs[0].vector_job, reqs[2].vector_job = SimpleNamespace(done=False), SimpleNamespace(done=False)
+    for r in reqs:
+        scheduler.add(r)
+    batch = scheduler.schedule()
+    assert [c.request.request_id for c in batch.chunks] == ["r1", "r3"]
+    assert list(scheduler.waiting) == [reqs[0], reqs[2]]          # still first in line, in their order
+    reqs[2].vector_job.done = True
+    assert [c.request.request_id for c in scheduler.schedule().chunks] == ["r2"]
+    assert list(scheduler.waiting) == [reqs[0]] and scheduler.schedule() is None

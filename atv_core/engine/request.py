@@ -149,7 +149,6 @@ class Request:
     steering: SteeringSpec = field(default_factory=SteeringSpec)
     prompt_text: str = ""             # what the generator reads (through its input template)
     vector: object | None = None      # optional precomputed [L_sel, d] tensor used instead of the generator's
-    vector_job: VectorJob | None = None   # its generator vector while being made off the engine thread
     on_output: Callable[[RequestOutput], None] | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     status: Status = Status.WAITING
@@ -166,6 +165,7 @@ class Request:
     first_token_time: float | None = None
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per prompt token scored so far
     prompt_logprobs_sent: bool = False
+    vector_job: VectorJob | None = None   # its generator vector while being made off the engine thread
 
     @property
     def output_text(self) -> str:
