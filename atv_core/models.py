@@ -81,16 +81,54 @@ def select_device(device: str = "auto") -> torch.device:
 
 
 def select_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """auto: bf16 on CUDA where supported (else fp16), fp32 on CPU."""
+    """auto: bf16 on CUDA where supported (else fp16); on CPU bf16 where the processor computes it natively
+    (AVX512-BF16 or AMX-BF16), else fp32. The choice and its reason are logged."""
     if dtype == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
+        native, reason = cpu_bf16_support()
+        chosen = torch.bfloat16 if native else torch.float32
+        log.info("dtype auto on CPU -> %s: %s (force one with --dtype float32 or bfloat16)",
+                 str(chosen).removeprefix("torch."), reason)
+        return chosen
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
     if dtype not in table:
         raise ValueError(f"dtype must be auto or one of {sorted(table)}, got {dtype!r}")
     return table[dtype]
+
+
+def cpu_bf16_support() -> tuple[bool, str]:
+    """Whether this CPU computes bf16 matmuls natively, and why: torch's own probe (oneDNN's ISA check, the
+    one its bf16 kernels dispatch on) or the /proc/cpuinfo flags. Without avx512_bf16 / amx_bf16, bf16
+    matmuls are emulated (converted to fp32 and back) and run slower than fp32."""
+    capability = _torch_cpu_capability()
+    probed = sorted(name for name, ok in _torch_bf16_probes().items() if ok)
+    flags = sorted(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    if probed or flags:
+        return True, f"the CPU has {', '.join(probed or flags)} (torch capability {capability})"
+    return False, (f"the CPU has no AVX512-BF16 or AMX-BF16 (torch capability {capability}; /proc/cpuinfo lists "
+                   "neither avx512_bf16 nor amx_bf16), so bf16 matmuls would be emulated (through fp32) with no speed to gain")
+
+
+def _torch_cpu_capability() -> str:
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def _torch_bf16_probes() -> dict[str, bool]:
+    """torch's checks of the bf16 instructions ({} on a torch without them)."""
+    probes = {"avx512_bf16": "_is_avx512_bf16_supported", "amx_tile": "_is_amx_tile_supported"}
+    return {name: bool(getattr(torch.cpu, fn)()) for name, fn in probes.items() if hasattr(torch.cpu, fn)}
+
+
+def _cpu_flags() -> set[str]:
+    """The processor's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((l for l in text.splitlines() if l.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
 
 
 def load_tokenizer(name: str):

@@ -27,7 +27,8 @@ class Settings(BaseSettings):
                                "label, for vLLM dashboards, alerts and autoscalers")
     served_model_name: str | None = Field(None, description="model id in the API (default: --model)")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
-    dtype: str = Field("auto", description="auto, float32, bfloat16, float16")
+    dtype: str = Field("auto", description="auto (CUDA: bf16, else fp16; CPU: bf16 where the processor has "
+                                           "AVX512-BF16 or AMX, else fp32; logged at start), float32, bfloat16, float16")
     device_map: str | None = Field(None, description="e.g. auto: spread a large target over the visible GPUs")
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535)
@@ -40,6 +41,8 @@ class Settings(BaseSettings):
     long_prefill_chunk: int | None = Field(None, ge=1, description="prompt tokens of long prompts (all together) "
                                            "per step beside decodes; default 8 on CPU, 256 on CUDA")
     block_size: int = Field(16, ge=1, description="tokens per KV cache block")
+    generator_threads: int = Field(1, ge=1, description="torch threads of the generator's own thread, which makes "
+                                   "vectors while the engine steps (the engine keeps torch's default)")
     kv_cache_gib: float | None = Field(None, gt=0, description="KV cache memory budget in GiB; default on CPU "
                                        "min(2, a quarter of the available RAM), on CUDA --kv-cache-fraction")
     kv_cache_fraction: float = Field(0.8, gt=0, le=1, description="CUDA: share of the free GPU memory at start "

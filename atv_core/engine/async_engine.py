@@ -5,13 +5,16 @@ another, so an asyncio event loop only routes messages.
     event loop       nothing of the engine                         submit() / abort() / encode*() / stats();
                                                                    runs every request's output callback
     atv-tokenizer    a private copy of the tokenizer               prompts and chat templates -> ids
-    atv-engine       the LLMEngine (scheduler, runner, generator,  steps; detokenizes with the engine's
-                     the engine's own tokenizer)                   tokenizer
+    atv-engine       the LLMEngine (scheduler, runner, the         steps; detokenizes with the engine's
+                     engine's own tokenizer)                       tokenizer
+    atv-generator    the generator (LLMEngine.vector_worker)       prompts -> vectors, beside the steps
 
 Messages into the engine thread are typed (`AddRequest`, `AbortRequest`). Each request is submitted with one
 callback, called on the submitter's event loop with every `RequestOutput`, the last one finished (abort,
 error and engine failure included). The waiting-queue bound is decided in submit() (QueueFull, HTTP 429),
-with counts kept under a lock so the engine thread never has to refuse a request it was handed.
+with counts kept under a lock so the engine thread never has to refuse a request it was handed. submit()
+also hands a mode-atv request's prompt to the generator thread at once; the engine thread wakes when a
+vector is ready, and admits the request then.
 Knows no HTTP.
 """
 from __future__ import annotations
@@ -75,6 +78,7 @@ class AsyncEngine:
 
     # ---- lifecycle ------------------------------------------------------------------------------
     def start(self) -> "AsyncEngine":
+        self.engine.start_vector_worker(on_ready=self._wake.set)
         self._thread = threading.Thread(target=self._loop, name="atv-engine", daemon=True)
         self._thread.start()
         return self
@@ -84,6 +88,7 @@ class AsyncEngine:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        self.engine.close()
         self._tokens.shutdown()
 
     @property
@@ -146,6 +151,7 @@ class AsyncEngine:
             if self._pending + self._waiting >= self.limits.max_waiting:
                 raise QueueFull(f"waiting queue is full ({self.limits.max_waiting} requests)")
             self._pending += 1
+            self.engine.prepare_vector(request)   # the generator starts on it now, off the engine thread
             self._inbox.put(AddRequest(request))
         self._wake.set()
         return request.request_id
@@ -176,9 +182,9 @@ class AsyncEngine:
         try:
             while not self._stop.is_set():
                 self._drain_inbox()
-                if self.engine.has_work():
+                if self.engine.has_work() and self.engine.ready_to_step():   # not only pending vectors
                     self.engine.step()  # outputs reach each request's on_output callback
-                else:
+                else:                             # a message or a finished vector wakes it at once
                     self._wake.wait(IDLE_WAIT_S)
                     self._wake.clear()
                 self._note_stats()

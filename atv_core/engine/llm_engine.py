@@ -1,8 +1,10 @@
 """The serving engine: continuous batching where every request carries its own task vector.
 
     add_request ──> Scheduler.waiting ──schedule()──> Batch(chunks: decodes + prompt chunks, one token budget)
+         │                   ▲ admitted once `ready`         │
+         └─> VectorWorker (own thread): generator(prompts arrived so far) -> each request's G
                                                            │
-       first time scheduled: generator(prompts) -> vectors -> runner.assign_vector
+       first time scheduled: G (+ named vector) -> delta -> runner.assign_vector
        runner.run(chunks): one packed forward, paged KV, logits for chunks that end their sequence
        (run_scored: also every position of the chunks of requests that asked for prompt logprobs, scored
        chunk by chunk: log_softmax, gather, top-N; never a [prompt length, V] matrix for a whole long prompt)
@@ -11,14 +13,19 @@
                                                            │          (text: detokenizer.OutputText)
                          RequestOutput (text delta, SteeringReport) -> request.on_output(...)
 
-`LLMEngine` is synchronous and single-threaded (`step()`); its tokenizer is used on the thread that steps
-it only (detokenization). `AsyncEngine` (async_engine.py) runs it on a background thread. No HTTP here.
+`LLMEngine` is synchronous (`step()`); its tokenizer is used on the thread that steps it only
+(detokenization). The generator runs on its own thread (vector_worker.py) while steps run, so a mode-atv
+request is admitted once its vector is made; a step that has nothing else to run waits for it. With
+`generator_worker=False` the generator runs on the stepping thread when a request is first scheduled (one
+run per step for the requests it admits). `AsyncEngine` (async_engine.py) runs the engine on a background
+thread. No HTTP here.
 """
 from __future__ import annotations
 
 import logging
 import math
 import time
+import weakref
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -30,6 +37,7 @@ from atv_core.engine.request import Request, RequestOutput, SteeringReport, Stat
 from atv_core.engine.runner import ModelRunner
 from atv_core.engine.sampler import make_generator, sample, token_logprobs
 from atv_core.engine.scheduler import Scheduler, SchedulerConfig
+from atv_core.engine.vector_worker import VectorResult, VectorWorker, run_batch
 from atv_core.steering.vectors import VectorLayout, VectorStore
 
 log = logging.getLogger("atv.engine")
@@ -56,12 +64,16 @@ class EngineConfig:
     long_prompt_tokens: int = 256       # prompts with more tokens left are long: beside decodes, long prompts ...
     long_prefill_chunk: int | None = None  # ... advance this many tokens per step in all; default 8 CPU, 256 CUDA
     enable_prefix_caching: bool = True  # reuse computed KV blocks of a shared prompt prefix (where steering allows)
+    generator_worker: bool = True       # the generator on its own thread, beside the steps (False: in the step)
+    generator_threads: int = 1          # torch intra-op threads of that thread (the engine thread keeps its own)
 
     def __post_init__(self):
         if not 0 < self.kv_cache_fraction <= 1:
             raise ValueError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes < 1:
             raise ValueError(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
+        if self.generator_threads < 1:
+            raise ValueError(f"generator_threads must be >= 1, got {self.generator_threads}")
 
 
 @dataclass(frozen=True)
@@ -87,7 +99,7 @@ class EngineStats:
 class LLMEngine:
     def __init__(self, model, tokenizer, generator=None, config: EngineConfig = EngineConfig(),
                  vectors: VectorStore | None = None):
-        self.model, self.tokenizer, self.generator, self.config = model, tokenizer, generator, config
+        self.model, self.tokenizer, self._generator, self.config = model, tokenizer, generator, config
         gen_cfg = generator.config if generator is not None else None
         device = model.get_input_embeddings().weight.device
         budget = config.kv_cache_bytes or default_budget(device, config.kv_cache_fraction)
@@ -108,10 +120,24 @@ class LLMEngine:
         self.vectors = vectors
         if vectors is not None:
             _check_vector_layout(vectors.layout, VectorLayout.for_target(model, generator))
+        self.vector_worker = _vector_worker(generator, config)
+        if self.vector_worker is not None:   # its thread ends with the engine (close() ends it earlier)
+            weakref.finalize(self, self.vector_worker.close, None)
 
     @property
     def has_generator(self) -> bool:
         return self.generator is not None
+
+    @property
+    def generator(self):
+        return self._generator
+
+    @generator.setter
+    def generator(self, generator) -> None:
+        """Swap the generator (same layout): the worker's next batch uses the new one."""
+        self._generator = generator
+        if self.vector_worker is not None:
+            self.vector_worker.generator = generator
 
     # ---- admission ------------------------------------------------------------------------------
     def validate(self, request: Request) -> None:
@@ -156,6 +182,26 @@ class LLMEngine:
         self.validate(request)
         self.scheduler.add(request)  # raises QueueFull
         self._generators[request.request_id] = make_generator(request.params.seed)
+        self.prepare_vector(request)
+
+    def prepare_vector(self, request: Request) -> None:
+        """Hand a validated request's generator input to the worker now (any thread; once per request).
+        add_request() calls it; AsyncEngine.submit() calls it earlier, so that the vector is being made
+        while the request is still on its way to the engine thread."""
+        if self.vector_worker is not None and request.vector_job is None and _needs_generator(request):
+            request.vector_job = self.vector_worker.submit(self._generator_input(request))
+
+    def start_vector_worker(self, on_ready: Callable[[], None] | None = None) -> None:
+        """Start the generator thread now (step() does it too); on_ready() is called on it after each batch."""
+        if self.vector_worker is not None:
+            if on_ready is not None:
+                self.vector_worker.listeners.append(on_ready)
+            self.vector_worker.start()
+
+    def close(self) -> None:
+        """Stop the generator thread (the engine cannot make vectors afterwards)."""
+        if self.vector_worker is not None:
+            self.vector_worker.close()
 
     def abort(self, request_id: str) -> RequestOutput | None:
         request = self.scheduler.find(request_id)
@@ -167,6 +213,10 @@ class LLMEngine:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    def ready_to_step(self) -> bool:
+        """Whether step() has something to compute now, without waiting for a vector."""
+        return bool(self.scheduler.running) or any(r.ready for r in self.scheduler.waiting)
+
     def stats(self) -> EngineStats:
         blocks = self.scheduler.blocks
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.runner.slots_used,
@@ -176,17 +226,19 @@ class LLMEngine:
     def fail(self, request: Request, message: str) -> RequestOutput:
         """End a request that never entered the scheduler with an error output."""
         request.finish("error", message)
+        _drop_vector_job(request)
         return self._emit(request, [], None)
 
     def fail_all(self, message: str) -> None:
         """End every queued and running request with an error output (the engine cannot go on)."""
         for request in (*self.scheduler.running, *self.scheduler.waiting):
             request.finish("error", message)
+            _drop_vector_job(request)
             self._emit(request, [], None)
 
     # ---- one step -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        batch = self.scheduler.schedule()
+        batch = self._schedule()
         if batch is None:
             return []
         start = time.perf_counter()
@@ -214,10 +266,23 @@ class LLMEngine:
             listener(stats)
         return outputs
 
+    def _schedule(self):
+        """The next batch. When nothing can run until a vector is made, wait for the generator worker."""
+        worker = self.vector_worker
+        if worker is not None:
+            worker.start()
+        while True:
+            seen = worker.completed if worker is not None else 0
+            batch = self.scheduler.schedule()
+            if batch is not None or worker is None or self.ready_to_step() or not self.scheduler.waiting:
+                return batch
+            worker.wait_past(seen)
+
     def _attach_vectors(self, requests: list[Request], outputs: list[RequestOutput]) -> list[Request]:
         """Give each admitted steered request its delta `scale * (G + vector_weight * N)` [L_sel, d]:
-        G = the generator's vector (one generator run for the whole prefill batch) or the precomputed
-        `Request.vector`; N = the named vector. Requests whose vector is unusable fail alone."""
+        G = the generator's vector (made by the worker, or without one a generator run for the whole prefill
+        batch) or the precomputed `Request.vector`; N = the named vector. Requests whose vector is unusable
+        fail alone."""
         now = time.monotonic()
         for request in requests:
             request.scheduled_time = now
@@ -246,41 +311,34 @@ class LLMEngine:
         return found.vector
 
     def _generated_vectors(self, requests: list[Request]) -> dict[int, tuple[torch.Tensor, float, float]]:
-        """G for the mode-atv requests: `Request.vector` when given, else one generator run over the rest
-        (retried one by one on failure so that only the request at fault fails).
-        -> {id(request): (G [L_sel, d], gate, generator seconds of its batch)}."""
+        """G for the mode-atv requests: `Request.vector` when given, else the generator's (a failed generator
+        run fails its request). -> {id(request): (G [L_sel, d], gate, generator seconds of its batch)}."""
         atv = [r for r in requests if r.steering.uses_generator]
         out = {id(r): (r.vector.float(), 1.0, 0.0) for r in atv if r.vector is not None}  # static vectors, eval
         pending = [r for r in atv if r.vector is None]
-        if not pending:
-            return out
-        t0 = time.perf_counter()
-        try:
-            results = [self._generate([self._generator_input(r) for r in pending])]
-            groups = [pending]
-        except Exception:  # retry one by one so that only the request at fault fails
-            log.exception("generator failed on a batch of %d; retrying one by one", len(pending))
-            groups, results = [[r] for r in pending], []
-            for request in pending:
-                try:
-                    results.append(self._generate([self._generator_input(request)]))
-                except Exception as exc:
-                    request.finish("error", f"vector generation failed: {type(exc).__name__}: {exc}")
-                    results.append(None)
-        elapsed = time.perf_counter() - t0
-        for group, result in zip(groups, results):
-            for i, request in enumerate(group if result is not None else []):
-                out[id(request)] = (result[0][i], result[1][i], elapsed)
+        for request, result in zip(pending, self._vector_results(pending)):
+            if result.error is not None:
+                request.finish("error", result.error)
+            else:
+                out[id(request)] = (result.vector, result.gate, result.seconds)
         return out
+
+    def _vector_results(self, requests: list[Request]) -> list[VectorResult]:
+        """Each request's generator result: the worker's (the scheduler admits a request once its job is done),
+        or, for requests it never got (no worker), one generator run over them now."""
+        jobs = [r.vector_job for r in requests]
+        for request in requests:
+            request.vector_job = None
+        missing = [r for r, job in zip(requests, jobs) if job is None]
+        made = iter(run_batch(self.generator, [self._generator_input(r) for r in missing]) if missing else [])
+        results = [job.result if job is not None else next(made) for job in jobs]
+        if any(result is None for result in results):
+            raise RuntimeError("a request was scheduled before its vector was made (Request.ready not honoured)")
+        return results
 
     def _generator_input(self, request: Request) -> str:
         """What the generator reads: the query, with the request's demonstrations in the checkpoint's format."""
         return self.generator.format_input(request.prompt_text, request.steering.examples)
-
-    def _generate(self, prompts: list[str]) -> tuple[torch.Tensor, list[float]]:
-        with torch.no_grad():
-            out = self.generator(prompts)
-        return out.vectors.float(), out.gates.float().tolist()
 
     def _assign(self, request: Request, vector: torch.Tensor, gate: float | None, generator_s: float) -> None:
         norm = float(vector.norm())
@@ -380,9 +438,28 @@ class LLMEngine:
         self.scheduler.finish(request)
         self.runner.release(request)
         self._generators.pop(request.request_id, None)
+        _drop_vector_job(request)
         if request.status is not Status.FINISHED:
             request.finish("abort")
         return self._emit(request, token_ids, logprob, delta)
+
+
+def _vector_worker(generator, config: EngineConfig) -> VectorWorker | None:
+    if generator is None or not config.generator_worker:
+        return None
+    return VectorWorker(generator, threads=config.generator_threads, max_batch=config.max_running)
+
+
+def _needs_generator(request: Request) -> bool:
+    """Whether the request's delta includes the generator's vector (mode atv, scale != 0, no Request.vector)."""
+    return request.steering.uses_generator and request.steering.scale != 0 and request.vector is None
+
+
+def _drop_vector_job(request: Request) -> None:
+    """The request leaves: the worker skips its job if it has not started it; the result is dropped."""
+    if request.vector_job is not None:
+        request.vector_job.cancelled = True
+        request.vector_job = None
 
 
 def _scores_prompt(chunk) -> bool:

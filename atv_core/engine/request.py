@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Callable, Literal
 
 if TYPE_CHECKING:
     from atv_core.engine.detokenizer import OutputText
+    from atv_core.engine.vector_worker import VectorJob
 
 SteeringMode = Literal["atv", "vector", "off"]
 FinishReason = Literal["stop", "length", "abort", "error"]
@@ -171,11 +172,17 @@ class Request:
     first_token_time: float | None = None
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per prompt token scored so far
     prompt_logprobs_sent: bool = False
+    vector_job: VectorJob | None = None   # its generator vector while being made off the engine thread
 
     @property
     def output_text(self) -> str:
         """The text streamed so far (stop strings removed once matched)."""
         return self.output.text if self.output is not None else ""
+
+    @property
+    def ready(self) -> bool:
+        """Whether the scheduler may admit it: nothing it needs is still being made (its generator vector)."""
+        return self.vector_job is None or self.vector_job.done
 
     @property
     def num_prompt_tokens(self) -> int:

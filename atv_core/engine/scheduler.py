@@ -11,7 +11,8 @@ Every engine step computes one packed batch of `Chunk`s under a token budget (`m
    slots and budget allow. Short prompts (at most `long_prompt_tokens` left) go whole. *Long* prompts share
    `long_prefill_chunk` tokens per step (oldest first), so they neither stall the decodes and short prompts
    beside them nor wait for them to finish; in a step with no decodes the unused budget goes to the prompt
-   chunks (shortest remaining first), so a prompt alone gets the whole budget.
+   chunks (shortest remaining first), so a prompt alone gets the whole budget. A waiting request that is not
+   `ready` (its vector is still being made) is passed over and keeps its place.
 
 A chunk whose last token is the last of its request's sequence `samples`: the runner returns logits for it
 and the engine appends a token. A request's `num_computed_tokens` advances when it is scheduled.
@@ -164,13 +165,14 @@ class Scheduler:
     def _schedule_prefills(self, budget: int, has_decodes: bool) -> list[Chunk]:
         share = _Share(budget, self.config.long_prefill_chunk, self.config.long_prompt_tokens)
         planned = [[r, share.take(r)] for r in self.running if _remaining(r) > 1]   # part-way prompts
-        while share.tokens and self.waiting and len(self.running) < self.config.max_running:
-            request = self.waiting[0]
+        ready = self._ready_waiting()
+        while share.tokens and len(self.running) < self.config.max_running and (request := next(ready, None)):
             found = self._cached_prefix(request)
             needed = blocks_for(request.num_tokens, self.config.block_size) - len(found)
             if not self.blocks.can_allocate(needed + self.blocks.num_evictable_in(found)):
-                break  # first come, first served: nobody overtakes the request at the front
-            self._admit(self.waiting.popleft(), found, needed)
+                break  # first come, first served: no ready request overtakes the oldest ready one
+            self.waiting.remove(request)
+            self._admit(request, found, needed)
             planned.append([request, share.take(request)])
         if not has_decodes:  # nobody's inter-token latency to protect: fill the budget
             for item in sorted(planned, key=lambda p: _remaining(p[0]) - p[1]):
@@ -178,6 +180,11 @@ class Scheduler:
                 item[1] += extra
                 share.tokens -= extra
         return [Chunk(r, r.num_computed_tokens, n, n == _remaining(r), False) for r, n in planned if n]
+
+    def _ready_waiting(self):
+        """Waiting requests that may start now, oldest first: one whose vector is still being made is skipped
+        (it keeps its place) rather than holding up those behind it."""
+        return (r for r in list(self.waiting) if r.ready)
 
     def _admit(self, request: Request, found: list[int], num_blocks: int) -> None:
         """Give the request the cached blocks found for its prefix and fresh ones for the rest."""

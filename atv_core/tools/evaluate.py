@@ -491,10 +491,12 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--max-per-task", type=int, default=80)
     parser.add_argument("--lora-rank", type=int, default=16)
+    parser.add_argument("--dtype", default="float32", help="target dtype: float32 (default, the reported figures), "
+                                                          "bfloat16, or auto (bf16 where the CPU/GPU runs it natively)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     tasks = suite_and_files(args)
-    model, tokenizer = load_target(PRESETS[args.preset].target, "auto", "float32")
+    model, tokenizer = load_target(PRESETS[args.preset].target, "auto", args.dtype)
     cached: dict = {}
     per_seed = [evaluate_seed(seed, args, model, tokenizer, tasks, cached) for seed in args.seeds]
     summary, text = report(per_seed, tasks, args.methods, args.seeds)

@@ -1,0 +1,178 @@
+"""`VectorWorker`: the ATV generator on its own thread, so that vectors are made while the engine decodes.
+
+    submit(text) -> VectorJob  (any thread; cheap)      atv-generator thread
+    ───────────────────────────────────────────         ─────────────────────────────────────────────
+    job queue (FIFO) ─────────────────────────────────> take every job that has arrived (<= max_batch,
+                                                        cancelled ones dropped) -> one generator run
+    job.result = VectorResult(G, gate, seconds) <────── (retried one by one if the run fails, so only
+               or VectorResult(error=...)               the job at fault fails) -> listeners()
+
+The worker owns the generator while it runs (its tokenizer and modules are used on this thread only).
+
+Sizing (`threads`, torch intra-op threads of this thread only; default 1). Every step waits for the
+target's forward on the engine thread, which keeps torch's default (one OpenMP thread per core); the
+generator runs once per arriving request, on short prompts, with a smaller model (MiniLM, 22M parameters,
+beside the 135M target). With one thread the worker takes one core for the length of a batch: the
+engine's thread on that core shares it meanwhile (its ops slow down for that time, as an OpenMP region
+waits for its slowest thread), and the worker's own single-threaded ops never wait at such a barrier. With
+two threads it would contend for both cores of a 2-core machine during each batch, and its own regions
+would wait on threads the engine pushes off a core. Raise it only where cores are to spare. Torch keeps
+the count per thread, but set_num_threads() also sets the default that threads started later take, so
+start() puts the starting thread's count back as that default. A vector made with another thread count can
+differ from the synchronous path's in the last bit (the sums are split otherwise); with equal counts the two
+are bit-equal.
+
+A `VectorJob` is plain data the request holds (`Request.vector_job`): its result lives and dies with the
+request, so a request that is aborted or refused leaves nothing behind here. This module does not decide when a request runs (the scheduler admits a request once its job is
+done) and does not place vectors in the runner's table (llm_engine.py).
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+log = logging.getLogger("atv.engine")
+
+
+@dataclass(frozen=True)
+class VectorResult:
+    vector: torch.Tensor | None = None   # G [L_sel, d] fp32 (None when the run failed)
+    gate: float | None = None
+    seconds: float = 0.0                 # the generator run that made it (its whole batch)
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class VectorJob:
+    """One request's generator input and, once the worker is done with it, its result."""
+    text: str                            # what the generator reads (format_input of the query)
+    result: VectorResult | None = None   # set once, by the worker thread
+    cancelled: bool = False              # the request left: skip it if not yet started
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None
+
+
+def generate(generator, texts: list[str]) -> tuple[torch.Tensor, list[float]]:
+    """One generator run: texts -> (G [B, L_sel, d] fp32, gates). The same call on either thread."""
+    with torch.no_grad():
+        out = generator(texts)
+    return out.vectors.float(), out.gates.float().tolist()
+
+
+def run_batch(generator, texts: list[str]) -> list[VectorResult]:
+    """One run over `texts`; if it fails, one run per text so that only the text at fault fails. Every
+    result carries the time of the whole call (what the requests of this batch waited for)."""
+    t0 = time.perf_counter()
+    try:
+        vectors, gates = generate(generator, texts)
+        made = [(vectors[i], gates[i], None) for i in range(len(texts))]
+    except Exception:
+        log.exception("generator failed on a batch of %d; retrying one by one", len(texts))
+        made = [_generate_alone(generator, text) for text in texts]
+    elapsed = time.perf_counter() - t0
+    return [VectorResult(vector, gate, elapsed, error) for vector, gate, error in made]
+
+
+def _generate_alone(generator, text: str) -> tuple[torch.Tensor | None, float | None, str | None]:
+    """(G [L_sel, d], gate, None), or (None, None, the error message for the request)."""
+    try:
+        vectors, gates = generate(generator, [text])
+    except Exception as exc:
+        return None, None, f"vector generation failed: {type(exc).__name__}: {exc}"
+    return vectors[0], gates[0], None
+
+
+class VectorWorker:
+    def __init__(self, generator, threads: int = 1, max_batch: int = 32):
+        if threads < 1 or max_batch < 1:
+            raise ValueError(f"generator threads and batch must be >= 1, got {threads} and {max_batch}")
+        self.generator, self.threads, self.max_batch = generator, threads, max_batch
+        self.listeners: list[Callable[[], None]] = []   # called on the worker thread after each batch
+        self._jobs: queue.SimpleQueue[VectorJob | None] = queue.SimpleQueue()
+        self._done = threading.Condition()
+        self._completed = 0                # batches finished (guarded by _done)
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self._closed = False
+
+    # ---- any thread -------------------------------------------------------------------------------
+    def submit(self, text: str) -> VectorJob:
+        job = VectorJob(text)
+        self._jobs.put(job)
+        return job
+
+    def start(self) -> None:
+        """Start the thread (idempotent). Jobs submitted before start form its first batch."""
+        with self._start_lock:
+            if self._thread is not None or self._closed:
+                return
+            keep, ready = torch.get_num_threads(), threading.Event()
+            self._thread = threading.Thread(target=self._loop, args=(ready,), name="atv-generator", daemon=True)
+            self._thread.start()
+            ready.wait()
+            torch.set_num_threads(keep)   # the worker's set_num_threads also set torch's default for new threads
+
+    def close(self, timeout: float | None = 5.0) -> None:
+        """Stop the thread after its current batch, waiting up to `timeout` s for it (None: do not wait).
+        A closed worker does not start again."""
+        with self._start_lock:
+            self._closed = True
+        self._jobs.put(None)
+        thread = self._thread
+        if thread is not None and timeout is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    @property
+    def completed(self) -> int:
+        """Batches finished so far: pass it to wait_past()."""
+        with self._done:
+            return self._completed
+
+    def wait_past(self, completed: int, timeout: float = 1.0) -> None:
+        """Block until a batch after the `completed`-th is finished (or timeout); RuntimeError if the
+        thread is gone."""
+        with self._done:
+            if self._completed == completed:
+                self._done.wait(timeout)
+        if self._thread is None or not self._thread.is_alive():
+            raise RuntimeError("the generator worker is not running: start() it (or it was closed)")
+
+    # ---- the worker thread ----------------------------------------------------------------------------
+    def _loop(self, ready: threading.Event) -> None:
+        torch.get_num_threads()             # this thread's pool initialised from the default first ...
+        torch.set_num_threads(self.threads)   # ... then sized: later ops keep this count
+        ready.set()
+        while (batch := self._take()) is not None:
+            self._run([job for job in batch if not job.cancelled])
+            with self._done:
+                self._completed += 1
+                self._done.notify_all()
+            for listener in self.listeners:
+                listener()
+
+    def _run(self, jobs: list[VectorJob]) -> None:
+        try:
+            results = run_batch(self.generator, [job.text for job in jobs]) if jobs else []
+        except Exception as exc:   # not the generator's own failure (run_batch handles those): fail the jobs
+            log.exception("generator worker failed on a batch of %d", len(jobs))
+            results = [VectorResult(error=f"vector generation failed: {type(exc).__name__}: {exc}")] * len(jobs)
+        for job, result in zip(jobs, results):
+            job.result = result
+
+    def _take(self) -> list[VectorJob] | None:
+        """Block for one job, then take what else has arrived (up to max_batch). None: closed."""
+        batch = [self._jobs.get()]
+        while batch[-1] is not None and len(batch) < self.max_batch:
+            try:
+                batch.append(self._jobs.get_nowait())
+            except queue.Empty:
+                break
+        return None if batch[-1] is None else batch

@@ -1,0 +1,157 @@
+"""bf16 on CPU: the automatic dtype choice (processor capability monkeypatched), and bf16 variants of the
+parity tests (test_paged_engine, test_injection, test_engine) on tiny models, with a bf16 tolerance.
+
+The tolerance, and why: bf16 keeps 8 significant bits, so rounding a value moves it by up to 2^-8 of its
+magnitude (one 'ulp' step is 2^-7 relative). The engine and the plain forward compute the same logits in
+other summation orders (packed steps, chunked keys, other batch shapes); every layer's output is rounded
+to bf16, so the two disagree by a few such steps. Measured on these models: up to 1.5 steps (0.047 at
+|logit| 4.75). We allow 4 steps of the largest logit, 2^-6 * max|logit| (~0.08 here), and no relative term.
+That is not below the bf16-vs-fp32 difference itself (0.03-0.12 here), so these tests do not check bf16
+against fp32; they check the engine's machinery in bf16, where a wrong KV block, position, mask or vector
+moves logits by O(1) (the steered-vs-unsteered check below measures that scale).
+"""
+import logging
+import random
+
+import pytest
+import torch
+
+from atv_core import models
+from atv_core.engine.llm_engine import EngineConfig, LLMEngine
+from atv_core.engine.request import Request, SamplingParams, SteeringSpec
+from atv_core.steering.checkpoint import load_generator
+from atv_core.steering.injection import make_table, prompt_slots, steering
+from tests.conftest import ARCHS
+from tests.tiny import drain, make_model, make_tiny_generator_dir, make_tokenizer, record_logits
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+CHUNKY = dict(max_running=4, max_num_batched_tokens=16, block_size=4, long_prompt_tokens=6, long_prefill_chunk=5)
+CPU = torch.device("cpu")
+
+
+def assert_close_bf16(got: torch.Tensor, want: torch.Tensor, msg: str = "") -> None:
+    """Within 4 bf16 rounding steps of the largest value (see the module docstring)."""
+    atol = 2 ** -6 * float(want.float().abs().max())
+    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=0, msg=msg)
+
+
+def _bf16_model(arch: str = "llama"):
+    return make_model(arch).to(torch.bfloat16)
+
+
+def _ids(n, seed):
+    return random.Random(seed).choices(range(10, 200), k=n)
+
+
+# ---- the automatic choice -------------------------------------------------------------------------
+def _cpu(monkeypatch, probes: dict, flags: set):
+    monkeypatch.setattr(models, "_torch_bf16_probes", lambda: probes)
+    monkeypatch.setattr(models, "_cpu_flags", lambda: flags)
+    monkeypatch.setattr(models, "_torch_cpu_capability", lambda: "AVX512")
+
+
+@pytest.mark.parametrize("probes, flags, want", [
+    ({"avx512_bf16": True, "amx_tile": False}, set(), torch.bfloat16),    # torch's probe says yes
+    ({}, {"avx512f", "amx_bf16"}, torch.bfloat16),                       # a torch without probes: cpuinfo
+    ({"avx512_bf16": False, "amx_tile": False}, {"avx512f", "avx512_vnni"}, torch.float32),   # this VM
+])
+def test_auto_picks_bf16_only_where_the_cpu_has_it_and_logs_why(monkeypatch, caplog, probes, flags, want):
+    _cpu(monkeypatch, probes, flags)
+    with caplog.at_level(logging.INFO, logger="atv.models"):
+        assert models.select_dtype("auto", CPU) is want
+    message = caplog.records[-1].getMessage()
+    assert message.startswith(f"dtype auto on CPU -> {str(want)[6:]}")
+    assert ("no AVX512-BF16 or AMX-BF16" in message) == (want is torch.float32)
+
+
+def test_an_explicit_dtype_is_kept_whatever_the_cpu(monkeypatch):
+    _cpu(monkeypatch, {"avx512_bf16": True}, {"avx512_bf16"})
+    assert models.select_dtype("float32", CPU) is torch.float32
+    _cpu(monkeypatch, {}, set())
+    assert models.select_dtype("bfloat16", CPU) is torch.bfloat16
+    with pytest.raises(ValueError, match="dtype must be auto or one of"):
+        models.select_dtype("int8", CPU)
+
+
+def test_the_real_probe_agrees_with_proc_cpuinfo():
+    native, reason = models.cpu_bf16_support()
+    flags = models._cpu_flags()
+    if flags:   # where /proc/cpuinfo exists, its flags and torch's probe describe the same processor
+        assert native == bool(flags & {"avx512_bf16", "amx_bf16"}), reason
+
+
+# ---- parity in bf16 ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bf16_logits_match_a_plain_bf16_forward_through_chunked_prefill_and_decode(arch):
+    model = _bf16_model(arch)
+    engine = LLMEngine(model, make_tokenizer(), None, EngineConfig(**CHUNKY))
+    assert engine.runner.dtype is torch.bfloat16
+    seen = record_logits(engine)
+    reqs = [Request("short", _ids(3, 0), GREEDY, SteeringSpec("off")),
+            Request("long", _ids(40, 1), GREEDY, SteeringSpec("off")),
+            Request("mid", _ids(9, 2), GREEDY, SteeringSpec("off"))]
+    engine.add_request(reqs[0])
+    engine.step()
+    engine.step()
+    for r in reqs[1:]:
+        engine.add_request(r)
+    drain(engine)
+    for r in reqs:
+        with torch.no_grad():
+            reference = model(torch.tensor([r.prompt_ids + r.output_ids[:-1]])).logits[0]   # [T, V] bf16
+        assert_close_bf16(torch.stack(seen[r.request_id]), reference[r.num_prompt_tokens - 1:], f"{arch} {r.request_id}")
+    assert engine.scheduler.blocks.num_used == 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("policy", ["all", "last"])
+def test_bf16_batch_parity_with_different_vectors_and_lengths(arch, policy):
+    model = _bf16_model(arch)
+    g = torch.Generator().manual_seed(1)
+    vectors = torch.randn(3, model.config.num_hidden_layers, model.config.hidden_size, generator=g)
+    lengths = [5, 9, 3]
+    prompts = [torch.randint(5, 200, (n,)) for n in lengths]
+    ids, mask = torch.zeros(3, 9, dtype=torch.long), torch.zeros(3, 9, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, : len(p)], mask[b, : len(p)] = p, 1
+    with torch.no_grad():
+        with steering(model, make_table(vectors).to(torch.bfloat16), prompt_slots([1, 2, 3], lengths, policy)):
+            batched = model(ids, attention_mask=mask).logits
+        for b, p in enumerate(prompts):
+            table = make_table(vectors[b: b + 1]).to(torch.bfloat16)
+            with steering(model, table, prompt_slots([1], [len(p)], policy)):
+                alone = model(p[None]).logits[0]
+            with steering(model, None, None):
+                bare = model(p[None]).logits[0]
+            assert_close_bf16(batched[b, : len(p)], alone, f"{arch} {policy} row {b}")
+            assert float((alone.float() - bare.float()).abs().max()) > 0.5   # what steering moves: O(1)
+
+
+def test_bf16_steered_requests_joining_mid_flight_match_their_solo_runs(tmp_path):
+    model = _bf16_model("llama")
+    tok = make_tokenizer()
+    generator = load_generator(make_tiny_generator_dir(tmp_path / "gen"), target=model)
+    texts = ["the first request, fairly long prompt", "hi", "another one, steered"]
+
+    def request(i):
+        return Request(f"r{i}", tok(texts[i])["input_ids"], GREEDY, SteeringSpec("atv"), texts[i])
+    solo = {}
+    for i in range(3):
+        engine = LLMEngine(model, tok, generator, EngineConfig(max_running=4))
+        seen = record_logits(engine)
+        engine.add_request(request(i))
+        drain(engine)
+        solo[f"r{i}"] = seen[f"r{i}"]
+    engine = LLMEngine(model, tok, generator, EngineConfig(max_running=4))
+    seen = record_logits(engine)
+    engine.add_request(request(0))
+    engine.step()
+    engine.step()
+    engine.add_request(request(1))
+    engine.add_request(request(2))
+    drain(engine)
+    for rid, want in solo.items():
+        for step, (got, ref) in enumerate(zip(seen[rid], want)):
+            assert_close_bf16(got, ref, f"{rid} step {step}")

@@ -1,0 +1,286 @@
+"""The generator on its own thread (vector_worker.py) on tiny models: the same vectors and outputs as the
+synchronous path, pending requests passed over without blocking others, batching of what has arrived,
+aborts while pending, generator failures, the thread's own torch thread count, the AsyncEngine path."""
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from atv_core.engine.async_engine import AsyncEngine
+from atv_core.engine.llm_engine import EngineConfig, LLMEngine
+from atv_core.engine.request import Example, Request, SamplingParams, SteeringSpec, Status
+from atv_core.steering.checkpoint import load_generator
+from tests.tiny import drain, make_model, make_tiny_generator_dir, make_tokenizer, record_logits
+
+GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+TEXTS = ["the first request, fairly long prompt", "hi", "a middle length prompt", "another one, steered"]
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    model = make_model("llama")
+    generator = load_generator(make_tiny_generator_dir(tmp_path_factory.mktemp("g") / "gen"), target=model)
+    return model, make_tokenizer(), generator
+
+
+@pytest.fixture
+def gen_calls(parts):
+    """Wraps the generator's forward: records (thread name, texts, torch threads) of every call; `gate`
+    (set by default) holds calls back while cleared; `entered` is set when a call starts."""
+    generator = parts[2]
+    real = generator.forward
+    record = {"calls": [], "gate": threading.Event(), "entered": threading.Event()}
+    record["gate"].set()
+
+    def forward(prompts, use_gate=True):
+        record["entered"].set()
+        record["gate"].wait(10)
+        record["calls"].append((threading.current_thread().name, list(prompts), torch.get_num_threads()))
+        if any("bad" in p for p in prompts):
+            raise RuntimeError("cannot encode")
+        return real(prompts, use_gate)
+    generator.forward = forward
+    yield record
+    record["gate"].set()
+    del generator.forward
+
+
+def _engine(parts, **kw):
+    model, tok, gen = parts
+    return LLMEngine(model, tok, gen, EngineConfig(**{"max_running": 8, **kw}))
+
+
+def _request(tok, rid, text, mode="atv", **kw):
+    return Request(rid, tok(text)["input_ids"], GREEDY, SteeringSpec(mode, **kw), text)
+
+
+def _record_vectors(engine) -> dict:
+    seen = {}
+    original = engine.runner.assign_vector
+
+    def wrapped(request, vector):
+        seen[request.request_id] = vector.clone()
+        return original(request, vector)
+    engine.runner.assign_vector = wrapped
+    return seen
+
+
+def _run(engine, requests):
+    vectors, logits = _record_vectors(engine), record_logits(engine)
+    for r in requests:
+        engine.add_request(r)
+    drain(engine)
+    return vectors, logits
+
+
+def _specs(tok, *extra):
+    return [_request(tok, "a", TEXTS[0]), _request(tok, "b", TEXTS[1], scale=2.0), _request(tok, "d", TEXTS[3]),
+            *extra]
+
+
+def test_vectors_and_outputs_equal_the_synchronous_path_bit_for_bit(parts, gen_calls):
+    """All steered, added before the first step: both paths make the vectors in one run over the same prompts
+    and admit the same batch, so everything is bit-equal (the worker's 1 torch thread included)."""
+    tok = parts[1]
+    sync_reqs, worker_reqs = _specs(tok), _specs(tok)
+    sync_vectors, sync_logits = _run(_engine(parts, generator_worker=False), sync_reqs)
+    sync_threads = {name for name, _, _ in gen_calls["calls"]}
+    worker = _engine(parts)
+    worker_vectors, worker_logits = _run(worker, worker_reqs)
+    assert sync_threads == {threading.current_thread().name}
+    assert {name for name, _, _ in gen_calls["calls"][1:]} == {"atv-generator"}   # made off the stepping thread
+    assert sorted(worker_vectors) == sorted(sync_vectors) == ["a", "b", "d"]
+    for rid in sync_vectors:
+        assert torch.equal(worker_vectors[rid], sync_vectors[rid]), rid
+    for s, w in zip(sync_reqs, worker_reqs):
+        assert w.output_ids == s.output_ids and w.finish_reason == s.finish_reason == "length"
+        assert all(torch.equal(x, y) for x, y in zip(worker_logits[w.request_id], sync_logits[s.request_id]))
+        if s.steering.mode == "atv":
+            assert w.steering_report.gate == s.steering_report.gate and w.steering_report.generator_s > 0
+            assert w.steering_report.vector_norm == s.steering_report.vector_norm
+    assert worker.runner.slots_used == 0 and worker.scheduler.blocks.num_used == 0
+
+
+def test_an_unsteered_request_starts_before_the_vectors_and_the_outputs_stay_the_same(parts):
+    """With an unsteered request beside them, the worker path admits it first (a batch of another shape than the
+    synchronous path's): vectors bit-equal, tokens equal, logits equal up to fp32 summation order."""
+    tok = parts[1]
+    sync_reqs, worker_reqs = (_specs(tok, _request(tok, "c", TEXTS[2], "off")) for _ in range(2))
+    sync_vectors, sync_logits = _run(_engine(parts, generator_worker=False), sync_reqs)
+    worker_vectors, worker_logits = _run(_engine(parts), worker_reqs)
+    assert all(torch.equal(worker_vectors[rid], sync_vectors[rid]) for rid in sync_vectors)
+    for s, w in zip(sync_reqs, worker_reqs):
+        assert w.output_ids == s.output_ids
+        for x, y in zip(worker_logits[w.request_id], sync_logits[s.request_id]):
+            torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-5)   # the same bound as the join-mid-flight test
+
+
+def test_a_pending_vector_is_passed_over_and_does_not_block_others(parts, gen_calls):
+    tok = parts[1]
+    engine = _engine(parts)
+    gen_calls["gate"].clear()
+    steered, plain = _request(tok, "s", TEXTS[0]), _request(tok, "p", TEXTS[2], "off")
+    engine.add_request(steered)     # oldest, but its vector is being made
+    engine.add_request(plain)
+    for _ in range(3):
+        engine.step()
+    assert not steered.ready and steered.status is Status.WAITING and steered.num_computed_tokens == 0
+    assert len(plain.output_ids) == 3                # prefilled and decoded while the generator was busy
+    gen_calls["gate"].set()
+    drain(engine)
+    assert steered.finish_reason == plain.finish_reason == "length" and steered.steering_report.vector_norm > 0
+    assert steered.vector_job is None and engine.scheduler.blocks.num_used == 0
+
+
+def test_the_worker_batches_what_arrived_while_it_was_busy_and_keeps_each_result_with_its_request(parts, gen_calls):
+    tok = parts[1]
+    engine = _engine(parts)
+    gen_calls["gate"].clear()
+    first = _request(tok, "r0", "first")
+    engine.add_request(first)
+    engine.start_vector_worker()
+    assert gen_calls["entered"].wait(10)            # the worker is inside its first run, holding one job
+    later = [_request(tok, f"r{i}", text) for i, text in enumerate(TEXTS[1:], 1)]
+    for r in later:
+        engine.add_request(r)
+    vectors = _record_vectors(engine)
+    gen_calls["gate"].set()
+    drain(engine)
+    assert [texts for _, texts, _ in gen_calls["calls"]] == [["first"], TEXTS[1:]]
+    with torch.no_grad():
+        expected = parts[2]([r.prompt_text for r in later]).vectors.float()   # the same batch, made directly
+    for i, r in enumerate(later):
+        assert torch.equal(vectors[r.request_id], expected[i]), r.request_id
+    assert [r.finish_reason for r in [first, *later]] == ["length"] * 4
+
+
+def test_abort_while_the_vector_is_pending_leaks_nothing(parts, gen_calls):
+    tok = parts[1]
+    engine = _engine(parts)
+    gen_calls["gate"].clear()
+    started, queued = _request(tok, "started", "started"), _request(tok, "queued", "queued")
+    plain = _request(tok, "plain", TEXTS[2], "off")
+    engine.add_request(started)
+    engine.add_request(plain)
+    engine.step()                                   # plain runs; the worker holds `started` in its run
+    assert gen_calls["entered"].wait(10)
+    engine.add_request(queued)
+    job = queued.vector_job
+    outs = [engine.abort("started"), engine.abort("queued")]
+    assert [o.finish_reason for o in outs] == ["abort", "abort"] and job.cancelled
+    assert started.vector_job is None and queued.vector_job is None
+    seen = engine.vector_worker.completed
+    gen_calls["gate"].set()
+    drain(engine)
+    while engine.vector_worker.completed < seen + 2:  # the run holding `started`, then the one that skips `queued`
+        engine.vector_worker.wait_past(engine.vector_worker.completed)
+    assert [texts for _, texts, _ in gen_calls["calls"]] == [["started"]]   # the cancelled job never ran
+    assert not job.done and engine.vector_worker._jobs.empty()
+    assert plain.finish_reason == "length" and not engine.has_work() and not engine._generators
+    assert engine.scheduler.blocks.num_used == 0 and engine.runner.slots_used == 0
+    assert torch.count_nonzero(engine.runner.table) == 0
+
+
+def test_a_failed_generator_run_fails_only_the_request_at_fault(parts, gen_calls):
+    tok = parts[1]
+    engine = _engine(parts)
+    good, bad, plain = _request(tok, "g", "good"), _request(tok, "b", "bad one"), _request(tok, "p", "x", "off")
+    for r in (good, bad, plain):
+        engine.add_request(r)
+    drain(engine)
+    assert bad.finish_reason == "error" and bad.error == "vector generation failed: RuntimeError: cannot encode"
+    assert good.finish_reason == plain.finish_reason == "length" and good.steering_report.vector_norm > 0
+    assert [texts for _, texts, _ in gen_calls["calls"]] == [["good", "bad one"], ["good"], ["bad one"]]
+    assert engine.scheduler.blocks.num_used == 0 and engine.runner.slots_used == 0
+
+
+def test_requests_that_need_no_generator_never_reach_the_worker(parts, gen_calls):
+    tok = parts[1]
+    engine = _engine(parts)
+    given = Request("v", tok("x")["input_ids"], GREEDY, SteeringSpec("atv"), "x", vector=torch.ones(3, 32))
+    reqs = [_request(tok, "off", "x", "off"), _request(tok, "zero", "x", scale=0.0), given]
+    for r in reqs:
+        engine.add_request(r)
+    assert all(r.vector_job is None and r.ready for r in reqs)
+    drain(engine)
+    assert gen_calls["calls"] == [] and all(r.finish_reason == "length" for r in reqs)
+
+
+def test_the_worker_runs_on_its_own_torch_thread_count_and_leaves_the_default_alone(parts, gen_calls):
+    tok = parts[1]
+    before = torch.get_num_threads()
+    engine = _engine(parts, generator_threads=1)
+    engine.add_request(_request(tok, "a", "x"))
+    drain(engine)
+    fresh = []
+    thread = threading.Thread(target=lambda: fresh.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert [n for _, _, n in gen_calls["calls"]] == [1]
+    assert torch.get_num_threads() == before and fresh == [before]   # a new thread still gets the default
+    engine.close()
+    assert not engine.vector_worker._thread.is_alive()
+
+
+def test_async_engine_keeps_decoding_while_the_generator_works(parts, gen_calls):
+    tok = parts[1]
+    engine = AsyncEngine(_engine(parts)).start()
+    long = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+
+    async def main():
+        plain = engine.generate(tok("abc")["input_ids"], long, SteeringSpec("off"))
+        await plain.__anext__()
+        gen_calls["gate"].clear()
+        steered = engine.generate(tok("hello")["input_ids"], GREEDY, SteeringSpec("atv"), "hello")
+        first = asyncio.ensure_future(steered.__anext__())
+        while not gen_calls["entered"].is_set():
+            await asyncio.sleep(0.01)
+        tokens = [await plain.__anext__() for _ in range(5)]   # decodes go on while the generator is held
+        assert not first.done()
+        gen_calls["gate"].set()
+        outs = [await first] + [out async for out in steered]
+        rest = [out async for out in plain]
+        return tokens, outs, rest
+    try:
+        tokens, outs, rest = asyncio.run(main())
+        assert len(tokens) == 5 and outs[-1].finished and outs[-1].completion_tokens == 6
+        assert outs[-1].steering.generator_s > 0 and rest[-1].finish_reason == "length"
+        assert [name for name, _, _ in gen_calls["calls"]] == ["atv-generator"]
+    finally:
+        engine.shutdown()
+    assert not engine.engine.vector_worker._thread.is_alive()
+
+
+def test_examples_reach_the_worker_in_the_stored_format(parts, gen_calls):
+    import copy
+    from dataclasses import replace
+
+    model, tok, gen = parts
+    reading = copy.copy(gen)
+    reading.config = replace(gen.config, max_examples=2)
+    engine = LLMEngine(model, tok, reading, EngineConfig(max_running=2))
+    examples = (Example("hot", "cold"),)
+    request = _request(tok, "e", "big ->", examples=examples)
+    engine.add_request(request)
+    drain(engine)
+    assert gen_calls["calls"][0][1] == [reading.format_input("big ->", examples)]
+
+
+def test_the_scheduler_passes_over_requests_that_are_not_ready_and_keeps_their_place():
+    """Plain scheduler, no model: a pending job (anything with .done) holds back only its own request."""
+    from types import SimpleNamespace
+
+    from atv_core.engine.scheduler import Scheduler, SchedulerConfig
+
+    scheduler = Scheduler(SchedulerConfig(max_running=4, max_num_batched_tokens=64, block_size=4, num_blocks=64))
+    reqs = [Request(f"r{i}", [1, 2, 3], SamplingParams()) for i in range(4)]
+    reqs[0].vector_job, reqs[2].vector_job = SimpleNamespace(done=False), SimpleNamespace(done=False)
+    for r in reqs:
+        scheduler.add(r)
+    batch = scheduler.schedule()
+    assert [c.request.request_id for c in batch.chunks] == ["r1", "r3"]
+    assert list(scheduler.waiting) == [reqs[0], reqs[2]]          # still first in line, in their order
+    reqs[2].vector_job.done = True
+    assert [c.request.request_id for c in scheduler.schedule().chunks] == ["r2"]
+    assert list(scheduler.waiting) == [reqs[0]] and scheduler.schedule() is None
