@@ -284,3 +284,29 @@ def test_the_scheduler_passes_over_requests_that_are_not_ready_and_keeps_their_p
     reqs[2].vector_job.done = True
     assert [c.request.request_id for c in scheduler.schedule().chunks] == ["r2"]
     assert list(scheduler.waiting) == [reqs[0]] and scheduler.schedule() is None
+
+
+def test_a_process_that_never_closes_its_engine_still_exits_cleanly(tmp_path):
+    """A script that uses the engine and just ends (no close()) must exit 0: without the worker joined at
+    exit, a process that had set torch's thread count aborted ("terminate called ...", rc 134)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = f"""
+import torch; torch.set_num_threads(2)
+from atv_core.engine.llm_engine import EngineConfig, LLMEngine
+from atv_core.engine.request import Request, SamplingParams, SteeringSpec
+from atv_core.steering.checkpoint import load_generator
+from tests.tiny import drain, make_model, make_tiny_generator_dir, make_tokenizer
+model, tok = make_model("llama"), make_tokenizer()
+gen = load_generator(make_tiny_generator_dir({str(tmp_path / 'gen')!r}), target=model)
+engine = LLMEngine(model, tok, gen, EngineConfig(max_running=2))
+engine.add_request(Request("a", tok("hello")["input_ids"], SamplingParams(max_tokens=2), SteeringSpec("atv"), "hello"))
+drain(engine)
+print("finished")
+"""
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert "finished" in done.stdout, done.stderr[-2000:]
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -36,9 +36,12 @@ def filtered_sorted_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> torch.Tensor:
     """logits [N, V] (fp32) -> token ids [N]."""
     tokens = logits.argmax(dim=-1)
-    finite = torch.isfinite(logits).all(dim=-1).tolist()
     # near-zero temperatures are greedy (1/T overflows); rows with non-finite logits fall back to argmax
-    rows = [i for i, p in enumerate(params) if not p.greedy and p.temperature >= 1e-5 and finite[i]]
+    rows = [i for i, p in enumerate(params) if not p.greedy and p.temperature >= 1e-5]
+    if not rows:
+        return tokens                        # all greedy: no finiteness scan of the [N, V] logits
+    finite = torch.isfinite(logits.index_select(0, torch.tensor(rows, device=logits.device))).all(dim=-1).tolist()
+    rows = [i for i, ok in zip(rows, finite) if ok]
     if not rows:
         return tokens
     index = torch.tensor(rows, device=logits.device)

@@ -28,6 +28,7 @@ done) and does not place vectors in the runner's table (llm_engine.py).
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import queue
 import threading
@@ -119,12 +120,16 @@ class VectorWorker:
             self._thread.start()
             ready.wait()
             torch.set_num_threads(keep)   # the worker's set_num_threads also set torch's default for new threads
+            # a daemon thread that still exists at interpreter exit with its own torch thread pool makes the
+            # process abort ("terminate called without an active exception", rc 134): join it first
+            atexit.register(self.close)
 
     def close(self, timeout: float | None = 5.0) -> None:
         """Stop the thread after its current batch, waiting up to `timeout` s for it (None: do not wait).
         A closed worker does not start again."""
         with self._start_lock:
             self._closed = True
+        atexit.unregister(self.close)
         self._jobs.put(None)
         thread = self._thread
         if thread is not None and timeout is not None and thread is not threading.current_thread():
