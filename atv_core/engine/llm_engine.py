@@ -65,14 +65,14 @@ class EngineConfig:
     long_prefill_chunk: int | None = None  # ... advance this many tokens per step in all; default 8 CPU, 256 CUDA
     enable_prefix_caching: bool = True  # reuse computed KV blocks of a shared prompt prefix (where steering allows)
     generator_worker: bool = True       # the generator on its own thread, beside the steps (False: in the step)
-    generator_threads: int = 1          # torch intra-op threads of that thread (the engine thread keeps its own)
+    generator_threads: int | None = None  # torch intra-op threads of that thread; default: the engine's own count
 
     def __post_init__(self):
         if not 0 < self.kv_cache_fraction <= 1:
             raise ValueError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes < 1:
             raise ValueError(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
-        if self.generator_threads < 1:
+        if self.generator_threads is not None and self.generator_threads < 1:
             raise ValueError(f"generator_threads must be >= 1, got {self.generator_threads}")
 
 
@@ -447,7 +447,8 @@ class LLMEngine:
 def _vector_worker(generator, config: EngineConfig) -> VectorWorker | None:
     if generator is None or not config.generator_worker:
         return None
-    return VectorWorker(generator, threads=config.generator_threads, max_batch=config.max_running)
+    threads = config.generator_threads or torch.get_num_threads()   # see vector_worker.py's sizing note
+    return VectorWorker(generator, threads=threads, max_batch=config.max_running)
 
 
 def _needs_generator(request: Request) -> bool:

@@ -9,18 +9,16 @@
 
 The worker owns the generator while it runs (its tokenizer and modules are used on this thread only).
 
-Sizing (`threads`, torch intra-op threads of this thread only; default 1). Every step waits for the
-target's forward on the engine thread, which keeps torch's default (one OpenMP thread per core); the
-generator runs once per arriving request, on short prompts, with a smaller model (MiniLM, 22M parameters,
-beside the 135M target). With one thread the worker takes one core for the length of a batch: the
-engine's thread on that core shares it meanwhile (its ops slow down for that time, as an OpenMP region
-waits for its slowest thread), and the worker's own single-threaded ops never wait at such a barrier. With
-two threads it would contend for both cores of a 2-core machine during each batch, and its own regions
-would wait on threads the engine pushes off a core. Raise it only where cores are to spare. Torch keeps
-the count per thread, but set_num_threads() also sets the default that threads started later take, so
-start() puts the starting thread's count back as that default. A vector made with another thread count can
-differ from the synchronous path's in the last bit (the sums are split otherwise); with equal counts the two
-are bit-equal.
+Sizing (`threads`, torch intra-op threads of this thread only). The engine builds it with as many threads
+as its own (torch's default, one per core) unless told otherwise (`--generator-threads`). Measured on the
+2-core CPU VM, `atv bench serve` at concurrency 32, 5 interleaved rounds each: with 1 thread TTFT(atv) -
+TTFT(off) was +0.40 s (39 % of off) and HTTP ATV/off 0.90x; with 2, +0.12 s (12 %) and 0.99x. A burst of
+arrivals leaves the engine nothing to run until their vectors exist, so a one-thread generator idles a
+core exactly when it matters; while decodes run, a batch briefly contends with them for the cores.
+Torch keeps the count per thread, but set_num_threads() also sets the default that threads started later
+take, so start() puts the starting thread's count back as that default. A vector made with another thread
+count can differ from the synchronous path's in the last bit (the sums are split otherwise); with equal
+counts the two are bit-equal.
 
 A `VectorJob` is plain data the request holds (`Request.vector_job`): its result lives and dies with the
 request, so a request that is aborted or refused leaves nothing behind here. This module does not decide when a request runs (the scheduler admits a request once its job is
