@@ -22,6 +22,7 @@ from atv_core.engine.request import Request, SamplingParams, SteeringSpec
 from atv_core.steering.checkpoint import load_generator
 from atv_core.steering.injection import make_table, prompt_slots, steering
 from tests.conftest import ARCHS
+from tests.test_paged_engine import chunked_run_against_a_plain_forward
 from tests.tiny import drain, make_model, make_tiny_generator_dir, make_tokenizer, record_logits
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -86,23 +87,9 @@ def test_the_real_probe_agrees_with_proc_cpuinfo():
 @pytest.mark.parametrize("arch", ARCHS)
 def test_bf16_logits_match_a_plain_bf16_forward_through_chunked_prefill_and_decode(arch):
     model = _bf16_model(arch)
-    engine = LLMEngine(model, make_tokenizer(), None, EngineConfig(**CHUNKY))
-    assert engine.runner.dtype is torch.bfloat16
-    seen = record_logits(engine)
-    reqs = [Request("short", _ids(3, 0), GREEDY, SteeringSpec("off")),
-            Request("long", _ids(40, 1), GREEDY, SteeringSpec("off")),
-            Request("mid", _ids(9, 2), GREEDY, SteeringSpec("off"))]
-    engine.add_request(reqs[0])
-    engine.step()
-    engine.step()
-    for r in reqs[1:]:
-        engine.add_request(r)
-    drain(engine)
-    for r in reqs:
-        with torch.no_grad():
-            reference = model(torch.tensor([r.prompt_ids + r.output_ids[:-1]])).logits[0]   # [T, V] bf16
-        assert_close_bf16(torch.stack(seen[r.request_id]), reference[r.num_prompt_tokens - 1:], f"{arch} {r.request_id}")
-    assert engine.scheduler.blocks.num_used == 0
+    assert LLMEngine(model, make_tokenizer(), None, EngineConfig(**CHUNKY)).runner.dtype is torch.bfloat16
+    for request_id, got, want in chunked_run_against_a_plain_forward(model):
+        assert_close_bf16(got, want, f"{arch} {request_id}")
 
 
 @pytest.mark.parametrize("arch", ARCHS)

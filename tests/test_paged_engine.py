@@ -33,9 +33,10 @@ def _budget(model, blocks, block_size=4):
     return blocks * block_size * engine.runner.layout.bytes_per_token
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_logits_match_a_plain_forward_through_chunked_prefill_and_decode(arch):
-    model = make_model(arch)
+def chunked_run_against_a_plain_forward(model) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """Three requests through chunked prefill beside decodes (one arriving first, two joining it) ->
+    (request id, the engine's logits [T, V], a plain forward's [T, V]) per request; no block left in use.
+    Shared by the fp32 test below and its bf16 twin (test_bf16.py), which differ only in tolerance."""
     engine = LLMEngine(model, make_tokenizer(), None, EngineConfig(**CHUNKY))
     seen = record_logits(engine)
     reqs = [Request("short", _ids(3, 0), GREEDY, SteeringSpec("off")),
@@ -47,15 +48,20 @@ def test_logits_match_a_plain_forward_through_chunked_prefill_and_decode(arch):
     for r in reqs[1:]:
         engine.add_request(r)
     drain(engine)
-    for r in reqs:
-        sequence = torch.tensor([r.prompt_ids + r.output_ids[:-1]])
-        with torch.no_grad():
-            reference = model(sequence).logits[0]                                # [T, V]
-        got = torch.stack(seen[r.request_id])
-        want = reference[r.num_prompt_tokens - 1:]
-        # fp32, other summation order (packed steps, chunked keys): last-bit differences only
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5, msg=f"{arch} {r.request_id}")
     assert engine.scheduler.blocks.num_used == 0
+    pairs = []
+    for r in reqs:
+        with torch.no_grad():
+            reference = model(torch.tensor([r.prompt_ids + r.output_ids[:-1]])).logits[0]    # [T, V]
+        pairs.append((r.request_id, torch.stack(seen[r.request_id]), reference[r.num_prompt_tokens - 1:]))
+    return pairs
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_match_a_plain_forward_through_chunked_prefill_and_decode(arch):
+    for request_id, got, want in chunked_run_against_a_plain_forward(make_model(arch)):
+        # fp32, other summation order (packed steps, chunked keys): last-bit differences only
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5, msg=f"{arch} {request_id}")
 
 
 def test_the_long_prompt_was_really_chunked_beside_decodes():
