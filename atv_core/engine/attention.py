@@ -62,7 +62,8 @@ class Bucket:
     out_index: torch.Tensor           # [n] their index in the step's N tokens
     causal: bool                      # fresh prompts only, no padding: SDPA's causal kernel, no mask
     unmasked: bool                    # single queries that see every key: no mask
-    masks: dict = field(default_factory=dict)   # window (0: none) -> bool [B_b, 1, Q_b, K_b]; (-1-window, dtype) -> additive
+    masks: dict = field(default_factory=dict)   # window (0: none) -> bool [B_b, 1, Q_b, K_b]; (-1-window, dtype) -> additive;
+                                                # ("rows", H_kv) -> head_rows()
 
     def mask(self, window: int) -> torch.Tensor | None:
         keys = self.kv_slot.shape[1]
@@ -97,24 +98,31 @@ class Bucket:
 
     def attend_decodes(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, window: int,
                        scaling: float | None) -> torch.Tensor:
-        """One query per request, fp32 on CPU: per K/V head two batched matmuls straight on the gathered
-        [B_b, K_b, H_kv, D] keys (strided rows, no transposed copy), about 1.5x faster than SDPA's CPU kernel
-        for a single query. Same arithmetic as SDPA's math: softmax(q k^T * scale + mask) v. (In bf16 SDPA's
-        kernel keeps scores and sums in fp32, which these bf16 matmuls would not: bf16 stays on SDPA.)"""
-        keys = _gather(k_pool, self.kv_slot)                                            # [B_b, K_b, H_kv, D]
-        values = _gather(v_pool, self.kv_slot)
-        batch, heads_kv, head_dim = keys.shape[0], keys.shape[2], keys.shape[3]
-        query = q.index_select(0, self.q_index[:, 0]).view(batch, heads_kv, -1, head_dim)  # [B_b, H_kv, G, D]
-        bias = self.additive_mask(window, q.dtype)                                     # [B_b, 1, K_b] or None
+        """One query per request, fp32 on CPU: the keys and values are gathered head-major, one row of D per
+        (request, K/V head, key) -> [B_b * H_kv, K_b, D] contiguous, so that each of the two products is one
+        batched matmul of contiguous matrices. Same arithmetic as SDPA's math: softmax(q k^T * scale + mask) v.
+        On the 2-core CPU VM (B_b 32, 160 keys, 3 K/V heads of 64, GQA 3) this took 0.67 ms per layer, against
+        1.11 ms for per-head matmuls on the [B_b, K_b, H_kv, D] gather and about 0.6-0.8 ms for SDPA's CPU
+        kernel after that gather. (bf16 stays on SDPA, whose kernel keeps scores and sums in fp32.)"""
+        batch, heads_kv, head_dim = self.kv_slot.shape[0], k_pool.shape[1], k_pool.shape[2]
+        rows = self.head_rows(heads_kv)                                                # [B_b * H_kv * K_b]
+        keys = k_pool.view(-1, head_dim).index_select(0, rows).view(batch * heads_kv, -1, head_dim)
+        values = v_pool.view(-1, head_dim).index_select(0, rows).view(batch * heads_kv, -1, head_dim)
+        query = q.index_select(0, self.q_index[:, 0]).view(batch * heads_kv, -1, head_dim)  # [B_b * H_kv, G, D]
         scale = head_dim ** -0.5 if scaling is None else scaling
-        out = torch.empty_like(query)
-        for h in range(heads_kv):
-            k_h = keys[:, :, h].transpose(1, 2)                                         # [B_b, D, K_b]
-            scores = torch.bmm(query[:, h], k_h).mul_(scale)                             # [B_b, G, K_b]
-            if bias is not None:
-                scores.add_(bias)
-            torch.bmm(scores.softmax(-1), values[:, :, h], out=out[:, h])               # [B_b, G, D]
-        return out.view(batch, -1, head_dim)                                            # [B_b, H, D]
+        scores = torch.bmm(query, keys.transpose(1, 2)).mul_(scale)                     # [B_b * H_kv, G, K_b]
+        bias = self.additive_mask(window, q.dtype)                                     # [B_b, 1, K_b] or None
+        if bias is not None:
+            scores.view(batch, heads_kv, -1, scores.shape[-1]).add_(bias.unsqueeze(1))
+        return torch.bmm(scores.softmax(-1), values).view(batch, -1, head_dim)          # [B_b, H, D]
+
+    def head_rows(self, heads_kv: int) -> torch.Tensor:
+        """Row of each (request, K/V head, key) in a pool viewed as [S * H_kv, D], request-major (cached)."""
+        key = ("rows", heads_kv)
+        if key not in self.masks:
+            head = torch.arange(heads_kv, device=self.kv_slot.device).view(1, heads_kv, 1)
+            self.masks[key] = (self.kv_slot.unsqueeze(1) * heads_kv + head).flatten()
+        return self.masks[key]
 
     def additive_mask(self, window: int, dtype: torch.dtype) -> torch.Tensor | None:
         """mask(window) as 0 / -inf [B_b, 1, K_b] for the decode path (cached like the boolean masks)."""
