@@ -42,8 +42,8 @@ class Settings(BaseSettings):
                                            "per step beside decodes; default 8 on CPU, 256 on CUDA")
     block_size: int = Field(16, ge=1, description="tokens per KV cache block")
     generator_threads: int | None = Field(None, ge=1, description="torch threads of the generator's own thread, "
-                                          "which makes vectors while the engine steps; default: as many as the "
-                                          "engine's (torch's default, one per core)")
+                                          "which makes vectors while the engine steps (when the engine has nothing "
+                                          "else to compute it makes them itself with all its threads); default 1")
     kv_cache_gib: float | None = Field(None, gt=0, description="KV cache memory budget in GiB; default on CPU "
                                        "min(2, a quarter of the available RAM), on CUDA --kv-cache-fraction")
     kv_cache_fraction: float = Field(0.8, gt=0, le=1, description="CUDA: share of the free GPU memory at start "

@@ -81,7 +81,8 @@ def _specs(tok, *extra):
 
 def test_vectors_and_outputs_equal_the_synchronous_path_bit_for_bit(parts, gen_calls):
     """All steered, added before the first step: both paths make the vectors in one run over the same prompts
-    and admit the same batch, so everything is bit-equal (the worker's 1 torch thread included)."""
+    and admit the same batch, so everything is bit-equal (the worker's 1 torch thread included). With nothing
+    else to compute, the stepping thread may take the queued jobs itself (run_here), or the worker does."""
     tok = parts[1]
     sync_reqs, worker_reqs = _specs(tok), _specs(tok)
     sync_vectors, sync_logits = _run(_engine(parts, generator_worker=False), sync_reqs)
@@ -89,7 +90,8 @@ def test_vectors_and_outputs_equal_the_synchronous_path_bit_for_bit(parts, gen_c
     worker = _engine(parts)
     worker_vectors, worker_logits = _run(worker, worker_reqs)
     assert sync_threads == {threading.current_thread().name}
-    assert {name for name, _, _ in gen_calls["calls"][1:]} == {"atv-generator"}   # made off the stepping thread
+    assert len(gen_calls["calls"]) == 2          # one run each
+    assert gen_calls["calls"][1][0] in {"atv-generator", threading.current_thread().name}
     assert sorted(worker_vectors) == sorted(sync_vectors) == ["a", "b", "d"]
     for rid in sync_vectors:
         assert torch.equal(worker_vectors[rid], sync_vectors[rid]), rid
@@ -176,7 +178,7 @@ def test_abort_while_the_vector_is_pending_leaks_nothing(parts, gen_calls):
     while engine.vector_worker.completed < seen + 2:  # the run holding `started`, then the one that skips `queued`
         engine.vector_worker.wait_past(engine.vector_worker.completed)
     assert [texts for _, texts, _ in gen_calls["calls"]] == [["started"]]   # the cancelled job never ran
-    assert not job.done and engine.vector_worker._jobs.empty()
+    assert not job.done and not engine.vector_worker._queue
     assert plain.finish_reason == "length" and not engine.has_work() and not engine._generators
     assert engine.scheduler.blocks.num_used == 0 and engine.runner.slots_used == 0
     assert torch.count_nonzero(engine.runner.table) == 0
@@ -210,17 +212,66 @@ def test_requests_that_need_no_generator_never_reach_the_worker(parts, gen_calls
 def test_the_worker_runs_on_its_own_torch_thread_count_and_leaves_the_default_alone(parts, gen_calls):
     tok = parts[1]
     before = torch.get_num_threads()
-    engine = _engine(parts, generator_threads=1)
-    engine.add_request(_request(tok, "a", "x"))
+    engine = _engine(parts, generator_threads=2)
+    engine.start_vector_worker()
+    request = _request(tok, "a", "x")
+    engine.add_request(request)
+    while not request.ready:          # made by the worker thread (the engine does not step meanwhile)
+        threading.Event().wait(0.01)
     drain(engine)
     fresh = []
     thread = threading.Thread(target=lambda: fresh.append(torch.get_num_threads()))
     thread.start()
     thread.join()
-    assert [n for _, _, n in gen_calls["calls"]] == [1]
+    assert [(name, n) for name, _, n in gen_calls["calls"]] == [("atv-generator", 2)]
     assert torch.get_num_threads() == before and fresh == [before]   # a new thread still gets the default
     engine.close()
     assert not engine.vector_worker._thread.is_alive()
+
+
+def test_run_here_makes_the_queued_vectors_on_the_calling_thread_unless_a_run_is_under_way(parts, gen_calls):
+    """What the engine does when it has nothing else to compute: the queued jobs run on its own thread, in one
+    batch; while the worker thread is inside a run, run_here() leaves the queue alone (one run at a time)."""
+    from atv_core.engine.vector_worker import VectorWorker
+    worker = VectorWorker(parts[2], threads=1, max_batch=8)
+    jobs = [worker.submit(text) for text in TEXTS[:2]]
+    assert worker.run_here() and all(job.done for job in jobs) and worker.completed == 1
+    assert gen_calls["calls"] == [(threading.current_thread().name, TEXTS[:2], torch.get_num_threads())]
+    assert not worker.run_here()                     # nothing queued
+    gen_calls["gate"].clear()
+    held = worker.submit("held")
+    worker.start()
+    assert gen_calls["entered"].wait(10)             # the worker thread is inside a run
+    queued = worker.submit("queued")
+    assert not worker.run_here() and not queued.done
+    gen_calls["gate"].set()
+    worker.wait_past(1, timeout=10)
+    deadline = threading.Event()
+    while not queued.done:                           # the worker thread takes it next
+        deadline.wait(0.01)
+    assert held.done and [texts for _, texts, _ in gen_calls["calls"][1:]] == [["held"], ["queued"]]
+    worker.close()
+    assert not worker.run_here() and not worker._thread.is_alive()
+
+
+def test_while_the_engine_is_idle_the_worker_thread_leaves_the_queue_to_it(parts, gen_calls):
+    """engine_idle(True): jobs wait for the engine's own thread (run_here); engine_idle(False): the worker
+    thread takes them."""
+    from atv_core.engine.vector_worker import VectorWorker
+    worker = VectorWorker(parts[2], threads=1, max_batch=8)
+    worker.start()
+    worker.engine_idle(True)
+    left = worker.submit("left for the engine")
+    threading.Event().wait(0.3)                      # time enough for the worker thread to have taken it
+    assert not left.done and gen_calls["calls"] == []
+    assert worker.run_here() and left.done
+    worker.engine_idle(False)
+    taken = worker.submit("taken by the worker")
+    worker.wait_past(1, timeout=10)
+    assert taken.done
+    assert [(name, texts) for name, texts, _ in gen_calls["calls"]] == [
+        (threading.current_thread().name, ["left for the engine"]), ("atv-generator", ["taken by the worker"])]
+    worker.close()
 
 
 def test_async_engine_keeps_decoding_while_the_generator_works(parts, gen_calls):

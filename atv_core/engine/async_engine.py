@@ -14,7 +14,8 @@ callback, called on the submitter's event loop with every `RequestOutput`, the l
 error and engine failure included). The waiting-queue bound is decided in submit() (QueueFull, HTTP 429),
 with counts kept under a lock so the engine thread never has to refuse a request it was handed. submit()
 also hands a mode-atv request's prompt to the generator thread at once; the engine thread wakes when a
-vector is ready, and admits the request then.
+vector is ready, and admits the request then. When it has nothing to step, the engine thread makes the queued
+vectors itself (LLMEngine.make_queued_vectors), with all its torch threads.
 Knows no HTTP.
 """
 from __future__ import annotations
@@ -184,7 +185,8 @@ class AsyncEngine:
                 self._drain_inbox()
                 if self.engine.has_work() and self.engine.ready_to_step():   # not only pending vectors
                     self.engine.step()  # outputs reach each request's on_output callback
-                else:                             # a message or a finished vector wakes it at once
+                elif not self.engine.make_queued_vectors():   # nothing to step: make vectors here, or nap;
+                    # a message or a finished vector wakes it at once
                     self._wake.wait(IDLE_WAIT_S)
                     self._wake.clear()
                 self._note_stats()

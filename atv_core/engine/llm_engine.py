@@ -65,7 +65,7 @@ class EngineConfig:
     long_prefill_chunk: int | None = None  # ... advance this many tokens per step in all; default 8 CPU, 256 CUDA
     enable_prefix_caching: bool = True  # reuse computed KV blocks of a shared prompt prefix (where steering allows)
     generator_worker: bool = True       # the generator on its own thread, beside the steps (False: in the step)
-    generator_threads: int | None = None  # torch intra-op threads of that thread; default: the engine's own count
+    generator_threads: int | None = None  # torch intra-op threads of that thread; default 1 (vector_worker.py)
 
     def __post_init__(self):
         if not 0 < self.kv_cache_fraction <= 1:
@@ -213,6 +213,15 @@ class LLMEngine:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    def make_queued_vectors(self) -> bool:
+        """For a caller with nothing to step (AsyncEngine's loop, _schedule): run the generator here, on the
+        calling thread, over the vectors queued for the worker; until the next step the worker thread leaves
+        the queue to this thread. -> whether any were made."""
+        if self.vector_worker is None:
+            return False
+        self.vector_worker.engine_idle(True)
+        return self.vector_worker.run_here()
+
     def ready_to_step(self) -> bool:
         """Whether step() has something to compute now, without waiting for a vector."""
         return bool(self.scheduler.running) or any(r.ready for r in self.scheduler.waiting)
@@ -241,6 +250,8 @@ class LLMEngine:
         batch = self._schedule()
         if batch is None:
             return []
+        if self.vector_worker is not None:
+            self.vector_worker.engine_idle(False)   # vectors that arrive now are made beside the step
         start = time.perf_counter()
         outputs: list[RequestOutput] = []
         fresh = [r for r in batch.requests if r.scheduled_time is None]  # not seen before (not a recompute)
@@ -267,7 +278,8 @@ class LLMEngine:
         return outputs
 
     def _schedule(self):
-        """The next batch. When nothing can run until a vector is made, wait for the generator worker."""
+        """The next batch. When nothing can run until a vector is made, make the queued vectors here (or wait for
+        the worker's run under way)."""
         worker = self.vector_worker
         if worker is not None:
             worker.start()
@@ -276,7 +288,8 @@ class LLMEngine:
             batch = self.scheduler.schedule()
             if batch is not None or worker is None or self.ready_to_step() or not self.scheduler.waiting:
                 return batch
-            worker.wait_past(seen)
+            if not self.make_queued_vectors():   # nothing else to compute: make them on this thread, or
+                worker.wait_past(seen)           # wait for the worker's run
 
     def _attach_vectors(self, requests: list[Request], outputs: list[RequestOutput]) -> list[Request]:
         """Give each admitted steered request its delta `scale * (G + vector_weight * N)` [L_sel, d]:
@@ -447,7 +460,7 @@ class LLMEngine:
 def _vector_worker(generator, config: EngineConfig) -> VectorWorker | None:
     if generator is None or not config.generator_worker:
         return None
-    threads = config.generator_threads or torch.get_num_threads()   # see vector_worker.py's sizing note
+    threads = config.generator_threads or 1   # see vector_worker.py's sizing note
     return VectorWorker(generator, threads=threads, max_batch=config.max_running)
 
 

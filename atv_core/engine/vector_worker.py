@@ -6,15 +6,19 @@
                                                         cancelled ones dropped) -> one generator run
     job.result = VectorResult(G, gate, seconds) <────── (retried one by one if the run fails, so only
                or VectorResult(error=...)               the job at fault fails) -> listeners()
+    run_here() (the engine's thread, when it has nothing to step): the same, on the calling thread; while the
+    engine says so (engine_idle(True)) the worker thread leaves the queue to it
 
-The worker owns the generator while it runs (its tokenizer and modules are used on this thread only).
+One generator run at a time (a lock): the generator's tokenizer and modules are never used by two threads
+at once.
 
-Sizing (`threads`, torch intra-op threads of this thread only). The engine builds it with as many threads
-as its own (torch's default, one per core) unless told otherwise (`--generator-threads`). Measured on the
-2-core CPU VM, `atv bench serve` at concurrency 32, 5 interleaved rounds each: with 1 thread TTFT(atv) -
-TTFT(off) was +0.40 s (39 % of off) and HTTP ATV/off 0.90x; with 2, +0.12 s (12 %) and 0.99x. A burst of
-arrivals leaves the engine nothing to run until their vectors exist, so a one-thread generator idles a
-core exactly when it matters; while decodes run, a batch briefly contends with them for the cores.
+Sizing (`threads`, torch intra-op threads of the worker thread only; default 1). While the engine decodes,
+the worker makes vectors beside it on one thread. When the engine has nothing to step until vectors exist
+(a burst of arrivals), the engine's thread runs the queued jobs itself with all of its threads (run_here)
+and the worker thread starts none, so no core idles exactly when it matters. Why not simply give the worker more threads: a second
+OpenMP team makes the process hold more OpenMP threads than there are cores, and libgomp then stops spinning
+at its barriers ("throttled" spin), which slowed every engine step by about 1.5x (2-core VM, a batch-32
+decode step 215 vs 136 ms, even with the worker idle). With one worker thread there is no second team.
 Torch keeps the count per thread, but set_num_threads() also sets the default that threads started later
 take, so start() puts the starting thread's count back as that default. A vector made with another thread
 count can differ from the synchronous path's in the last bit (the sums are split otherwise); with equal
@@ -28,7 +32,7 @@ from __future__ import annotations
 
 import atexit
 import logging
-import queue
+from collections import deque
 import threading
 import time
 from dataclasses import dataclass
@@ -94,18 +98,23 @@ class VectorWorker:
         if threads < 1 or max_batch < 1:
             raise ValueError(f"generator threads and batch must be >= 1, got {threads} and {max_batch}")
         self.generator, self.threads, self.max_batch = generator, threads, max_batch
-        self.listeners: list[Callable[[], None]] = []   # called on the worker thread after each batch
-        self._jobs: queue.SimpleQueue[VectorJob | None] = queue.SimpleQueue()
+        self.listeners: list[Callable[[], None]] = []   # called on the running thread after each batch
+        self._queue: deque[VectorJob] = deque()         # guarded by _cond
+        self._cond = threading.Condition()
+        self._engine_idle = False          # the engine has nothing to step: it takes the queue itself (run_here)
+        self._closed = False
+        self._running = threading.Lock()   # held for each generator run, on whichever thread
         self._done = threading.Condition()
         self._completed = 0                # batches finished (guarded by _done)
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
-        self._closed = False
 
     # ---- any thread -------------------------------------------------------------------------------
     def submit(self, text: str) -> VectorJob:
         job = VectorJob(text)
-        self._jobs.put(job)
+        with self._cond:
+            self._queue.append(job)
+            self._cond.notify_all()
         return job
 
     def start(self) -> None:
@@ -124,11 +133,11 @@ class VectorWorker:
 
     def close(self, timeout: float | None = 5.0) -> None:
         """Stop the thread after its current batch, waiting up to `timeout` s for it (None: do not wait).
-        A closed worker does not start again."""
-        with self._start_lock:
+        A closed worker does not start again; jobs still queued are not run."""
+        with self._start_lock, self._cond:
             self._closed = True
+            self._cond.notify_all()
         atexit.unregister(self.close)
-        self._jobs.put(None)
         thread = self._thread
         if thread is not None and timeout is not None and thread is not threading.current_thread():
             thread.join(timeout)
@@ -148,18 +157,54 @@ class VectorWorker:
         if self._thread is None or not self._thread.is_alive():
             raise RuntimeError("the generator worker is not running: start() it (or it was closed)")
 
+    # ---- the engine's thread ------------------------------------------------------------------------
+    def engine_idle(self, idle: bool) -> None:
+        """The engine says whether it has nothing to step. While it has nothing, it runs the queued jobs
+        itself (run_here, all its torch threads) and the worker thread starts no new batch."""
+        with self._cond:
+            self._engine_idle = idle
+            if not idle:
+                self._cond.notify_all()
+
+    def run_here(self) -> bool:
+        """Run the jobs that have arrived (<= max_batch) on the calling thread, with its torch threads, if no
+        generator run is under way. -> whether a batch ran (False: nothing queued, or a run is under way)."""
+        if not self._running.acquire(blocking=False):
+            return False
+        try:
+            with self._cond:
+                batch = self._pop()
+            if batch:
+                self._finish(batch)
+            return bool(batch)
+        finally:
+            self._running.release()
+
     # ---- the worker thread ----------------------------------------------------------------------------
     def _loop(self, ready: threading.Event) -> None:
         torch.get_num_threads()             # this thread's pool initialised from the default first ...
         torch.set_num_threads(self.threads)   # ... then sized: later ops keep this count
         ready.set()
-        while (batch := self._take()) is not None:
-            self._run([job for job in batch if not job.cancelled])
-            with self._done:
-                self._completed += 1
-                self._done.notify_all()
-            for listener in self.listeners:
-                listener()
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._closed or (self._queue and not self._engine_idle))
+                if self._closed:
+                    return
+                batch = self._pop()
+            with self._running:
+                self._finish(batch)
+
+    def _pop(self) -> list[VectorJob]:
+        """Up to max_batch queued jobs, oldest first (the caller holds _cond)."""
+        return [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
+
+    def _finish(self, batch: list[VectorJob]) -> None:
+        self._run([job for job in batch if not job.cancelled])
+        with self._done:
+            self._completed += 1
+            self._done.notify_all()
+        for listener in self.listeners:
+            listener()
 
     def _run(self, jobs: list[VectorJob]) -> None:
         try:
@@ -169,13 +214,3 @@ class VectorWorker:
             results = [VectorResult(error=f"vector generation failed: {type(exc).__name__}: {exc}")] * len(jobs)
         for job, result in zip(jobs, results):
             job.result = result
-
-    def _take(self) -> list[VectorJob] | None:
-        """Block for one job, then take what else has arrived (up to max_batch). None: closed."""
-        batch = [self._jobs.get()]
-        while batch[-1] is not None and len(batch) < self.max_batch:
-            try:
-                batch.append(self._jobs.get_nowait())
-            except queue.Empty:
-                break
-        return None if batch[-1] is None else batch
