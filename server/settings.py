@@ -41,9 +41,12 @@ class Settings(BaseSettings):
     long_prefill_chunk: int | None = Field(None, ge=1, description="prompt tokens of long prompts (all together) "
                                            "per step beside decodes; default 8 on CPU, 256 on CUDA")
     block_size: int = Field(16, ge=1, description="tokens per KV cache block")
-    generator_threads: int | None = Field(None, ge=1, description="torch threads of the generator's own thread, "
-                                          "which makes vectors while the engine steps (when the engine has nothing "
-                                          "else to compute it makes them itself with all its threads); default 1")
+    generator_worker: bool | None = Field(None, description="make vectors on a thread of their own, beside the "
+                                          "engine's steps (--no-generator-worker: in the step that admits the "
+                                          "request); default: on for accelerators, off on CPU")
+    generator_threads: int | None = Field(None, ge=1, description="torch threads of that generator thread (when "
+                                          "the engine has nothing to step it makes the vectors itself with all "
+                                          "its threads); default 1")
     kv_cache_gib: float | None = Field(None, gt=0, description="KV cache memory budget in GiB; default on CPU "
                                        "min(2, a quarter of the available RAM), on CUDA --kv-cache-fraction")
     kv_cache_fraction: float = Field(0.8, gt=0, le=1, description="CUDA: share of the free GPU memory at start "
@@ -74,7 +77,7 @@ def parse_settings(argv: list[str] | None) -> Settings:
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         text = f"{field.description or name} (env ATV_{name.upper()}, default {field.default!r})"
-        if field.annotation is bool:
+        if field.annotation in (bool, bool | None):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
         else:
             parser.add_argument(flag, default=argparse.SUPPRESS, help=text, metavar=name.upper())

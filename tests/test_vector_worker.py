@@ -48,7 +48,7 @@ def gen_calls(parts):
 
 def _engine(parts, **kw):
     model, tok, gen = parts
-    return LLMEngine(model, tok, gen, EngineConfig(**{"max_running": 8, **kw}))
+    return LLMEngine(model, tok, gen, EngineConfig(**{"max_running": 8, "generator_worker": True, **kw}))
 
 
 def _request(tok, rid, text, mode="atv", **kw):
@@ -303,6 +303,17 @@ def test_async_engine_keeps_decoding_while_the_generator_works(parts, gen_calls)
     assert not engine.engine.vector_worker._thread.is_alive()
 
 
+def test_the_generator_thread_is_on_by_default_on_accelerators_only(parts):
+    """On CPU the generator runs in the step by default (a thread beside the steps competes for the cores);
+    generator_worker=True asks for the thread anyway. (The accelerator default is read from the device.)"""
+    from atv_core.engine.llm_engine import _vector_worker
+    model, tok, gen = parts
+    assert LLMEngine(model, tok, gen, EngineConfig(max_running=2)).vector_worker is None
+    assert _vector_worker(gen, EngineConfig(), torch.device("cuda")) is not None
+    assert _vector_worker(gen, EngineConfig(generator_worker=False), torch.device("cuda")) is None
+    assert _vector_worker(None, EngineConfig(generator_worker=True), torch.device("cpu")) is None
+
+
 def test_examples_reach_the_worker_in_the_stored_format(parts, gen_calls):
     import copy
     from dataclasses import replace
@@ -351,7 +362,7 @@ from atv_core.steering.checkpoint import load_generator
 from tests.tiny import drain, make_model, make_tiny_generator_dir, make_tokenizer
 model, tok = make_model("llama"), make_tokenizer()
 gen = load_generator(make_tiny_generator_dir({str(tmp_path / 'gen')!r}), target=model)
-engine = LLMEngine(model, tok, gen, EngineConfig(max_running=2))
+engine = LLMEngine(model, tok, gen, EngineConfig(max_running=2, generator_worker=True))
 engine.add_request(Request("a", tok("hello")["input_ids"], SamplingParams(max_tokens=2), SteeringSpec("atv"), "hello"))
 drain(engine)
 print("finished")

@@ -14,10 +14,14 @@
                          RequestOutput (text delta, SteeringReport) -> request.on_output(...)
 
 `LLMEngine` is synchronous (`step()`); its tokenizer is used on the thread that steps it only
-(detokenization). The generator runs on its own thread (vector_worker.py) while steps run, so a mode-atv
-request is admitted once its vector is made; a step that has nothing else to run waits for it. With
-`generator_worker=False` the generator runs on the stepping thread when a request is first scheduled (one
-run per step for the requests it admits). `AsyncEngine` (async_engine.py) runs the engine on a background
+(detokenization). Where the generator runs (`generator_worker`, default by device):
+- accelerators: on its own thread (vector_worker.py) while steps run, so a mode-atv request is admitted once
+  its vector is made; when nothing else can run, the stepping thread makes the queued vectors itself;
+- CPU: on the stepping thread when a request is first scheduled (one run per step for the requests it
+  admits). A generator thread beside the steps competes with the engine's OpenMP threads for the same
+  cores, and an OpenMP team that loses a core waits at every barrier: measured on the 2-core VM, `atv bench
+  serve` at concurrency 32, TTFT(atv) - TTFT(off) was +0.27 s (29 %) with the thread and +0.07 s (8 %)
+  without, HTTP ATV/off 0.90x vs 0.95x. `AsyncEngine` (async_engine.py) runs the engine on a background
 thread. No HTTP here.
 """
 from __future__ import annotations
@@ -64,7 +68,8 @@ class EngineConfig:
     long_prompt_tokens: int = 256       # prompts with more tokens left are long: beside decodes, long prompts ...
     long_prefill_chunk: int | None = None  # ... advance this many tokens per step in all; default 8 CPU, 256 CUDA
     enable_prefix_caching: bool = True  # reuse computed KV blocks of a shared prompt prefix (where steering allows)
-    generator_worker: bool = True       # the generator on its own thread, beside the steps (False: in the step)
+    generator_worker: bool | None = None  # the generator on its own thread beside the steps (False: in the
+                                          # step); default: True on accelerators, False on CPU (see above)
     generator_threads: int | None = None  # torch intra-op threads of that thread; default 1 (vector_worker.py)
 
     def __post_init__(self):
@@ -120,7 +125,7 @@ class LLMEngine:
         self.vectors = vectors
         if vectors is not None:
             _check_vector_layout(vectors.layout, VectorLayout.for_target(model, generator))
-        self.vector_worker = _vector_worker(generator, config)
+        self.vector_worker = _vector_worker(generator, config, device)
         if self.vector_worker is not None:   # its thread ends with the engine (close() ends it earlier)
             weakref.finalize(self, self.vector_worker.close, None)
 
@@ -457,8 +462,9 @@ class LLMEngine:
         return self._emit(request, token_ids, logprob, delta)
 
 
-def _vector_worker(generator, config: EngineConfig) -> VectorWorker | None:
-    if generator is None or not config.generator_worker:
+def _vector_worker(generator, config: EngineConfig, device: torch.device) -> VectorWorker | None:
+    wanted = config.generator_worker if config.generator_worker is not None else device.type != "cpu"
+    if generator is None or not wanted:
         return None
     threads = config.generator_threads or 1   # see vector_worker.py's sizing note
     return VectorWorker(generator, threads=threads, max_batch=config.max_running)
