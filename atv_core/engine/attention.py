@@ -176,9 +176,13 @@ def plan_step(segments: Sequence[Segment], cache: PagedKVCache, device: torch.de
 
 
 def _bucket_key(seg: Segment) -> tuple[int, int]:
-    """(query class, key class): decodes 0, then <= 64, <= 128, ... queries; <= 256, <= 512, ... keys."""
-    queries = 0 if seg.length == 1 else max(1, (seg.length - 1).bit_length() - 5)
-    return queries, max(0, (seg.keys - 1).bit_length() - 8)
+    """(query class, key class): decodes 0, then <= 64, <= 128, ... queries; <= 256, <= 512, ... keys.
+    Decodes (whose gather and products scale with the padded key count) use finer key classes: 64 keys
+    wide up to 512, then 8 per power of two (padding <= 12.5 %)."""
+    if seg.length == 1:
+        width = max(64, 1 << max(0, (seg.keys - 1).bit_length() - 3))
+        return 0, (seg.keys - 1) // width + (width.bit_length() << 16)
+    return max(1, (seg.length - 1).bit_length() - 5), max(0, (seg.keys - 1).bit_length() - 8)
 
 
 def _slots(block_table: Sequence[int], positions: torch.Tensor, block_size: int) -> torch.Tensor:
