@@ -139,13 +139,15 @@ def test_a_budget_too_small_for_one_request_refuses_it_at_admission():
 def test_decodes_are_not_padded_to_a_long_request():
     model = make_model("llama")
     engine = LLMEngine(model, make_tokenizer(), None, EngineConfig(max_running=4, block_size=4))
-    segments = [Segment(1000, 1, list(range(251))), Segment(5, 1, [300, 301]), Segment(99, 1, range(302, 327)),
-                Segment(0, 30, list(range(330, 338))), Segment(600, 20, range(340, 495))]
-    engine.runner.cache.reserve(500)
+    segments = [Segment(1000, 1, list(range(251))), Segment(69, 1, range(300, 318)), Segment(99, 1, range(318, 343)),
+                Segment(0, 30, list(range(343, 351))), Segment(600, 20, range(351, 506)), Segment(5, 1, [507, 508])]
+    engine.runner.cache.reserve(510)
     plan = plan_step(segments, engine.runner.cache, torch.device("cpu"))
     shapes = sorted((tuple(b.q_index.shape), tuple(b.kv_slot.shape)) for b in plan.buckets)
-    assert shapes == [((1, 1), (1, 1001)), ((1, 20), (1, 620)), ((1, 30), (1, 30)), ((2, 1), (2, 100))]
-    assert plan.slot_mapping[:3].tolist() == [250 * 4, 301 * 4 + 1, 326 * 4 + 3]
+    # decodes of 70 and 100 keys share a bucket (65-128), the 6-key one has its own (1-64)
+    assert shapes == [((1, 1), (1, 6)), ((1, 1), (1, 1001)), ((1, 20), (1, 620)), ((1, 30), (1, 30)),
+                      ((2, 1), (2, 100))]
+    assert plan.slot_mapping[:3].tolist() == [250 * 4, 317 * 4 + 1, 342 * 4 + 3]
 
 
 def test_no_leaks_after_1000_random_requests_with_aborts_and_preemptions():

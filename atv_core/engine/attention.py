@@ -11,8 +11,9 @@ AttentionInterface as "atv_paged") with that layer's query [1, H, N, D] and new 
   3. scatter the outputs back to [1, N, H, D].
 
 Chunks are bucketed by the power of two of their query length (decodes apart; up to 64 queries together)
-and of their key length (up to 256 keys together: padding that little costs less than another kernel call),
-and padded only to the longest member, so a decode over 40 keys is never padded to a 7k-token request,
+and of their key length (prompt chunks: up to 256 keys together, padding that little costs less than another
+kernel call; decodes, whose gather and products scale with the padded keys: 64 wide up to 512, then 8 classes
+per power of two), and padded only to the longest member, so a decode over 40 keys is never padded to a 7k-token request,
 and a long prompt's chunk is its own bucket. A bucket that is one fresh prompt runs SDPA's causal kernel without
 a mask; one that is decodes of equal length runs without a mask. Padding never reads unwritten memory:
 padded keys repeat their request's first slot and padded queries repeat the chunk's last query; both are
