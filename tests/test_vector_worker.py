@@ -314,6 +314,24 @@ def test_the_generator_thread_is_on_by_default_on_accelerators_only(parts):
     assert _vector_worker(None, EngineConfig(generator_worker=True), torch.device("cpu")) is None
 
 
+def test_an_idle_async_engine_makes_the_vectors_on_its_own_thread(parts, gen_calls):
+    """Nothing to step: the engine thread takes the queued job itself (all its torch threads) instead of
+    napping while the one-thread worker makes it."""
+    tok = parts[1]
+    engine = AsyncEngine(_engine(parts)).start()
+
+    async def main():
+        await asyncio.sleep(0.2)                     # the loop has found nothing to step and said so
+        return [out async for out in engine.generate(tok("hello")["input_ids"], GREEDY, SteeringSpec("atv"),
+                                                     "hello")]
+    try:
+        outs = asyncio.run(main())
+        assert outs[-1].finished and outs[-1].completion_tokens == 6 and outs[-1].steering.generator_s > 0
+        assert [name for name, _, _ in gen_calls["calls"]] == ["atv-engine"]
+    finally:
+        engine.shutdown()
+
+
 def test_examples_reach_the_worker_in_the_stored_format(parts, gen_calls):
     import copy
     from dataclasses import replace
