@@ -12,7 +12,7 @@ import torch
 from atv_core.engine.block_manager import BlockManager
 from atv_core.engine.llm_engine import EngineConfig, LLMEngine
 from atv_core.engine.request import Request, SamplingParams, SteeringSpec
-from atv_core.engine.scheduler import Chunk, Scheduler, SchedulerConfig
+from atv_core.engine.scheduler import Scheduler, SchedulerConfig
 from atv_core.steering.checkpoint import load_generator
 from tests.tiny import drain, make_model, make_tiny_generator_dir, make_tokenizer, record_logits
 
