@@ -44,9 +44,8 @@ class Settings(BaseSettings):
     generator_worker: bool | None = Field(None, description="make vectors on a thread of their own, beside the "
                                           "engine's steps (--no-generator-worker: in the step that admits the "
                                           "request); default: on for accelerators, off on CPU")
-    generator_threads: int | None = Field(None, ge=1, description="torch threads of that generator thread (when "
-                                          "the engine has nothing to step it makes the vectors itself with all "
-                                          "its threads); default 1")
+    generator_threads: int = Field(1, ge=1, description="torch threads of that generator thread (when the engine "
+                                   "has nothing to step it makes the vectors itself with all its threads)")
     kv_cache_gib: float | None = Field(None, gt=0, description="KV cache memory budget in GiB; default on CPU "
                                        "min(2, a quarter of the available RAM), on CUDA --kv-cache-fraction")
     kv_cache_fraction: float = Field(0.8, gt=0, le=1, description="CUDA: share of the free GPU memory at start "

@@ -70,14 +70,14 @@ class EngineConfig:
     enable_prefix_caching: bool = True  # reuse computed KV blocks of a shared prompt prefix (where steering allows)
     generator_worker: bool | None = None  # the generator on its own thread beside the steps (False: in the
                                           # step); default: True on accelerators, False on CPU (see above)
-    generator_threads: int | None = None  # torch intra-op threads of that thread; default 1 (vector_worker.py)
+    generator_threads: int = 1          # torch intra-op threads of that thread (vector_worker.py's sizing note)
 
     def __post_init__(self):
         if not 0 < self.kv_cache_fraction <= 1:
             raise ValueError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes < 1:
             raise ValueError(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
-        if self.generator_threads is not None and self.generator_threads < 1:
+        if self.generator_threads < 1:
             raise ValueError(f"generator_threads must be >= 1, got {self.generator_threads}")
 
 
@@ -466,8 +466,7 @@ def _vector_worker(generator, config: EngineConfig, device: torch.device) -> Vec
     wanted = config.generator_worker if config.generator_worker is not None else device.type != "cpu"
     if generator is None or not wanted:
         return None
-    threads = config.generator_threads or 1   # see vector_worker.py's sizing note
-    return VectorWorker(generator, threads=threads, max_batch=config.max_running)
+    return VectorWorker(generator, threads=config.generator_threads, max_batch=config.max_running)
 
 
 def _needs_generator(request: Request) -> bool:
