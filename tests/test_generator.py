@@ -44,6 +44,24 @@ def test_shapes_and_padding_invariance(tmp_path, kind, rank, layers):
     torch.testing.assert_close(both.vectors[0], alone.vectors[0], atol=1e-5, rtol=1e-5)  # padding does not leak
 
 
+@pytest.mark.parametrize("kind", ["encoder", "decoder"])
+@pytest.mark.parametrize("pooling", ["mean", "last", "cls"])
+def test_packed_encoding_equals_each_prompt_encoded_alone(tmp_path, kind, pooling):
+    """Prompts are packed into shared sequences (block-diagonal mask, positions restarting per prompt); each
+    pooled state must equal a plain forward of that prompt alone, whatever the pack budget."""
+    generator = _generator(tmp_path, kind, pooling=pooling)
+    prompts = ["short", "a much longer query than the other one", "x", "three words here", ""]
+    ids = generator.tokenizer(prompts)["input_ids"]
+    with torch.no_grad():
+        alone = []
+        for row in ids:
+            hidden = generator.backbone(input_ids=torch.tensor([row or [generator.tokenizer.pad_token_id]])).last_hidden_state[0]
+            alone.append({"mean": hidden.mean(0), "last": hidden[-1], "cls": hidden[0]}[pooling])
+        alone = torch.stack(alone)
+        for budget in (1, 8, 1024):   # one prompt per pack, a few per pack, all in one
+            torch.testing.assert_close(generator.encode(prompts, pack_tokens=budget), alone, atol=1e-5, rtol=1e-5)
+
+
 def test_untrained_generator_steers_nothing(tmp_path):
     backbone_dir = make_tiny_model_dir(tmp_path / "b", "bert")
     from atv_core.models import load_backbone
@@ -79,6 +97,30 @@ def test_checkpoint_round_trip_gives_identical_vectors(tmp_path):
         assert torch.equal(loaded(prompts).vectors, generator(prompts).vectors)
     meta = json.loads((path / "atv_config.json").read_text())
     assert meta["generator"]["position"] == "all" and meta["generator"]["input_template"] == "{prompt}"
+
+
+@pytest.mark.parametrize("kind", ["encoder", "decoder"])
+def test_backbone_layers_keeps_the_first_blocks_and_survives_a_round_trip(tmp_path, kind):
+    from atv_core.steering.generator import backbone_blocks
+    full = _generator(tmp_path / "full", kind)
+    cut = _generator(tmp_path / "cut", kind, backbone_layers=1, backbone_trainable_layers=1)
+    n_full = len(backbone_blocks(full.backbone))
+    assert n_full >= 2 and len(backbone_blocks(cut.backbone)) == 1
+    ids = torch.tensor([cut.tokenizer("a query")["input_ids"]])
+    with torch.no_grad():
+        # the cut backbone's last hidden state is the full one's after block 0 (before any final norm)
+        first = full.backbone(input_ids=ids, output_hidden_states=True).hidden_states[1]
+        if kind == "encoder":
+            torch.testing.assert_close(cut.backbone(input_ids=ids).last_hidden_state, first)
+        torch.nn.init.normal_(backbone_blocks(cut.backbone)[0].output.dense.weight if kind == "encoder"
+                              else backbone_blocks(cut.backbone)[0].mlp.c_proj.weight)   # "fine-tuned"
+    path = save_generator(cut, tmp_path / "ckpt")
+    loaded = load_generator(path)
+    assert loaded.config.backbone_layers == 1 and len(backbone_blocks(loaded.backbone)) == 1
+    with torch.no_grad():
+        assert torch.equal(loaded(["a query", "another"]).vectors, cut(["a query", "another"]).vectors)
+    with pytest.raises(ValueError, match=f"backbone_layers={n_full + 1} but the backbone has {n_full} blocks"):
+        _generator(tmp_path / "big", kind, backbone_layers=n_full + 1)
 
 
 def test_checkpoint_refuses_a_target_with_other_shapes(tmp_path):

@@ -10,7 +10,7 @@ from atv_core.steering.checkpoint import load_generator
 from atv_core.tools.evaluate import (differences, generic_check, paired_bootstrap, run_method, suite_and_files,
                                      test_prompts as make_test_prompts, with_demos)
 from atv_core.tools.tasks import load_suite, load_task_file
-from atv_core.tools.train import TrainConfig, load_task_vectors, train
+from atv_core.tools.train import TrainConfig, chat_prompt, load_task_vectors, train
 from tests.tiny import make_model, make_tiny_generator_dir, make_tiny_model_dir, make_tokenizer
 
 
@@ -80,15 +80,18 @@ def test_static_control_trains_one_vector_per_task(tmp_path):
 
 def test_learned_gate_closes_on_negatives_and_examples_are_trained(tmp_path):
     model, tok = make_model("llama"), make_tokenizer()
-    cfg = _cfg(tmp_path, gate="learned", negatives=str(_negatives(tmp_path)), examples_k=3, epochs=4,
-               backbone_trainable_layers=1, gate_loss_weight=5.0, negative_tokens=4, patience=2)
+    # 6 epochs without early stopping: on a tiny random model the gate needs them to separate clearly
+    # (0.91 on task vs 0.38 off task here; with 4 epochs it was 0.59 vs 0.41, too close to trust)
+    cfg = _cfg(tmp_path, gate="learned", negatives=str(_negatives(tmp_path)), examples_k=3, epochs=6,
+               backbone_trainable_layers=1, gate_loss_weight=5.0, negative_tokens=4, patience=None)
     train(cfg, model, tok)
     generator = load_generator(tmp_path / "run" / "generator", target=model)
     assert generator.config.gate == "learned" and generator.config.max_examples == 3
     task = load_suite(names=["antonym"])[0]
     with torch.no_grad():
         on_task = generator([task.prompt(e.input, 0) for e in task.examples("test")[:8]]).gates
-        off_task = generator([f"Tell me a long story about thing {i}." for i in range(50, 58)]).gates
+        # held-out negatives as the server's chat endpoint hands them to the generator (the target's chat template)
+        off_task = generator([chat_prompt(tok, f"Tell me a long story about thing {i}.") for i in range(50, 58)]).gates
     assert on_task.mean() > 0.5 > off_task.mean()
 
 

@@ -48,6 +48,7 @@ class GeneratorConfig:
     gate_temperature: float = 0.05
     train_backbone: bool = False
     backbone_trainable_layers: int = 0 # >0: the top N backbone blocks are fine-tuned and stored (train_backbone=False)
+    backbone_layers: int | None = None # keep only the first N backbone blocks (a cheaper generator); None = all
     max_examples: int = 0              # demonstrations the generator was trained to read; 0 = it reads none
     examples_format: str = EXAMPLES_FORMAT   # {prompt} = the query, {examples} = the demonstrations, one a line
     example_template: str = EXAMPLE_TEMPLATE # one demonstration; {input}, {output}
@@ -70,6 +71,8 @@ class GeneratorConfig:
                 raise ValueError(f"{name} must contain {missing}, got {getattr(self, name)!r}")
         if self.max_examples < 0 or self.backbone_trainable_layers < 0:
             raise ValueError("max_examples and backbone_trainable_layers must be >= 0")
+        if self.backbone_layers is not None and self.backbone_layers < 1:
+            raise ValueError(f"backbone_layers must be a positive int or None (all), got {self.backbone_layers}")
         if self.rank is not None and self.rank < 1:
             raise ValueError(f"rank must be a positive int or None (full rank), got {self.rank}")
         if self.layers is not None:
@@ -175,6 +178,13 @@ class ATVGenerator(nn.Module):
         self.config = config
         self.backbone = backbone
         self.tokenizer = tokenizer
+        if config.backbone_layers is not None:
+            blocks = backbone_blocks(backbone)
+            if config.backbone_layers > len(blocks):
+                raise ValueError(f"backbone_layers={config.backbone_layers} but the backbone has {len(blocks)} "
+                                 f"blocks; use at most {len(blocks)}")
+            del blocks[config.backbone_layers:]   # in place: the backbone now stops after block N-1
+            backbone.config.num_hidden_layers = config.backbone_layers
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         d_s = backbone.config.hidden_size
@@ -228,22 +238,53 @@ class ATVGenerator(nn.Module):
     def format_inputs(self, prompts: list[str]) -> list[str]:
         return [self.config.input_template.replace("{prompt}", p) for p in prompts]
 
-    def encode(self, prompts: list[str], chunk: int = 8) -> torch.Tensor:
-        """Prompts -> pooled backbone states [B, d_s] (fp32). Prompts are sorted by length and encoded in
-        chunks, so a batch of mixed lengths is not padded to its longest prompt."""
+    def encode(self, prompts: list[str], pack_tokens: int = 1024) -> torch.Tensor:
+        """Prompts -> pooled backbone states [B, d_s] (fp32), without padding.
+
+        Consecutive prompts are packed into one sequence of at most `pack_tokens` tokens (a longer prompt goes
+        alone) with positions restarting at 0 per prompt and a block-diagonal mask (causal within a prompt for
+        decoder backbones), so each prompt sees only itself: the same states as encoding it alone, to float
+        rounding, at the cost of its own tokens. Training and serving both read through here.
+        """
         texts = self.format_inputs(prompts)
         ids = self.tokenizer(texts, truncation=True, max_length=self.config.max_input_tokens)["input_ids"]
-        order = sorted(range(len(texts)), key=lambda i: len(ids[i]))
-        pooled = [None] * len(texts)
+        ids = [row or [self.tokenizer.pad_token_id] for row in ids]   # an empty text still gets one state
         grad = self.trains_backbone and self.training and torch.is_grad_enabled()
-        for start in range(0, len(order), chunk):
-            part = order[start: start + chunk]
-            batch = self.tokenizer.pad({"input_ids": [ids[i] for i in part]}, return_tensors="pt").to(self.device)
-            with torch.set_grad_enabled(grad):
-                out = self.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            for i, row in zip(part, pool(out.last_hidden_state, batch["attention_mask"], self.config.pooling_mode)):
-                pooled[i] = row
-        return torch.stack(pooled).float()
+        packs, pack, n = [], [], 0
+        for row in ids:
+            if pack and n + len(row) > pack_tokens:
+                packs.append(pack)
+                pack, n = [], 0
+            pack.append(row)
+            n += len(row)
+        packs.append(pack)
+        with torch.set_grad_enabled(grad):
+            return torch.cat([self._encode_packed(p) for p in packs if p]).float()
+
+    def _encode_packed(self, rows: list[list[int]]) -> torch.Tensor:
+        """One packed forward over `rows` (token id lists) -> [len(rows), d_s]."""
+        device = self.device
+        lengths = torch.tensor([len(r) for r in rows], device=device)
+        segment = torch.repeat_interleave(torch.arange(len(rows), device=device), lengths)   # [N]
+        starts = torch.cumsum(lengths, 0) - lengths
+        positions = torch.arange(segment.numel(), device=device) - starts[segment]
+        allowed = segment[:, None] == segment[None, :]                                         # [N, N]
+        if self.config.backbone_kind == "decoder":
+            allowed = allowed & (positions[:, None] >= positions[None, :])
+        dtype = next(self.backbone.parameters()).dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+        input_ids = torch.tensor([t for r in rows for t in r], device=device)
+        hidden = self.backbone(input_ids=input_ids[None], position_ids=positions[None],
+                               attention_mask=mask[None, None]).last_hidden_state[0]          # [N, d_s]
+        mode = self.config.pooling_mode
+        if mode == "mean":
+            sums = hidden.new_zeros(len(rows), hidden.shape[-1]).index_add(0, segment, hidden)
+            return sums / lengths.unsqueeze(-1).to(hidden.dtype)
+        if mode == "last":
+            return hidden[starts + lengths - 1]
+        if mode == "cls":
+            return hidden[starts]
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {mode!r}")
 
     def gate(self, pooled: torch.Tensor) -> torch.Tensor:
         """[B, d_s] -> [B] in [0, 1]."""

@@ -52,6 +52,7 @@ class TrainConfig:
     train_backbone: bool = False
     gate: str = "distance"                      # "distance" | "learned" | "none"
     backbone_trainable_layers: int = 0          # fine-tune the top N backbone blocks
+    backbone_layers: int | None = None          # keep the first N backbone blocks only (cheaper generator)
     examples_k: int = 0                         # train to read up to k demonstrations (0: never)
     examples_prob: float = 0.5                  # share of items whose generator input carries demonstrations
     examples_plain_prob: float = 0.5            # of those, share whose prompt is the task-agnostic "Input:/Output:"
@@ -341,6 +342,7 @@ def build_generator(cfg: TrainConfig, model, device) -> ATVGenerator:
                            pooling=cfg.pooling, rank=cfg.rank, scale=cfg.scale, position=cfg.position,
                            input_template=cfg.input_template, gate=cfg.gate, train_backbone=cfg.train_backbone,
                            backbone_trainable_layers=cfg.backbone_trainable_layers, max_examples=cfg.examples_k,
+                           backbone_layers=cfg.backbone_layers,
                            recipe=cfg.to_json())
     return ATVGenerator(gcfg, backbone, tokenizer).to(device)
 
@@ -522,9 +524,9 @@ def cli(argv: list[str]) -> int:
             value = tuple(value)
         elif isinstance(default, bool) or isinstance(value, bool):
             value = bool(value)
-        elif name in ("rank", "max_per_task", "patience", "negatives") and str(value).lower() == "none":
+        elif name in ("rank", "max_per_task", "patience", "negatives", "backbone_layers") and str(value).lower() == "none":
             value = None
-        elif isinstance(default, int) or name in ("rank", "max_per_task", "patience"):
+        elif isinstance(default, int) or name in ("rank", "max_per_task", "patience", "backbone_layers"):
             value = int(value)
         elif isinstance(default, float):
             value = float(value)
