@@ -197,6 +197,7 @@ def test_echo_logprobs_score_the_prompt_like_a_plain_forward(served, assets):
 def test_echo_logprobs_stream_the_prompt_once(served):
     with httpx.stream("POST", served.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, json={
             "model": f"{BASE}:off", "prompt": "Hello there", "echo": True, "logprobs": 1, "max_tokens": 2,
+            "temperature": 0.0, "ignore_eos": True,   # exactly 2 tokens: a sampled EOS would end it after 1
             "stream": True}, timeout=60) as r:
         events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
     with_logprobs = [e["choices"][0]["logprobs"] for e in events if e["choices"][0]["logprobs"]]
