@@ -4,7 +4,8 @@ Names are fixed (the deploy dashboards, alerts and autoscaler query them); bucke
 Engine-side series come from two places: a step listener on the AsyncEngine (step time, batch size; called
 on the engine thread, so it only observes) and gauges read at scrape time from `AsyncEngine.stats()`, the
 snapshot the engine thread takes after every step or idle wait (running, waiting, vector slots, KV blocks, and
-the cumulative prefix-cache token counts, exported as counters by `PrefixCacheSeries`), and its error (engine up). Per-request series are recorded by server/jobs.py through the `observe_*` / `count_*`
+the cumulative prefix-cache token counts and preemptions, exported as counters by `EngineCounters`), and its
+error (engine up). Per-request series are recorded by server/jobs.py through the `observe_*` / `count_*`
 methods, labelled `model_name` (the model id or steering preset id the request named).
 
 With `vllm=True` the same observations also feed vLLM-named series (`vllm:...`, labelled `model_name`; the
@@ -90,7 +91,7 @@ class Metrics:
         self.vector_slots_used.set_function(lambda: async_engine.stats().vector_slots_used)
         self.kv_cache_usage.set_function(lambda: _usage(async_engine.stats()))
         self.engine_up.set_function(lambda: 1 if async_engine.error is None else 0)
-        self.registry.register(PrefixCacheSeries(async_engine, self.model_name, vllm=self.vllm is not None))
+        self.registry.register(EngineCounters(async_engine, self.model_name, vllm=self.vllm is not None))
         async_engine.add_step_listener(self.on_step)
         if self.vllm is not None:
             self.vllm.bind(async_engine)
@@ -177,30 +178,35 @@ class VLLMSeries:
             self.queue_time.labels(model_name).observe(queue_s)
 
 
-class PrefixCacheSeries:
-    """Prompt tokens looked up in the prefix cache and those found there (counters read at scrape time from
-    the engine's cumulative counts); with vllm=True also vLLM's `vllm:prefix_cache_queries` / `_hits`."""
+class EngineCounters:
+    """The engine's cumulative counts, read at scrape time: prompt tokens looked up in the prefix cache, those
+    found there, and preemptions (running requests whose KV blocks were taken back, to be recomputed); with
+    vllm=True also vLLM's `vllm:prefix_cache_queries` / `_hits` and `vllm:num_preemptions`."""
 
     def __init__(self, async_engine, model_name: str, vllm: bool):
         self.engine, self.model_name, self.vllm = async_engine, model_name, vllm
 
     def describe(self):
-        return self._families(0, 0)
+        return self._families(0, 0, 0)
 
     def collect(self):
         stats = self.engine.stats()
-        return self._families(stats.prefix_cache_queries, stats.prefix_cache_hits)
+        return self._families(stats.prefix_cache_queries, stats.prefix_cache_hits, stats.num_preemptions)
 
-    def _families(self, queries: int, hits: int) -> list[CounterMetricFamily]:
+    def _families(self, queries: int, hits: int, preemptions: int) -> list[CounterMetricFamily]:
         families = [CounterMetricFamily("atv_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
                                         value=queries),
                     CounterMetricFamily("atv_prefix_cache_hits", "Prompt tokens found in the prefix cache "
-                                        "(reused, not computed)", value=hits)]
+                                        "(reused, not computed)", value=hits),
+                    CounterMetricFamily("atv_num_preemptions", "Running requests whose KV blocks were taken back "
+                                        "to be recomputed later (KV cache full)", value=preemptions)]
         if self.vllm:
             for name, doc, value in (("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of "
                                       "queried tokens.", queries),
                                      ("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached "
-                                      "tokens.", hits)):
+                                      "tokens.", hits),
+                                     ("vllm:num_preemptions", "Cumulative number of preemption from the engine.",
+                                      preemptions)):
                 family = CounterMetricFamily(name, doc, labels=["model_name"])
                 family.add_metric([self.model_name], value)
                 families.append(family)

@@ -107,6 +107,7 @@ def test_a_preempted_request_outputs_what_it_outputs_alone(steered):
         engine.add_request(r)
     drain(engine)
     assert engine.scheduler.num_preemptions > 0 and reqs[-1].num_preemptions > 0
+    assert engine.stats().num_preemptions == engine.scheduler.num_preemptions   # what /metrics exports
     for r in reqs:
         assert r.output_ids == solo[r.request_id][0], r.request_id
         for got, want in zip(logits[r.request_id], solo[r.request_id][1]):

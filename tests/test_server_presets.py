@@ -250,4 +250,33 @@ def test_vllm_metrics_setting_exports_vllm_names(assets):
     assert ("vllm:num_requests_running", frozenset({("model_name", "tiny")})) in m
     assert metric(m, "vllm:prefix_cache_queries_total", model_name="tiny") == metric(m, "atv_prefix_cache_queries_total") > 0
     assert ("vllm:prefix_cache_hits_total", frozenset({("model_name", "tiny")})) in m
+    assert metric(m, "vllm:num_preemptions_total", model_name="tiny") == metric(m, "atv_num_preemptions_total") == 0
     assert metric(m, "atv_e2e_request_latency_seconds_count", model_name="tiny:off") == 1   # atv_ series unchanged
+
+
+def test_preemptions_are_counted_in_metrics(assets):
+    """A KV budget of 20 blocks of 4 tokens holds three ~20-token prompts, or one of them grown by 40 tokens,
+    but not all three grown: the engine preempts (and later recomputes) the newest; every request still
+    completes and /metrics counts the preemptions."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from atv_core.engine.llm_engine import LLMEngine
+    from tests.test_server import metric, scrape
+    from tests.tiny import make_tokenizer
+
+    model = assets[0]
+    per_token = LLMEngine(build_engine(str(model), None, device="cpu").model, make_tokenizer(), None,
+                          EngineConfig(max_running=1)).runner.layout.bytes_per_token
+    config = EngineConfig(max_running=4, block_size=4, kv_cache_bytes=20 * 4 * per_token)
+    engine = AsyncEngine(build_engine(str(model), None, device="cpu", config=config))
+    prompts = ["the first prompt, 23 b.", "twelve bytes", "and the third one, 25 b.."]
+    with serving(engine, make_settings(vllm_metrics=True)) as s:
+        def complete(prompt):
+            return httpx.post(s.url + "/v1/completions", json={"model": "tiny:off", "prompt": prompt,
+                              "max_tokens": 40, "ignore_eos": True}, timeout=120)
+        with ThreadPoolExecutor(3) as pool:
+            replies = list(pool.map(complete, prompts))
+        m = scrape(s.url)
+    assert [r.status_code for r in replies] == [200, 200, 200]
+    assert all(r.json()["usage"]["completion_tokens"] == 40 for r in replies)
+    assert metric(m, "atv_num_preemptions_total") == metric(m, "vllm:num_preemptions_total", model_name="tiny") > 0
