@@ -12,7 +12,7 @@ from atv_core.engine.request import Request, SamplingParams, SteeringSpec
 from atv_core.engine.scheduler import Chunk
 from atv_core.steering.checkpoint import load_generator
 from tests.conftest import ARCHS
-from tests.tiny import drain, make_model, make_tiny_generator_dir, make_tokenizer, record_logits
+from tests.tiny import drain, kv_budget, make_model, make_tiny_generator_dir, make_tokenizer, record_logits
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -25,12 +25,6 @@ CHUNKY = dict(max_running=4, max_num_batched_tokens=16, block_size=4, long_promp
 
 def _ids(n, seed):
     return random.Random(seed).choices(range(10, 200), k=n)
-
-
-def _budget(model, blocks, block_size=4):
-    """kv_cache_bytes holding exactly `blocks` blocks of this model's KV."""
-    engine = LLMEngine(model, make_tokenizer(), None, EngineConfig(max_running=1))
-    return blocks * block_size * engine.runner.layout.bytes_per_token
 
 
 def chunked_run_against_a_plain_forward(model) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
@@ -100,7 +94,7 @@ def test_a_preempted_request_outputs_what_it_outputs_alone(steered):
         solo[r.request_id] = (r.output_ids, logits[r.request_id])
     assert solo["p0"][0] != solo["p1"][0]
     # 20 blocks of 4 tokens: the three prompts (23 + 12 + 25 bytes) fit, but not their growth by 10 tokens each
-    engine = LLMEngine(model, tok, gen, EngineConfig(max_running=4, block_size=4, kv_cache_bytes=_budget(model, 20)))
+    engine = LLMEngine(model, tok, gen, EngineConfig(max_running=4, block_size=4, kv_cache_bytes=kv_budget(model, 20)))
     logits = record_logits(engine)
     reqs = _steered_requests(tok)
     for r in reqs:
@@ -129,7 +123,7 @@ def test_recompute_steers_the_positions_the_first_pass_steered(steered):
 def test_a_budget_too_small_for_one_request_refuses_it_at_admission():
     model = make_model("llama")
     engine = LLMEngine(model, make_tokenizer(), None,
-                       EngineConfig(max_running=1, block_size=4, kv_cache_bytes=_budget(model, 5)))
+                       EngineConfig(max_running=1, block_size=4, kv_cache_bytes=kv_budget(model, 5)))
     with pytest.raises(PromptTooLong, match="do not fit the KV cache budget of 20 tokens"):
         engine.add_request(Request("big", _ids(15, 0), GREEDY, SteeringSpec("off")))
     engine.add_request(ok := Request("ok", _ids(12, 0), GREEDY, SteeringSpec("off")))
@@ -154,7 +148,7 @@ def test_decodes_are_not_padded_to_a_long_request():
 def test_no_leaks_after_1000_random_requests_with_aborts_and_preemptions():
     model = make_model("llama")
     engine = LLMEngine(model, make_tokenizer(), None, EngineConfig(max_running=16, max_waiting=2000, block_size=4,
-                                                                   kv_cache_bytes=_budget(model, 40)))
+                                                                   kv_cache_bytes=kv_budget(model, 40)))
     rng = random.Random(0)
     prefixes = [_ids(n, 100 + n) for n in (0, 9, 17, 26)]      # shared prompt prefixes (prefix caching) ...
     vectors = [torch.randn(3, 32) for _ in range(3)]           # ... and recurring vectors (shared under 'all')

@@ -14,7 +14,7 @@ from atv_core.engine.llm_engine import EngineConfig, LLMEngine
 from atv_core.engine.request import Request, SamplingParams, SteeringSpec
 from atv_core.engine.scheduler import Scheduler, SchedulerConfig
 from atv_core.steering.checkpoint import load_generator
-from tests.tiny import drain, make_model, make_tiny_generator_dir, make_tokenizer, record_logits
+from tests.tiny import drain, kv_budget, make_model, make_tiny_generator_dir, make_tokenizer, record_logits
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -224,12 +224,6 @@ def test_concurrent_chunked_prompts_reuse_mid_prompt_and_match(steered, case):
     assert (stats.prefix_cache_hits == 0) == (case == "different" and policy == "all")
 
 
-def _budget(model, blocks, block_size=4):
-    """kv_cache_bytes holding exactly `blocks` blocks of this model's KV."""
-    engine = LLMEngine(model, make_tokenizer(), None, EngineConfig(max_running=1))
-    return blocks * block_size * engine.runner.layout.bytes_per_token
-
-
 def test_random_shared_prefixes_under_preemption_generate_what_the_path_without_generates():
     model, tok = make_model("llama"), make_tokenizer()
     rng = random.Random(1)
@@ -240,7 +234,7 @@ def test_random_shared_prefixes_under_preemption_generate_what_the_path_without_
     runs = []
     for caching in (False, True):
         engine = LLMEngine(model, tok, None, EngineConfig(max_running=8, block_size=4, enable_prefix_caching=caching,
-                                                          kv_cache_bytes=_budget(model, 20)))
+                                                          kv_cache_bytes=kv_budget(model, 20)))
         reqs = [Request(f"r{i}", ids, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True),
                         SteeringSpec("off" if v is None else "atv"), "p", vector=v) for i, (ids, v, n) in enumerate(work)]
         for r in reqs:

@@ -260,14 +260,14 @@ def test_preemptions_are_counted_in_metrics(assets):
     completes and /metrics counts the preemptions."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from atv_core.engine.llm_engine import LLMEngine
+    from transformers import AutoModelForCausalLM
+
     from tests.test_server import metric, scrape
-    from tests.tiny import make_tokenizer
+    from tests.tiny import kv_budget
 
     model = assets[0]
-    per_token = LLMEngine(build_engine(str(model), None, device="cpu").model, make_tokenizer(), None,
-                          EngineConfig(max_running=1)).runner.layout.bytes_per_token
-    config = EngineConfig(max_running=4, block_size=4, kv_cache_bytes=20 * 4 * per_token)
+    config = EngineConfig(max_running=4, block_size=4,
+                          kv_cache_bytes=kv_budget(AutoModelForCausalLM.from_pretrained(model), 20))
     engine = AsyncEngine(build_engine(str(model), None, device="cpu", config=config))
     prompts = ["the first prompt, 23 b.", "twelve bytes", "and the third one, 25 b.."]
     with serving(engine, make_settings(vllm_metrics=True)) as s:
