@@ -201,3 +201,40 @@ def test_old_checkpoints_without_the_new_fields_still_load(tmp_path):
 def load_file_keys(path):
     from safetensors.torch import load_file
     return set(load_file(str(path / "atv_weights.safetensors")))
+
+
+@pytest.mark.parametrize("rank", [0, 8])
+def test_bank_mixes_learned_vectors_by_the_query_and_survives_a_round_trip(tmp_path, rank):
+    """bank_size K: v = direct(q) + softmax(router(q)) @ B; rank 0 leaves the bank alone, so each vector is a
+    convex mixture of the K rows of B (a one-hot router picks one row exactly)."""
+    backbone_dir = make_tiny_model_dir(tmp_path / "b", "bert")
+    from atv_core.models import load_backbone
+    backbone, tok = load_backbone(str(backbone_dir))
+    config = GeneratorConfig(str(backbone_dir), "tiny-llama", 3, 32, rank=rank, bank_size=4)
+    generator = ATVGenerator(config, backbone, tok).eval()
+    prompts = ["hello", "what is the capital of France?"]
+    with torch.no_grad():
+        assert torch.equal(generator(prompts).vectors, torch.zeros(2, 3, 32))     # untrained: steers nothing
+        for p in generator.expansion.parameters():
+            p.normal_(0, 0.5)
+        out = generator(prompts)
+        weights = generator.expansion.router(out.pooled).softmax(-1)                # [2, 4]
+        mixed = (weights @ generator.expansion.bank).view(2, 3, 32)
+        direct = generator.expansion.up(generator.expansion.down(out.pooled)).view(2, 3, 32) if rank else 0
+        torch.testing.assert_close(out.vectors, mixed + direct)
+        if not rank:
+            generator.expansion.router.weight.zero_()
+            generator.expansion.router.bias.copy_(torch.tensor([0.0, 1e4, 0.0, 0.0]))   # one-hot on row 1
+            assert torch.equal(generator(prompts).vectors, generator.expansion.bank[1].view(1, 3, 32).expand(2, 3, 32))
+    path = save_generator(generator, tmp_path / "ckpt")
+    loaded = load_generator(path, target=make_model("llama"))
+    assert loaded.config.bank_size == 4 and loaded.config.rank == rank
+    with torch.no_grad():
+        assert torch.equal(loaded(prompts).vectors, generator(prompts).vectors)
+
+
+def test_rank_zero_needs_a_bank():
+    with pytest.raises(ValueError, match="0 with bank_size > 0"):
+        GeneratorConfig("b", "t", 3, 32, rank=0)
+    with pytest.raises(ValueError, match="bank_size must be >= 0"):
+        GeneratorConfig("b", "t", 3, 32, bank_size=-1)

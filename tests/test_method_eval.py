@@ -134,7 +134,7 @@ def test_evaluate_seed_end_to_end_resumes_and_reports(tmp_path):
     generator_dir = make_tiny_generator_dir(tmp_path / "g", gate="distance")
     tasks = load_suite(names=["antonym", "synonym"])
     args = Namespace(out=str(tmp_path / "eval"), seeds=[0], generator=str(generator_dir), preset="default",
-                     epochs=1, max_per_task=8, methods=["zero_shot", "icl", "static", "atv", "atv_examples"],
+                     config=None, epochs=1, max_per_task=8, methods=["zero_shot", "icl", "static", "atv", "atv_examples"],
                      static_vectors=str(tmp_path / "run" / "task_vectors.safetensors"), k=2, limit=2,
                      rotate_templates=False, generic=str(_negatives(tmp_path, 4)), lora_rank=2)
     results = evaluate_seed(0, args, model, tok, tasks, {})

@@ -2,6 +2,7 @@
 import json
 from dataclasses import replace
 
+import pytest
 import torch
 
 
@@ -44,6 +45,23 @@ def test_train_lowers_loss_writes_a_loadable_checkpoint_and_resumes(tmp_path):
     assert loaded.config.gate == "distance" and loaded.config.gate_threshold < 1
     _, _, more = train(replace(cfg, epochs=3), model, tok)       # resumes after epoch 2
     assert [h["epoch"] for h in more] == [3]
+
+
+def test_bank_recipe_trains_and_eval_config_overrides_the_preset(tmp_path):
+    """--bank-size K --rank 0: only the bank and its router learn; `atv eval --config` carries the same fields."""
+    from argparse import Namespace
+    from atv_core.tools.evaluate import recipe
+    model, tok = make_model("llama"), make_tokenizer()
+    generator, _, history = train(_cfg(tmp_path, bank_size=4, rank=0, epochs=1), model, tok)
+    assert generator.expansion.up is None and generator.expansion.bank.abs().sum() > 0
+    assert load_generator(tmp_path / "run" / "generator", target=model).config.bank_size == 4
+    config = tmp_path / "recipe.json"
+    config.write_text(json.dumps({"bank_size": 8, "rank": 0, "layers": [0, 1]}))
+    cfg = recipe(Namespace(preset="strong", config=str(config)))
+    assert (cfg.bank_size, cfg.rank, cfg.layers, cfg.gate) == (8, 0, (0, 1), "learned")
+    config.write_text(json.dumps({"bank": 8}))
+    with pytest.raises(ValueError, match=r"unknown TrainConfig fields \['bank'\]"):
+        recipe(Namespace(preset="strong", config=str(config)))
 
 
 def test_shared_vector_control_trains_one_vector(tmp_path):

@@ -3,6 +3,8 @@
     query (+ k demonstrations) --format_input--> text --input_template--> backbone --pool--> q [B, d_s]
     q --expansion--> v [B, L_sel, d]             full rank: Linear(d_s, L_sel*d)   (the paper)
                                                   low rank:  Linear(d_s, r) -> Linear(r, L_sel*d)
+                                                  + bank (bank_size K > 0): softmax(Linear(d_s, K)(q)) @ B,
+                                                    B [K, L_sel*d] learned task vectors (rank 0: bank only)
     out = lambda * gate(q) * v                    gate in [0, 1] (1 when no gate is configured)
 
 Gates: "none"; "distance" (cosine to training-query centroids, fitted after training); "learned" (a linear
@@ -38,7 +40,8 @@ class GeneratorConfig:
     layers: tuple[int, ...] | None = None   # selected target layers; None = all
     backbone_kind: Literal["encoder", "decoder"] = "encoder"
     pooling: Literal["mean", "last", "cls"] | None = None   # None: mean for encoders, last for decoders
-    rank: int | None = 64              # None = full-rank expansion
+    rank: int | None = 64              # None = full-rank expansion; 0 = none (only with a bank)
+    bank_size: int = 0                 # K > 0: add a query-weighted mixture of K learned vectors (see Expansion)
     scale: float = 1.0                 # lambda
     position: Literal["all", "last"] = "all"
     input_template: str = "{prompt}"   # what the generator reads; {prompt} is the request's prompt text
@@ -73,8 +76,11 @@ class GeneratorConfig:
             raise ValueError("max_examples and backbone_trainable_layers must be >= 0")
         if self.backbone_layers is not None and self.backbone_layers < 1:
             raise ValueError(f"backbone_layers must be a positive int or None (all), got {self.backbone_layers}")
-        if self.rank is not None and self.rank < 1:
-            raise ValueError(f"rank must be a positive int or None (full rank), got {self.rank}")
+        if self.bank_size < 0:
+            raise ValueError(f"bank_size must be >= 0 (0: no bank), got {self.bank_size}")
+        if self.rank is not None and (self.rank < 0 or (self.rank == 0 and not self.bank_size)):
+            raise ValueError(f"rank must be a positive int, None (full rank), or 0 with bank_size > 0 (bank only); "
+                             f"got rank={self.rank}, bank_size={self.bank_size}")
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
             bad = [i for i in self.layers if not 0 <= i < self.target_layers]
@@ -129,20 +135,39 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 class Expansion(nn.Module):
-    """d_s -> [L_sel, d]; the last projection starts at zero so an untrained generator steers nothing."""
+    """d_s -> [L_sel, d] = direct(q) + bank(q); every output projection starts at zero, so an untrained
+    generator steers nothing.
 
-    def __init__(self, d_s: int, n_layers: int, d: int, rank: int | None):
+    direct: Linear(d_s, r) -> Linear(r, L_sel*d) (rank r; None: one full-rank Linear; 0: no direct term).
+    bank:   softmax(router(q)) @ B with B [K, L_sel*d]: a convex mixture of K learned task vectors. Its output
+            stays near what the vectors hold (a fixed per-task vector is a one-hot mixture), so the query picks
+            and blends vectors rather than writing each one. The router starts random, which is what makes
+            the K vectors (all zero at first) receive different gradients.
+    """
+
+    def __init__(self, d_s: int, n_layers: int, d: int, rank: int | None, bank_size: int = 0):
         super().__init__()
         self.n_layers, self.d = n_layers, d
         self.down = nn.Linear(d_s, rank, bias=False) if rank else None
-        self.up = nn.Linear(rank or d_s, n_layers * d)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
+        self.up = nn.Linear(rank or d_s, n_layers * d) if rank != 0 else None
+        if self.up is not None:
+            nn.init.zeros_(self.up.weight)
+            nn.init.zeros_(self.up.bias)
+        self.router = nn.Linear(d_s, bank_size) if bank_size else None
+        self.bank = nn.Parameter(torch.zeros(bank_size, n_layers * d)) if bank_size else None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A parameter of the head (for its device and dtype)."""
+        return self.up.weight if self.up is not None else self.bank
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
-        if self.down is not None:
-            q = self.down(q)
-        return self.up(q).view(q.shape[0], self.n_layers, self.d)
+        out = 0
+        if self.up is not None:
+            out = self.up(self.down(q) if self.down is not None else q)
+        if self.bank is not None:
+            out = out + self.router(q).softmax(-1) @ self.bank
+        return out.view(q.shape[0], self.n_layers, self.d)
 
 
 def backbone_blocks(backbone: nn.Module) -> nn.ModuleList:
@@ -188,7 +213,8 @@ class ATVGenerator(nn.Module):
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         d_s = backbone.config.hidden_size
-        self.expansion = Expansion(d_s, len(config.selected_layers), config.target_hidden, config.rank)
+        self.expansion = Expansion(d_s, len(config.selected_layers), config.target_hidden, config.rank,
+                                   config.bank_size)
         self.register_buffer("centroids", torch.zeros(0, d_s))  # [K, d_s], unit norm, for the distance gate
         self.gate_head = GateHead(d_s) if config.gate == "learned" else None
         if not config.train_backbone:
@@ -212,7 +238,7 @@ class ATVGenerator(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.expansion.up.weight.device
+        return self.expansion.weight.device
 
     def format_input(self, query: str, examples=()) -> str:
         """What the generator reads for `query` and k demonstrations (objects with .input and .output).
@@ -299,7 +325,7 @@ class ATVGenerator(nn.Module):
     def forward(self, prompts: list[str], use_gate: bool = True) -> GeneratorOutput:
         pooled = self.encode(prompts)
         gates = self.gate(pooled) if use_gate else pooled.new_ones(pooled.shape[0])
-        vectors = self.expansion(pooled.to(self.expansion.up.weight.dtype))
+        vectors = self.expansion(pooled.to(self.expansion.weight.dtype))
         vectors = vectors * (self.config.scale * gates.to(vectors.dtype)).view(-1, 1, 1)
         return GeneratorOutput(vectors=vectors, gates=gates, pooled=pooled)
 

@@ -259,8 +259,7 @@ def evaluate_seed(seed: int, args, model, tokenizer, tasks: list[Task], cached: 
     out.mkdir(parents=True, exist_ok=True)
     if (out / "results.json").exists():
         return json.loads((out / "results.json").read_text())
-    cfg = replace(PRESETS[args.preset], seed=seed, epochs=args.epochs, max_per_task=args.max_per_task,
-                  out=str(out / "atv"))
+    cfg = replace(recipe(args), seed=seed, epochs=args.epochs, max_per_task=args.max_per_task, out=str(out / "atv"))
     if args.generator and seed == args.seeds[0]:
         atv_dir = Path(args.generator)
     else:
@@ -470,6 +469,18 @@ def suite_and_files(args) -> list[Task]:
     return load_suite(names=args.tasks) + files
 
 
+def recipe(args) -> TrainConfig:
+    """The preset, with the fields of --config (a JSON object of TrainConfig fields) replaced."""
+    cfg = PRESETS[args.preset]
+    if args.config:
+        fields = json.loads(Path(args.config).read_text())
+        unknown = set(fields) - set(TrainConfig.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"--config {args.config}: unknown TrainConfig fields {sorted(unknown)}")
+        cfg = replace(cfg, **{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    return cfg
+
+
 def cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="atv eval", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="runs/eval")
@@ -481,6 +492,7 @@ def cli(argv: list[str]) -> int:
                                            "files' own \"template\" field, else \"Input: {input}\\nOutput:\")")
     parser.add_argument("--generator", help="use this checkpoint for the first seed instead of training one")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default", help="recipe for trained generators")
+    parser.add_argument("--config", help="JSON object of TrainConfig fields that override the preset's")
     parser.add_argument("--static-vectors", help="task_vectors.safetensors of `atv train --static` for the first seed")
     parser.add_argument("--k", type=int, default=5, help="demonstrations for ICL and for ATV with examples")
     parser.add_argument("--limit", type=int, help="test items per task")
@@ -496,7 +508,7 @@ def cli(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     tasks = suite_and_files(args)
-    model, tokenizer = load_target(PRESETS[args.preset].target, "auto", args.dtype)
+    model, tokenizer = load_target(recipe(args).target, "auto", args.dtype)
     cached: dict = {}
     per_seed = [evaluate_seed(seed, args, model, tokenizer, tasks, cached) for seed in args.seeds]
     summary, text = report(per_seed, tasks, args.methods, args.seeds)
