@@ -218,7 +218,7 @@ def test_bank_mixes_learned_vectors_by_the_query_and_survives_a_round_trip(tmp_p
         for p in generator.expansion.parameters():
             p.normal_(0, 0.5)
         out = generator(prompts)
-        weights = generator.expansion.router(out.pooled).softmax(-1)                # [2, 4]
+        weights = (generator.expansion.router(out.pooled) / 0.1).softmax(-1)        # [2, 4], temperature 0.1
         mixed = (weights @ generator.expansion.bank).view(2, 3, 32)
         direct = generator.expansion.up(generator.expansion.down(out.pooled)).view(2, 3, 32) if rank else 0
         torch.testing.assert_close(out.vectors, mixed + direct)
@@ -238,3 +238,5 @@ def test_rank_zero_needs_a_bank():
         GeneratorConfig("b", "t", 3, 32, rank=0)
     with pytest.raises(ValueError, match="bank_size must be >= 0"):
         GeneratorConfig("b", "t", 3, 32, bank_size=-1)
+    with pytest.raises(ValueError, match="bank_temperature > 0"):
+        GeneratorConfig("b", "t", 3, 32, bank_size=4, bank_temperature=0)

@@ -3,7 +3,7 @@
     query (+ k demonstrations) --format_input--> text --input_template--> backbone --pool--> q [B, d_s]
     q --expansion--> v [B, L_sel, d]             full rank: Linear(d_s, L_sel*d)   (the paper)
                                                   low rank:  Linear(d_s, r) -> Linear(r, L_sel*d)
-                                                  + bank (bank_size K > 0): softmax(Linear(d_s, K)(q)) @ B,
+                                                  + bank (bank_size K > 0): softmax(Linear(d_s, K)(q) / t) @ B,
                                                     B [K, L_sel*d] learned task vectors (rank 0: bank only)
     out = lambda * gate(q) * v                    gate in [0, 1] (1 when no gate is configured)
 
@@ -42,6 +42,7 @@ class GeneratorConfig:
     pooling: Literal["mean", "last", "cls"] | None = None   # None: mean for encoders, last for decoders
     rank: int | None = 64              # None = full-rank expansion; 0 = none (only with a bank)
     bank_size: int = 0                 # K > 0: add a query-weighted mixture of K learned vectors (see Expansion)
+    bank_temperature: float = 0.1      # the mixture is softmax(router(q) / bank_temperature)
     scale: float = 1.0                 # lambda
     position: Literal["all", "last"] = "all"
     input_template: str = "{prompt}"   # what the generator reads; {prompt} is the request's prompt text
@@ -76,8 +77,9 @@ class GeneratorConfig:
             raise ValueError("max_examples and backbone_trainable_layers must be >= 0")
         if self.backbone_layers is not None and self.backbone_layers < 1:
             raise ValueError(f"backbone_layers must be a positive int or None (all), got {self.backbone_layers}")
-        if self.bank_size < 0:
-            raise ValueError(f"bank_size must be >= 0 (0: no bank), got {self.bank_size}")
+        if self.bank_size < 0 or self.bank_temperature <= 0:
+            raise ValueError(f"bank_size must be >= 0 (0: no bank) and bank_temperature > 0, got {self.bank_size} "
+                             f"and {self.bank_temperature}")
         if self.rank is not None and (self.rank < 0 or (self.rank == 0 and not self.bank_size)):
             raise ValueError(f"rank must be a positive int, None (full rank), or 0 with bank_size > 0 (bank only); "
                              f"got rank={self.rank}, bank_size={self.bank_size}")
@@ -139,13 +141,16 @@ class Expansion(nn.Module):
     generator steers nothing.
 
     direct: Linear(d_s, r) -> Linear(r, L_sel*d) (rank r; None: one full-rank Linear; 0: no direct term).
-    bank:   softmax(router(q)) @ B with B [K, L_sel*d]: a convex mixture of K learned task vectors. Its output
-            stays near what the vectors hold (a fixed per-task vector is a one-hot mixture), so the query picks
-            and blends vectors rather than writing each one. The router starts random, which is what makes
-            the K vectors (all zero at first) receive different gradients.
+    bank:   softmax(router(q) / t) @ B with B [K, L_sel*d]: a convex mixture of K learned task vectors. Its
+            output stays near what the vectors hold (a fixed per-task vector is a one-hot mixture), so the query
+            picks and blends vectors rather than writing each one. The router starts random, which is what makes
+            the K vectors (all zero at first) receive different gradients; the temperature t (0.1) makes that
+            start selective and lets the router sharpen ten times faster than its weights move (with t = 1 the
+            first epoch's validation loss was 1.35 against the low-rank head's 0.97).
     """
 
-    def __init__(self, d_s: int, n_layers: int, d: int, rank: int | None, bank_size: int = 0):
+    def __init__(self, d_s: int, n_layers: int, d: int, rank: int | None, bank_size: int = 0,
+                 bank_temperature: float = 0.1):
         super().__init__()
         self.n_layers, self.d = n_layers, d
         self.down = nn.Linear(d_s, rank, bias=False) if rank else None
@@ -155,6 +160,7 @@ class Expansion(nn.Module):
             nn.init.zeros_(self.up.bias)
         self.router = nn.Linear(d_s, bank_size) if bank_size else None
         self.bank = nn.Parameter(torch.zeros(bank_size, n_layers * d)) if bank_size else None
+        self.temperature = bank_temperature
 
     @property
     def weight(self) -> torch.Tensor:
@@ -166,8 +172,12 @@ class Expansion(nn.Module):
         if self.up is not None:
             out = self.up(self.down(q) if self.down is not None else q)
         if self.bank is not None:
-            out = out + self.router(q).softmax(-1) @ self.bank
+            out = out + self.mixture(q) @ self.bank
         return out.view(q.shape[0], self.n_layers, self.d)
+
+    def mixture(self, q: torch.Tensor) -> torch.Tensor:
+        """[B, d_s] -> the bank's weights [B, K] (rows sum to 1)."""
+        return (self.router(q) / self.temperature).softmax(-1)
 
 
 def backbone_blocks(backbone: nn.Module) -> nn.ModuleList:
@@ -214,7 +224,7 @@ class ATVGenerator(nn.Module):
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         d_s = backbone.config.hidden_size
         self.expansion = Expansion(d_s, len(config.selected_layers), config.target_hidden, config.rank,
-                                   config.bank_size)
+                                   config.bank_size, config.bank_temperature)
         self.register_buffer("centroids", torch.zeros(0, d_s))  # [K, d_s], unit norm, for the distance gate
         self.gate_head = GateHead(d_s) if config.gate == "learned" else None
         if not config.train_backbone:

@@ -46,6 +46,7 @@ class TrainConfig:
     pooling: str | None = None
     rank: int | None = 64                       # None: full rank; 0: no direct expansion (bank only)
     bank_size: int = 0                          # K learned task vectors mixed per query (0: none)
+    bank_temperature: float = 0.1               # softmax temperature of the bank's router
     scale: float = 1.0
     layers: tuple[int, ...] | None = None
     position: str = "all"
@@ -340,7 +341,8 @@ def build_generator(cfg: TrainConfig, model, device) -> ATVGenerator:
     backbone, tokenizer = load_backbone(cfg.backbone, device)
     gcfg = GeneratorConfig(backbone=cfg.backbone, target=cfg.target, target_layers=len(find_decoder_layers(model)),
                            target_hidden=model.config.hidden_size, layers=cfg.layers, backbone_kind=cfg.backbone_kind,
-                           pooling=cfg.pooling, rank=cfg.rank, bank_size=cfg.bank_size, scale=cfg.scale,
+                           pooling=cfg.pooling, rank=cfg.rank, bank_size=cfg.bank_size,
+                           bank_temperature=cfg.bank_temperature, scale=cfg.scale,
                            position=cfg.position,
                            input_template=cfg.input_template, gate=cfg.gate, train_backbone=cfg.train_backbone,
                            backbone_trainable_layers=cfg.backbone_trainable_layers, max_examples=cfg.examples_k,
