@@ -48,11 +48,12 @@ def test_train_lowers_loss_writes_a_loadable_checkpoint_and_resumes(tmp_path):
 
 
 def test_bank_recipe_trains_and_eval_config_overrides_the_preset(tmp_path):
-    """--bank-size K --rank 0: only the bank and its router learn; `atv eval --config` carries the same fields."""
+    """--bank-size K --rank 0: only the bank and its router learn (here with the consistency regulariser on);
+    `atv eval --config` carries the same fields."""
     from argparse import Namespace
     from atv_core.tools.evaluate import recipe
     model, tok = make_model("llama"), make_tokenizer()
-    generator, _, history = train(_cfg(tmp_path, bank_size=4, rank=0, epochs=1), model, tok)
+    generator, _, history = train(_cfg(tmp_path, bank_size=4, rank=0, epochs=1, consistency_weight=1.0), model, tok)
     assert generator.expansion.up is None and generator.expansion.bank.abs().sum() > 0
     assert load_generator(tmp_path / "run" / "generator", target=model).config.bank_size == 4
     config = tmp_path / "recipe.json"
@@ -62,6 +63,21 @@ def test_bank_recipe_trains_and_eval_config_overrides_the_preset(tmp_path):
     config.write_text(json.dumps({"bank": 8}))
     with pytest.raises(ValueError, match=r"unknown TrainConfig fields \['bank'\]"):
         recipe(Namespace(preset="strong", config=str(config)))
+
+
+def test_task_consistency_pulls_vectors_toward_their_task_mean_and_ignores_negatives():
+    from atv_core.tools.train import Item, TaskConsistency
+    items = [Item("p", "t", "a"), Item("p", "t", "a"), Item("p", "t", "b"), Item("p", "t", "neg", gate_label=0.0)]
+    reg = TaskConsistency(2.0)
+    same = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 3.0], [50.0, 50.0]]).view(4, 1, 2)
+    assert reg(items, same).item() == 0.0                           # each task at its mean; the negative is ignored
+    assert torch.equal(reg.means["a"], torch.tensor([1.0, 0.0])) and "neg" not in reg.means
+    spread = torch.tensor([[2.0, 0.0], [0.0, 0.0], [0.0, 3.0], [0.0, 0.0]], requires_grad=True)
+    loss = reg(items, spread.view(4, 1, 2))                          # task a: |(1,0)|^2 / (4 + 1), |(-1,0)|^2 / (0 + 1)
+    torch.testing.assert_close(loss, torch.tensor(2.0 * (1 / 5 + 1 / 1 + 0) / 3))
+    loss.backward()
+    assert spread.grad[3].abs().sum() == 0 and spread.grad[0, 0] > 0 and spread.grad[1, 0] < 0
+    torch.testing.assert_close(reg.means["a"], torch.tensor([1.0, 0.0]))   # running mean: 0.9 (1,0) + 0.1 (1,0)
 
 
 def test_shared_vector_control_trains_one_vector(tmp_path):

@@ -47,6 +47,7 @@ class TrainConfig:
     rank: int | None = 64                       # None: full rank; 0: no direct expansion (bank only)
     bank_size: int = 0                          # K learned task vectors mixed per query (0: none)
     bank_temperature: float = 0.1               # softmax temperature of the bank's router
+    consistency_weight: float = 0.0             # pull each task item's vector toward its task's running mean
     scale: float = 1.0
     layers: tuple[int, ...] | None = None
     position: str = "all"
@@ -314,12 +315,45 @@ def make_vectors_fn(generator: ATVGenerator, shared: SharedVector | None):
     return vectors
 
 
-def item_loss(model, tokenizer, chunk: list[Item], vectors_fn, layers, policy, device, gate_weight: float):
-    """Answer CE with the items' vectors injected, plus the learned gate's BCE (task 1, negative 0)."""
+class TaskConsistency:
+    """A training-only regulariser: weight x the mean over the batch's task items (negatives excluded) of
+
+        |v_i - m_t|^2 / (|v_i|^2 + |m_t|^2)        (norms over all layers; the denominator is not differentiated)
+
+    where m_t is a running mean (momentum 0.9, no gradient) of task t's vectors. Measured motivation: the mean of
+    the generator's own vectors per task scored 4.4 points above the per-query vectors on seen tasks (3 seeds),
+    so the per-query spread within a task cost accuracy. Serving is unchanged: the generator still reads only
+    the query (and demonstrations); the task name is used at training time only."""
+
+    def __init__(self, weight: float, momentum: float = 0.9):
+        self.weight, self.momentum = weight, momentum
+        self.means: dict[str, torch.Tensor] = {}
+
+    def __call__(self, items: list[Item], vectors: torch.Tensor) -> torch.Tensor:
+        flat = vectors.flatten(1)                                                     # [B, L_sel * d]
+        terms = []
+        for task in dict.fromkeys(x.task for x in items if x.gate_label == 1.0):
+            rows = flat[[i for i, x in enumerate(items) if x.task == task and x.gate_label == 1.0]]
+            batch_mean = rows.mean(0).detach()
+            mean = self.means.get(task, batch_mean)
+            scale = rows.detach().pow(2).sum(1) + mean.pow(2).sum() + 1e-6
+            terms.append((rows - mean).pow(2).sum(1) / scale)
+            self.means[task] = self.momentum * mean + (1 - self.momentum) * batch_mean
+        if not terms:
+            return flat.new_zeros(())
+        return self.weight * torch.cat(terms).mean()
+
+
+def item_loss(model, tokenizer, chunk: list[Item], vectors_fn, layers, policy, device, gate_weight: float,
+              regulariser=None):
+    """Answer CE with the items' vectors injected, plus the learned gate's BCE (task 1, negative 0), plus
+    regulariser(chunk, vectors) when given (training only: validation losses stay comparable across recipes)."""
     batch = encode(tokenizer, [x.prompt for x in chunk], [x.target for x in chunk], device)
     slots = sequence_slots(batch["prompt_lens"], batch["total_lens"], policy, batch["ids"].shape[1]).to(device)
     vectors, logits = vectors_fn(chunk)
     loss = answer_loss(model, batch, make_table(vectors), slots, layers)
+    if regulariser is not None:
+        loss = loss + regulariser(chunk, vectors)
     if logits is not None and gate_weight:
         labels = torch.tensor([x.gate_label for x in chunk], device=logits.device)
         loss = loss + gate_weight * nn.functional.binary_cross_entropy_with_logits(logits, labels)
@@ -403,6 +437,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> tuple[ATVGenerator, S
     vectors_fn = make_vectors_fn(generator, shared)
     layers, policy = generator.config.selected_layers, generator.config.position
     gate_weight = cfg.gate_loss_weight if cfg.gate == "learned" else 0.0
+    regulariser = TaskConsistency(cfg.consistency_weight) if cfg.consistency_weight and shared is None else None
     state_path, start_epoch, best, history, stale = out / "train_state.pt", 0, float("inf"), [], 0
     if state_path.exists():  # resume (tensors only; weights_only refuses arbitrary pickles)
         state = torch.load(state_path, weights_only=True)
@@ -424,7 +459,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> tuple[ATVGenerator, S
         for step in bar:
             chunk = train_items[step * cfg.batch_size: (step + 1) * cfg.batch_size]
             with autocast:
-                loss = item_loss(model, tokenizer, chunk, vectors_fn, layers, policy, device, gate_weight)
+                loss = item_loss(model, tokenizer, chunk, vectors_fn, layers, policy, device, gate_weight, regulariser)
             (loss / cfg.grad_accum).backward()
             if (step + 1) % cfg.grad_accum == 0 or step + 1 == steps_per_epoch:
                 optimizer.step()
