@@ -71,13 +71,13 @@ def test_task_consistency_pulls_vectors_toward_their_task_mean_and_ignores_negat
     reg = TaskConsistency(2.0)
     same = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 3.0], [50.0, 50.0]]).view(4, 1, 2)
     assert reg(items, same).item() == 0.0                           # each task at its mean; the negative is ignored
-    assert torch.equal(reg.means["a"], torch.tensor([1.0, 0.0])) and "neg" not in reg.means
+    assert torch.equal(reg.means["a"], torch.tensor([[1.0, 0.0]])) and "neg" not in reg.means
     spread = torch.tensor([[2.0, 0.0], [0.0, 0.0], [0.0, 3.0], [0.0, 0.0]], requires_grad=True)
-    loss = reg(items, spread.view(4, 1, 2))                          # task a: |(1,0)|^2 / (4 + 1), |(-1,0)|^2 / (0 + 1)
-    torch.testing.assert_close(loss, torch.tensor(2.0 * (1 / 5 + 1 / 1 + 0) / 3))
+    loss = reg(items, spread.view(4, 1, 2))                          # task a: |(1,0)|^2 and |(-1,0)|^2; b: 0
+    torch.testing.assert_close(loss, torch.tensor(2.0 * (1 + 1 + 0) / 3))
     loss.backward()
     assert spread.grad[3].abs().sum() == 0 and spread.grad[0, 0] > 0 and spread.grad[1, 0] < 0
-    torch.testing.assert_close(reg.means["a"], torch.tensor([1.0, 0.0]))   # running mean: 0.9 (1,0) + 0.1 (1,0)
+    torch.testing.assert_close(reg.means["a"], torch.tensor([[1.0, 0.0]]))   # running mean: 0.9 (1,0) + 0.1 (1,0)
 
 
 def test_shared_vector_control_trains_one_vector(tmp_path):

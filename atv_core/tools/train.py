@@ -318,29 +318,28 @@ def make_vectors_fn(generator: ATVGenerator, shared: SharedVector | None):
 class TaskConsistency:
     """A training-only regulariser: weight x the mean over the batch's task items (negatives excluded) of
 
-        |v_i - m_t|^2 / (|v_i|^2 + |m_t|^2)        (norms over all layers; the denominator is not differentiated)
+        sum over layers |v_i[l] - m_t[l]|^2 / L_sel
 
     where m_t is a running mean (momentum 0.9, no gradient) of task t's vectors. Measured motivation: the mean of
     the generator's own vectors per task scored 4.4 points above the per-query vectors on seen tasks (3 seeds),
-    so the per-query spread within a task cost accuracy. Serving is unchanged: the generator still reads only
-    the query (and demonstrations); the task name is used at training time only."""
+    so the per-query spread within a task cost accuracy (for the shipped generator on training prompts, 2.3 per
+    layer). Serving is unchanged: the generator reads only the query (and demonstrations); the task name is used
+    in training only. (A version relative to |v|^2 + |m|^2 blew up: at the start every vector is zero.)"""
 
     def __init__(self, weight: float, momentum: float = 0.9):
         self.weight, self.momentum = weight, momentum
         self.means: dict[str, torch.Tensor] = {}
 
     def __call__(self, items: list[Item], vectors: torch.Tensor) -> torch.Tensor:
-        flat = vectors.flatten(1)                                                     # [B, L_sel * d]
         terms = []
         for task in dict.fromkeys(x.task for x in items if x.gate_label == 1.0):
-            rows = flat[[i for i, x in enumerate(items) if x.task == task and x.gate_label == 1.0]]
+            rows = vectors[[i for i, x in enumerate(items) if x.task == task and x.gate_label == 1.0]]   # [n, L, d]
             batch_mean = rows.mean(0).detach()
             mean = self.means.get(task, batch_mean)
-            scale = rows.detach().pow(2).sum(1) + mean.pow(2).sum() + 1e-6
-            terms.append((rows - mean).pow(2).sum(1) / scale)
+            terms.append((rows - mean).pow(2).sum((1, 2)) / rows.shape[1])
             self.means[task] = self.momentum * mean + (1 - self.momentum) * batch_mean
         if not terms:
-            return flat.new_zeros(())
+            return vectors.new_zeros(())
         return self.weight * torch.cat(terms).mean()
 
 
