@@ -65,6 +65,26 @@ def test_bank_recipe_trains_and_eval_config_overrides_the_preset(tmp_path):
         recipe(Namespace(preset="strong", config=str(config)))
 
 
+def test_bank_init_starts_the_bank_at_a_static_runs_task_vectors(tmp_path):
+    from atv_core.tools.train import build_generator, init_bank
+    model, tok = make_model("llama"), make_tokenizer()
+    train(_cfg(tmp_path, static=True, gate="none", epochs=1), model, tok)        # antonym, next_number
+    static = tmp_path / "run" / "task_vectors.safetensors"
+    generator = build_generator(_cfg(tmp_path, bank_size=2), model, "cpu")
+    init_bank(generator, str(static), ["next_number", "antonym"])
+    from atv_core.tools.train import load_task_vectors
+    saved = load_task_vectors(static)
+    assert torch.equal(generator.expansion.bank[0].view(3, 32), saved["next_number"])
+    with pytest.raises(ValueError, match=r"no vector for the trained tasks \['synonym'\]"):
+        init_bank(generator, str(static), ["antonym", "synonym"])
+    with pytest.raises(ValueError, match=r"bank_size = the number of trained tasks \(1\), got 2"):
+        init_bank(generator, str(static), ["antonym"])
+    # through train(): bank_size follows the task count, and the bank moved on from its start
+    generator, _, _ = train(_cfg(tmp_path, bank_init=str(static), epochs=1, out=str(tmp_path / "b")), model, tok)
+    assert generator.config.bank_size == 2 and generator.config.recipe["bank_init"] == str(static)
+    assert not torch.equal(generator.expansion.bank[0].view(3, 32), saved["antonym"])
+
+
 def test_task_consistency_pulls_vectors_toward_their_task_mean_and_ignores_negatives():
     from atv_core.tools.train import Item, TaskConsistency
     items = [Item("p", "t", "a"), Item("p", "t", "a"), Item("p", "t", "b"), Item("p", "t", "neg", gate_label=0.0)]

@@ -47,6 +47,8 @@ class TrainConfig:
     rank: int | None = 64                       # None: full rank; 0: no direct expansion (bank only)
     bank_size: int = 0                          # K learned task vectors mixed per query (0: none)
     bank_temperature: float = 0.1               # softmax temperature of the bank's router
+    bank_init: str | None = None                # task_vectors.safetensors of `atv train --static`: the bank starts
+                                                # as the trained tasks' vectors (bank_size = number of tasks)
     consistency_weight: float = 0.0             # pull each task item's vector toward its task's running mean
     scale: float = 1.0
     layers: tuple[int, ...] | None = None
@@ -384,6 +386,21 @@ def build_generator(cfg: TrainConfig, model, device) -> ATVGenerator:
     return ATVGenerator(gcfg, backbone, tokenizer).to(device)
 
 
+def init_bank(generator: ATVGenerator, path: str, names: list[str]) -> None:
+    """Start the bank as the per-task vectors of a static run (row i = task names[i]; trained tasks only)."""
+    vectors = load_task_vectors(path)
+    missing = [n for n in names if n not in vectors]
+    if missing:
+        raise ValueError(f"bank_init {path} has no vector for the trained tasks {missing}; train it with "
+                         f"`atv train --static` on the same tasks")
+    bank = generator.expansion.bank
+    if bank is None or bank.shape[0] != len(names):
+        raise ValueError(f"bank_init needs bank_size = the number of trained tasks ({len(names)}), got "
+                         f"{0 if bank is None else bank.shape[0]}")
+    with torch.no_grad():
+        bank.copy_(torch.stack([vectors[n] for n in names]).flatten(1).to(bank) / generator.config.scale)
+
+
 def select_tasks(cfg: TrainConfig) -> list[Task]:
     """cfg.tasks names suite tasks; None = every seen task; () = none (only cfg.task_files)."""
     tasks = load_suite(names=cfg.tasks) if cfg.tasks else load_suite(seen=True) if cfg.tasks is None else []
@@ -421,9 +438,13 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> tuple[ATVGenerator, S
     if model is None:
         model, tokenizer = load_target(cfg.target, cfg.device, "float32")
     model.requires_grad_(False).eval()
-    generator = build_generator(cfg, model, device)
-    n_layers, d = len(generator.config.selected_layers), generator.config.target_hidden
     tasks = select_tasks(cfg)
+    if cfg.bank_init and not cfg.bank_size:
+        cfg = replace(cfg, bank_size=len(tasks))
+    generator = build_generator(cfg, model, device)
+    if cfg.bank_init and not (cfg.shared or cfg.static):
+        init_bank(generator, cfg.bank_init, [t.name for t in tasks])
+    n_layers, d = len(generator.config.selected_layers), generator.config.target_hidden
     shared = TaskVectors(n_layers, d, [t.name for t in tasks]).to(device) if cfg.static else \
         SharedVector(n_layers, d).to(device) if cfg.shared else None
     opt_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
@@ -562,7 +583,8 @@ def cli(argv: list[str]) -> int:
             value = tuple(value)
         elif isinstance(default, bool) or isinstance(value, bool):
             value = bool(value)
-        elif name in ("rank", "max_per_task", "patience", "negatives", "backbone_layers") and str(value).lower() == "none":
+        elif name in ("rank", "max_per_task", "patience", "negatives", "backbone_layers", "bank_init") and \
+                str(value).lower() == "none":
             value = None
         elif isinstance(default, int) or name in ("rank", "max_per_task", "patience", "backbone_layers"):
             value = int(value)
