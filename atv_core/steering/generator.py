@@ -145,8 +145,9 @@ class Expansion(nn.Module):
             output stays near what the vectors hold (a fixed per-task vector is a one-hot mixture), so the query
             picks and blends vectors rather than writing each one. The router starts random, which is what makes
             the K vectors (all zero at first) receive different gradients; the temperature t (0.1) makes that
-            start selective and lets the router sharpen ten times faster than its weights move (with t = 1 the
-            first epoch's validation loss was 1.35 against the low-rank head's 0.97).
+            start selective. Measured with the strong recipe, seed 0, bank only (K 32, rank 0): validation loss
+            after one epoch 1.35 at t = 1 and 1.41 at t = 0.1, against 0.95 for the low-rank head, and 1.20
+            after two (0.90): it learns far slower, and is not the shipped head (README, Method quality).
     """
 
     def __init__(self, d_s: int, n_layers: int, d: int, rank: int | None, bank_size: int = 0,
