@@ -25,14 +25,13 @@ from atv_core.tools.tasks import load_suite
 from atv_core.tools.train import chat_prompt, default_negatives, read_prompts, training_items, with_examples
 
 
-def inputs(teacher: ATVGenerator, split: str, seed: int) -> list[str]:
+def inputs(teacher: ATVGenerator, target_tokenizer, split: str, seed: int) -> list[str]:
     recipe = teacher.config.recipe
     tasks = load_suite(names=recipe["tasks"]) if recipe.get("tasks") else load_suite(seen=True)
     items = training_items(tasks, split, seed, recipe.get("max_per_task") if split == "train" else None)
     items = with_examples(items, tasks, teacher, recipe.get("examples_k", 0), recipe.get("examples_prob", 0.5), seed,
                           recipe.get("examples_plain_prob", 0.5))
     rows = [r for i, r in enumerate(read_prompts(default_negatives())) if (i % 5 == 4) == (split == "valid")]
-    target_tokenizer = load_tokenizer(teacher.config.target)      # negatives carry the target's chat template
     return [x.gen_input for x in items] + [chat_prompt(target_tokenizer, r["prompt"]) for r in rows]
 
 
@@ -41,10 +40,13 @@ def heads(generator: ATVGenerator, texts: list[str]) -> tuple[torch.Tensor, torc
     return generator.expansion(pooled), generator.gate_head.logits(pooled)
 
 
-def loss_of(student, texts, target_v, target_g) -> torch.Tensor:
-    v, g = heads(student, texts)
-    return ((v - target_v).pow(2).sum((1, 2)) / target_v.pow(2).sum((1, 2)).clamp(min=1e-6)).mean() + \
-        (g - target_g).pow(2).mean()
+def relative_error(v, target_v) -> torch.Tensor:
+    """Mean over inputs of |v - v_t|^2 / |v_t|^2."""
+    return ((v - target_v).pow(2).sum((1, 2)) / target_v.pow(2).sum((1, 2)).clamp(min=1e-6)).mean()
+
+
+def loss_of(v, g, target_v, target_g) -> torch.Tensor:
+    return relative_error(v, target_v) + (g - target_g).pow(2).mean()
 
 
 def main(argv=None) -> None:
@@ -69,7 +71,9 @@ def main(argv=None) -> None:
     student.gate_head.load_state_dict(teacher.gate_head.state_dict())
     student.expansion.requires_grad_(False)
     student.gate_head.requires_grad_(False)
-    train, valid = inputs(teacher, "train", args.seed), inputs(teacher, "valid", args.seed + 1)
+    target_tokenizer = load_tokenizer(teacher.config.target)      # negatives carry the target's chat template
+    train = inputs(teacher, target_tokenizer, "train", args.seed)
+    valid = inputs(teacher, target_tokenizer, "valid", args.seed + 1)
     with torch.no_grad():
         tv, tg = heads(teacher, train)
         vv, vg = heads(teacher, valid)
@@ -82,16 +86,14 @@ def main(argv=None) -> None:
         random.Random(args.seed * 1000 + epoch).shuffle(order)
         for i in range(0, len(order), args.batch_size):
             idx = order[i: i + args.batch_size]
-            loss = loss_of(student, [train[j] for j in idx], tv[idx], tg[idx])
+            loss = loss_of(*heads(student, [train[j] for j in idx]), tv[idx], tg[idx])
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         student.eval()
         with torch.no_grad():
-            valid_loss = loss_of(student, valid, vv, vg).item()
-        with torch.no_grad():
             v, g = heads(student, valid)
-        rel = ((v - vv).pow(2).sum((1, 2)) / vv.pow(2).sum((1, 2))).mean().item()
+        valid_loss, rel = loss_of(v, g, vv, vg).item(), relative_error(v, vv).item()
         agree = ((g > 0) == (vg > 0)).float().mean().item()
         print(f"epoch {epoch + 1}: valid {valid_loss:.4f} (relative vector error {rel:.4f}, gate side agrees on "
               f"{100 * agree:.1f} %) ({time.perf_counter() - t0:.0f} s)", flush=True)

@@ -121,10 +121,10 @@ def record_logits(engine) -> dict[str, list]:
 
 
 def kv_budget(model, blocks: int, block_size: int = 4) -> int:
-    """kv_cache_bytes holding exactly `blocks` blocks of this model's KV."""
-    from atv_core.engine.llm_engine import EngineConfig, LLMEngine
-    engine = LLMEngine(model, make_tokenizer(), None, EngineConfig(max_running=1))
-    return blocks * block_size * engine.runner.layout.bytes_per_token
+    """kv_cache_bytes holding exactly `blocks` blocks of this model's KV (its layout read by the engine's probe)."""
+    from atv_core.engine.attention import probe_layout, register
+    register()
+    return blocks * block_size * probe_layout(model).bytes_per_token
 
 
 def drain(engine) -> None:
