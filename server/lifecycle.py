@@ -40,7 +40,8 @@ def load_engine(settings: Settings):
                           kv_cache_fraction=settings.kv_cache_fraction, long_prompt_tokens=settings.long_prompt_tokens,
                           long_prefill_chunk=settings.long_prefill_chunk,
                           enable_prefix_caching=settings.enable_prefix_caching,
-                          generator_worker=settings.generator_worker, generator_threads=settings.generator_threads)
+                          generator_worker=settings.generator_worker, generator_threads=settings.generator_threads,
+                          cpu_decode_kernel=settings.cpu_decode_kernel)
     engine = build_engine(settings.model, settings.generator, device=settings.device, dtype=settings.dtype,
                           device_map=settings.device_map, config=config, vectors=settings.vectors)
     return AsyncEngine(engine).start()

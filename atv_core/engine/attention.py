@@ -19,6 +19,9 @@ a mask; one that is decodes of equal length runs without a mask. Padding never r
 padded keys repeat their request's first slot and padded queries repeat the chunk's last query; both are
 masked or dropped.
 
+Decodes in fp32 on CPU skip the gather where the C++ kernel (cpu_kernel.py, csrc/paged_decode.cpp) is built:
+it reads each request's keys and values in place through the same slots (Bucket.attend_kernel).
+
 Everything that depends on the step (slots, bucket indices) is built once on the host by `plan_step`
 before the forward; the per-layer work is tensor code only. This module knows nothing of requests,
 scheduling or steering.
@@ -81,9 +84,12 @@ class Bucket:
         return self.masks[window]
 
     def attend(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, window: int,
-               scaling: float | None) -> torch.Tensor:
-        """q [N, H, D], pools [S, H_kv, D] -> outputs of this bucket's real queries [n, H, D]."""
+               scaling: float | None, kernel=None) -> torch.Tensor:
+        """q [N, H, D], pools [S, H_kv, D] -> outputs of this bucket's real queries [n, H, D]. `kernel`: the
+        compiled CPU decode kernel (cpu_kernel.py) or None."""
         if self.q_index.shape[1] == 1 and q.device.type == "cpu" and q.dtype == torch.float32:
+            if kernel is not None:
+                return self.attend_kernel(kernel, q, k_pool, v_pool, window, scaling)
             return self.attend_decodes(q, k_pool, v_pool, window, scaling)
         query = _gather(q, self.q_index).transpose(1, 2)                                # [B_b, H, Q_b, D]
         key = _gather(k_pool, self.kv_slot).transpose(1, 2)                             # [B_b, H_kv, K_b, D]
@@ -116,6 +122,18 @@ class Bucket:
         if bias is not None:
             scores.view(batch, heads_kv, -1, scores.shape[-1]).add_(bias.unsqueeze(1))
         return torch.bmm(scores.softmax(-1), values).view(batch, -1, head_dim)          # [B_b, H, D]
+
+    def attend_kernel(self, kernel, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, window: int,
+                      scaling: float | None) -> torch.Tensor:
+        """One query per request, fp32 on CPU, through the C++ kernel (csrc/paged_decode.cpp): keys and values
+        read in place from the pools via kv_slot, keys 0 .. q_pos (the last `window` of them on sliding-window
+        layers) -> [B_b, H, D]. Same mask and softmax as attend_decodes, without the gathered copies."""
+        if "kernel" not in self.masks:
+            self.masks["kernel"] = (self.q_index[:, 0].contiguous(), (self.q_pos[:, 0] + 1).contiguous())
+        rows, lengths = self.masks["kernel"]
+        scale = q.shape[-1] ** -0.5 if scaling is None else scaling
+        return kernel.decode_attention(q if q.stride(-1) == 1 else q.contiguous(), k_pool, v_pool, rows,
+                                       self.kv_slot, lengths, scale, window)
 
     def head_rows(self, heads_kv: int) -> torch.Tensor:
         """Row of each (request, K/V head, key) in a pool viewed as [S * H_kv, D], request-major (cached)."""
@@ -153,6 +171,7 @@ class StepPlan:
     cache: PagedKVCache
     slot_mapping: torch.Tensor        # [N] pool slot each new token's K/V goes to
     buckets: list[Bucket]
+    kernel: object = None             # the compiled CPU decode kernel (cpu_kernel.load()), or None: torch only
     elsewhere: dict = field(default_factory=dict)   # device -> (slot_mapping, buckets) for layers on other devices
 
     def on(self, device: torch.device) -> tuple[torch.Tensor, list[Bucket]]:
@@ -163,8 +182,9 @@ class StepPlan:
         return self.elsewhere[device]
 
 
-def plan_step(segments: Sequence[Segment], cache: PagedKVCache, device: torch.device) -> StepPlan:
-    """Host-side preparation of one step: slot mapping and attention buckets, moved to `device` once."""
+def plan_step(segments: Sequence[Segment], cache: PagedKVCache, device: torch.device, kernel=None) -> StepPlan:
+    """Host-side preparation of one step: slot mapping and attention buckets, moved to `device` once.
+    `kernel`: the CPU decode kernel to attend decodes with (None: the torch path)."""
     size = cache.block_size
     slots = [_slots(seg.block_table, torch.arange(seg.start, seg.keys), size) for seg in segments]
     groups: dict[tuple[int, int], list[tuple[int, Segment]]] = {}
@@ -173,7 +193,7 @@ def plan_step(segments: Sequence[Segment], cache: PagedKVCache, device: torch.de
         groups.setdefault(_bucket_key(seg), []).append((first, seg))
         first += seg.length
     buckets = [_bucket(members, size).to(device) for members in groups.values()]
-    return StepPlan(cache, torch.cat(slots).to(device), buckets)
+    return StepPlan(cache, torch.cat(slots).to(device), buckets, kernel)
 
 
 def _bucket_key(seg: Segment) -> tuple[int, int]:
@@ -227,7 +247,7 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     out = q.new_empty(q.shape)
     window = getattr(module, "sliding_window", None) or 0
     for bucket in buckets:
-        out.index_copy_(0, bucket.out_index, bucket.attend(q, k_pool, v_pool, window, scaling))
+        out.index_copy_(0, bucket.out_index, bucket.attend(q, k_pool, v_pool, window, scaling, plan.kernel))
     return out.unsqueeze(0), None
 
 

@@ -71,6 +71,7 @@ class EngineConfig:
     generator_worker: bool | None = None  # the generator on its own thread beside the steps (False: in the
                                           # step); default: True on accelerators, False on CPU (see above)
     generator_threads: int = 1          # torch intra-op threads of that thread (vector_worker.py's sizing note)
+    cpu_decode_kernel: bool = True      # fp32 on CPU: decode attention by the C++ kernel (cpu_kernel.py) where it builds
 
     def __post_init__(self):
         if not 0 < self.kv_cache_fraction <= 1:
@@ -111,7 +112,7 @@ class LLMEngine:
         budget = config.kv_cache_bytes or default_budget(device, config.kv_cache_fraction)
         self.runner = ModelRunner(model, config.max_running, gen_cfg.selected_layers if gen_cfg else None,
                                   gen_cfg.position if gen_cfg else "all", block_size=config.block_size,
-                                  kv_budget_bytes=budget)
+                                  kv_budget_bytes=budget, cpu_decode_kernel=config.cpu_decode_kernel)
         self.scheduler = Scheduler(_scheduler_config(config, device, self.runner.cache.max_blocks,
                                                      self.runner.position))
         log.info("KV cache: budget %.1f MiB = %d blocks of %d tokens (%d bytes per token); step budget %d tokens",

@@ -23,6 +23,7 @@ from typing import Sequence
 
 import torch
 
+from atv_core.engine import cpu_kernel
 from atv_core.engine.attention import Segment, paged_step, plan_step, probe_layout, register
 from atv_core.engine.kv_cache import KVLayout, PagedKVCache
 from atv_core.engine.request import Request
@@ -34,7 +35,7 @@ from atv_core.steering.layers import find_decoder_layers
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, max_slots: int, steer_layers: Sequence[int] | None = None,
                  position: str = "all", layers_path: str | None = None, block_size: int = 16,
-                 kv_budget_bytes: int = 1 << 30):
+                 kv_budget_bytes: int = 1 << 30, cpu_decode_kernel: bool = True):
         if position not in POSITION_POLICIES:
             raise ValueError(f"position policy must be one of {POSITION_POLICIES}, got {position!r}")
         register()
@@ -52,6 +53,8 @@ class ModelRunner:
         hidden = model.config.hidden_size
         self.table = torch.zeros(len(self.steer_layers), max_slots + 1, hidden, device=self.device, dtype=self.dtype)
         self.free_slots = list(range(max_slots, 0, -1))
+        cpu_fp32 = self.device.type == "cpu" and self.dtype == torch.float32
+        self.kernel = cpu_kernel.load() if cpu_decode_kernel and cpu_fp32 else None   # decode attention (attention.py)
 
     @property
     def rows(self) -> list[Request]:
@@ -101,7 +104,7 @@ class ModelRunner:
             first += chunk.length
         self.cache.reserve(1 + max(max(c.request.block_table) for c in chunks))
         segments = [Segment(c.start, c.length, c.request.block_table) for c in chunks]
-        plan = plan_step(segments, self.cache, self.device)
+        plan = plan_step(segments, self.cache, self.device, self.kernel)
         ids = torch.tensor(ids, dtype=torch.long).view(1, -1)
         logits = self._forward(ids, torch.cat(positions).view(1, -1), torch.cat(slots).view(1, -1), plan,
                                torch.tensor(keep, dtype=torch.long))                   # [K, V]

@@ -1,0 +1,88 @@
+// Decode attention straight from the paged KV pools (CPU, fp32): one query token per request, its keys and
+// values read in place through its slots, no gathered copy. Built on first use by cpu_kernel.py.
+//
+//   q [N, H, D] (last dim contiguous), k_pool / v_pool [S, H_kv, D] contiguous, q_row [B] (row of each
+//   request's query in q), slots [B, K] (pool slot of each key position), lengths [B] (keys the request
+//   sees: 0 .. lengths[b] - 1; the rest of its row is padding), window (0: none; else the last `window`
+//   keys only)  ->  out [B, H, D] = softmax(q k^T * scale) v per (request, head), GQA: head h reads K/V
+//   head h / (H / H_kv).
+// Same arithmetic as attention.py's torch path (max-subtracted softmax in fp32); summation order differs,
+// so results agree to float rounding, not bit for bit. Work is split over (request, K/V head) pairs with
+// ATen's parallel_for (torch's own OpenMP threads).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <vector>
+
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_pool, const torch::Tensor& v_pool,
+                               const torch::Tensor& q_row, const torch::Tensor& slots, const torch::Tensor& lengths,
+                               double scale, int64_t window) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == torch::kFloat && q.stride(2) == 1, "q must be fp32 [N, H, D], last dim contiguous");
+  TORCH_CHECK(k_pool.is_contiguous() && v_pool.is_contiguous() && k_pool.scalar_type() == torch::kFloat &&
+              v_pool.scalar_type() == torch::kFloat && k_pool.sizes() == v_pool.sizes(), "pools must be contiguous fp32 [S, H_kv, D]");
+  TORCH_CHECK(slots.is_contiguous() && q_row.is_contiguous() && lengths.is_contiguous() &&
+              slots.scalar_type() == torch::kLong && q_row.scalar_type() == torch::kLong &&
+              lengths.scalar_type() == torch::kLong, "q_row, slots and lengths must be contiguous int64");
+  const int64_t B = slots.size(0), K = slots.size(1), H = q.size(1), D = q.size(2), Hkv = k_pool.size(1);
+  TORCH_CHECK(k_pool.size(2) == D && H % Hkv == 0 && q_row.size(0) == B && lengths.size(0) == B, "shape mismatch");
+  const int64_t G = H / Hkv, row = Hkv * D, qs0 = q.stride(0), qs1 = q.stride(1);
+  auto out = torch::empty({B, H, D}, q.options().memory_format(torch::MemoryFormat::Contiguous));
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k_pool.data_ptr<float>();
+  const float* vp = v_pool.data_ptr<float>();
+  const int64_t* rp = q_row.data_ptr<int64_t>();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t* lp = lengths.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  const float fscale = static_cast<float>(scale);
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(G * K);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / Hkv, h = task % Hkv;
+      const int64_t len = std::min(lp[b], K);
+      const int64_t lo = (window > 0 && len > window) ? len - window : 0;
+      float* ob = op + (b * H + h * G) * D;
+      for (int64_t i = 0; i < G * D; ++i) ob[i] = 0.f;
+      if (len <= lo) continue;                                    // no keys: zeros (never for a real decode)
+      const float* qb = qp + rp[b] * qs0 + h * G * qs1;
+      const int64_t* sb = sp + b * K;
+      for (int64_t j = lo; j < len; ++j) {                      // scores: each key row read once for G queries
+        const float* kr = kp + sb[j] * row + h * D;
+        for (int64_t g = 0; g < G; ++g) {
+          const float* qg = qb + g * qs1;
+          float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+          for (int64_t d = 0; d < D; ++d) acc += qg[d] * kr[d];
+          scores[g * K + j] = acc * fscale;
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {                         // softmax over lo .. len - 1
+        float* s = scores.data() + g * K;
+        float m = -INFINITY;
+        for (int64_t j = lo; j < len; ++j) m = s[j] > m ? s[j] : m;
+        float sum = 0.f;
+        for (int64_t j = lo; j < len; ++j) {
+          s[j] = std::exp(s[j] - m);
+          sum += s[j];
+        }
+        const float inv = 1.f / sum;
+        for (int64_t j = lo; j < len; ++j) s[j] *= inv;
+      }
+      for (int64_t j = lo; j < len; ++j) {                      // weighted sum: each value row read once
+        const float* vr = vp + sb[j] * row + h * D;
+        for (int64_t g = 0; g < G; ++g) {
+          const float p = scores[g * K + j];
+          float* og = ob + g * D;
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) og[d] += p * vr[d];
+        }
+      }
+    }
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("decode_attention", &decode_attention, "paged decode attention (CPU, fp32)");
+}

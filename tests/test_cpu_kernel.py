@@ -1,0 +1,112 @@
+"""The C++ decode-attention kernel (atv_core/engine/cpu_kernel.py): the same outputs as the torch path on
+padded buckets, grouped-query and sliding-window layers, and the same tokens through the engine; the engine
+keeps the torch path when the kernel cannot be built. Needs g++ (the kernel is compiled on first use)."""
+import logging
+import random
+import shutil
+
+import pytest
+import torch
+
+from atv_core.engine import cpu_kernel
+from atv_core.engine.attention import Segment, plan_step
+from atv_core.engine.kv_cache import KVLayout, LayerKV, PagedKVCache
+from atv_core.engine.llm_engine import EngineConfig, LLMEngine
+from atv_core.engine.request import Request, SamplingParams, SteeringSpec
+from tests.tiny import drain, make_model, make_tokenizer, record_logits
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler: the engine uses the torch path")
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    module = cpu_kernel.load()
+    assert module is not None, "g++ is installed but the kernel did not build: see the log"
+    return module
+
+
+@pytest.mark.parametrize("heads,heads_kv,window", [(6, 2, 0), (4, 4, 0), (6, 3, 5), (8, 2, 40)])
+def test_kernel_equals_the_torch_decode_path(kernel, heads, heads_kv, window):
+    torch.manual_seed(0)
+    rng = random.Random(heads + window)
+    size, dim = 4, 16
+    cache = PagedKVCache(KVLayout({0: LayerKV(heads_kv, dim, torch.float32, torch.device("cpu"))}), size, 200)
+    cache.reserve(200)
+    k_pool, v_pool = cache.pools(0)
+    k_pool.normal_(), v_pool.normal_()
+    blocks = list(range(200))
+    rng.shuffle(blocks)                                          # blocks out of order, like a busy pool
+    segments, used = [], 0
+    for keys in [1, 2, 7, 33, 60, 64, 65, 100, 130, 190]:       # several buckets, padded inside each
+        need = -(-keys // size)
+        segments.append(Segment(keys - 1, 1, blocks[used:used + need]))
+        used += need
+    plan = plan_step(segments, cache, torch.device("cpu"))
+    q = torch.randn(len(segments), heads, dim)
+    assert len(plan.buckets) > 1 and any(b.kv_slot.shape[0] > 1 for b in plan.buckets)
+    for bucket in plan.buckets:
+        want = bucket.attend_decodes(q, k_pool, v_pool, window, None)
+        got = bucket.attend_kernel(kernel, q, k_pool, v_pool, window, None)
+        torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)           # summation order only
+        scaled = bucket.attend_kernel(kernel, q, k_pool, v_pool, window, 0.3)
+        torch.testing.assert_close(scaled, bucket.attend_decodes(q, k_pool, v_pool, window, 0.3), atol=2e-6, rtol=1e-5)
+
+
+def test_kernel_window_reads_only_the_last_keys(kernel):
+    """A key outside the window (or past the request's length) changes nothing, however large."""
+    cache = PagedKVCache(KVLayout({0: LayerKV(1, 8, torch.float32, torch.device("cpu"))}), 4, 8)
+    cache.reserve(8)
+    k_pool, v_pool = cache.pools(0)
+    k_pool.normal_(), v_pool.normal_()
+    plan = plan_step([Segment(9, 1, [0, 1, 2]), Segment(3, 1, [5])], cache, torch.device("cpu"))
+    q = torch.randn(2, 1, 8)
+    before = [b.attend_kernel(kernel, q, k_pool, v_pool, 4, None) for b in plan.buckets]
+    for hidden in (slice(0, 6), slice(10, 12)):   # the first request's keys 0-5 (window 4 of 10), its padding
+        k_pool[hidden] += 1e3
+        v_pool[hidden] = 1e3
+    after = [b.attend_kernel(kernel, q, k_pool, v_pool, 4, None) for b in plan.buckets]
+    for a, b in zip(before, after):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_engine_tokens_and_logits_with_and_without_the_kernel(kernel, arch):
+    model = make_model(arch)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    outputs = {}
+    for on in (False, True):
+        engine = LLMEngine(model, make_tokenizer(), None, EngineConfig(max_running=4, block_size=4,
+                                                                       cpu_decode_kernel=on))
+        assert (engine.runner.kernel is not None) == on
+        seen = record_logits(engine)
+        reqs = [Request(str(i), random.Random(i).choices(range(10, 200), k=3 + 7 * i), params, SteeringSpec("off"))
+                for i in range(4)]
+        for r in reqs:
+            engine.add_request(r)
+        drain(engine)
+        outputs[on] = [(r.output_ids, torch.stack(seen[r.request_id])) for r in reqs]
+    for (ids_off, logits_off), (ids_on, logits_on) in zip(outputs[False], outputs[True]):
+        assert ids_on == ids_off and len(ids_on) == 12
+        torch.testing.assert_close(logits_on, logits_off, atol=1e-5, rtol=1e-5)
+
+
+def test_a_kernel_that_cannot_be_built_leaves_the_torch_path(monkeypatch, caplog):
+    from torch.utils import cpp_extension
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Error building extension 'atv_paged_decode'\ng++: not found")
+
+    cpu_kernel.load.cache_clear()
+    monkeypatch.setattr(cpp_extension, "load", broken)
+    try:
+        with caplog.at_level(logging.WARNING, logger="atv.engine"):
+            assert cpu_kernel.load() is None
+        assert "the C++ kernel could not be built (g++: not found)" in caplog.text
+        engine = LLMEngine(make_model("llama"), make_tokenizer(), None, EngineConfig(max_running=2))
+        assert engine.runner.kernel is None
+        engine.add_request(r := Request("r", [10, 11, 12], SamplingParams(max_tokens=3, temperature=0.0,
+                                                                          ignore_eos=True), SteeringSpec("off")))
+        drain(engine)
+        assert len(r.output_ids) == 3
+    finally:
+        cpu_kernel.load.cache_clear()
