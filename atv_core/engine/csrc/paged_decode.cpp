@@ -7,8 +7,8 @@
 //   keys only)  ->  out [B, H, D] = softmax(q k^T * scale) v per (request, head), GQA: head h reads K/V
 //   head h / (H / H_kv).
 // Same arithmetic as attention.py's torch path (max-subtracted softmax in fp32); summation order differs,
-// so results agree to float rounding, not bit for bit. Work is split over (request, K/V head) pairs with
-// ATen's parallel_for (torch's own OpenMP threads).
+// so results agree to float rounding, not bit for bit. Work is split over requests (or request and K/V head)
+// with ATen's parallel_for (torch's own OpenMP threads).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -36,29 +36,35 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_po
   const int64_t* lp = lengths.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
   const float fscale = static_cast<float>(scale);
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(G * K);
+  // A task is one request with all its heads (each key's K/V row, H_kv * D floats, read whole and in order:
+  // measured 15-20 % faster than one task per K/V head), or one (request, K/V head) pair when there are too
+  // few requests to keep every thread busy.
+  const int64_t per_request = Hkv == 1 || B >= 2 * at::get_num_threads() ? Hkv : 1;
+  at::parallel_for(0, B * (Hkv / per_request), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(per_request * G * K);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / Hkv, h = task % Hkv;
+      const int64_t b = task / (Hkv / per_request), h0 = (task % (Hkv / per_request)) * per_request;
+      const int64_t heads = per_request * G;                     // query heads h0 * G .. h0 * G + heads - 1
       const int64_t len = std::min(lp[b], K);
       const int64_t lo = (window > 0 && len > window) ? len - window : 0;
-      float* ob = op + (b * H + h * G) * D;
-      for (int64_t i = 0; i < G * D; ++i) ob[i] = 0.f;
+      float* ob = op + (b * H + h0 * G) * D;
+      for (int64_t i = 0; i < heads * D; ++i) ob[i] = 0.f;
       if (len <= lo) continue;                                    // no keys: zeros (never for a real decode)
-      const float* qb = qp + rp[b] * qs0 + h * G * qs1;
+      const float* qb = qp + rp[b] * qs0 + h0 * G * qs1;
       const int64_t* sb = sp + b * K;
-      for (int64_t j = lo; j < len; ++j) {                      // scores: each key row read once for G queries
-        const float* kr = kp + sb[j] * row + h * D;
-        for (int64_t g = 0; g < G; ++g) {
-          const float* qg = qb + g * qs1;
+      for (int64_t j = lo; j < len; ++j) {                        // scores: each key row read once for all heads
+        const float* kr = kp + sb[j] * row + h0 * D;
+        for (int64_t i = 0; i < heads; ++i) {
+          const float* qi = qb + i * qs1;
+          const float* ki = kr + (i / G) * D;
           float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
-          for (int64_t d = 0; d < D; ++d) acc += qg[d] * kr[d];
-          scores[g * K + j] = acc * fscale;
+          for (int64_t d = 0; d < D; ++d) acc += qi[d] * ki[d];
+          scores[i * K + j] = acc * fscale;
         }
       }
-      for (int64_t g = 0; g < G; ++g) {                         // softmax over lo .. len - 1
-        float* s = scores.data() + g * K;
+      for (int64_t i = 0; i < heads; ++i) {                       // softmax over lo .. len - 1
+        float* s = scores.data() + i * K;
         float m = -INFINITY;
         for (int64_t j = lo; j < len; ++j) m = s[j] > m ? s[j] : m;
         float sum = 0.f;
@@ -69,13 +75,14 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_po
         const float inv = 1.f / sum;
         for (int64_t j = lo; j < len; ++j) s[j] *= inv;
       }
-      for (int64_t j = lo; j < len; ++j) {                      // weighted sum: each value row read once
-        const float* vr = vp + sb[j] * row + h * D;
-        for (int64_t g = 0; g < G; ++g) {
-          const float p = scores[g * K + j];
-          float* og = ob + g * D;
+      for (int64_t j = lo; j < len; ++j) {                        // weighted sum: each value row read once
+        const float* vr = vp + sb[j] * row + h0 * D;
+        for (int64_t i = 0; i < heads; ++i) {
+          const float p = scores[i * K + j];
+          const float* vi = vr + (i / G) * D;
+          float* oi = ob + i * D;
 #pragma omp simd
-          for (int64_t d = 0; d < D; ++d) og[d] += p * vr[d];
+          for (int64_t d = 0; d < D; ++d) oi[d] += p * vi[d];
         }
       }
     }
