@@ -210,26 +210,29 @@ def test_accelerator_pools_grow_by_doubling_up_to_the_budget_and_keep_their_cont
     assert cache.k[1].shape == (1200, 2, 4) and cache.high_water == 299
 
 
-@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_a_continued_prompt_chunk_attends_without_a_mask_like_the_masked_path(dtype, atol):
+def test_a_continued_prompt_chunk_attends_without_a_mask_like_the_masked_path(monkeypatch):
     """A lone prompt chunk after earlier ones (start > 0) runs as prefix attention + causal self-attention
     merged by log-sum-exp (Bucket.attend_continued); the masked SDPA call gives the same outputs."""
     from dataclasses import replace
 
+    from atv_core.engine import attention
     from atv_core.engine.kv_cache import KVLayout, LayerKV, PagedKVCache
     torch.manual_seed(0)
-    cache = PagedKVCache(KVLayout({0: LayerKV(2, 16, dtype, torch.device("cpu"))}), 4, 40)
+    cache = PagedKVCache(KVLayout({0: LayerKV(2, 16, torch.float32, torch.device("cpu"))}), 4, 40)
     cache.reserve(40)
     k_pool, v_pool = cache.pools(0)
     k_pool.normal_(), v_pool.normal_()
     plan = plan_step([Segment(37, 12, list(range(39, 26, -1)))], cache, torch.device("cpu"))
     (bucket,) = plan.buckets
     assert bucket.continued and not bucket.causal
-    q = torch.randn(12, 6, 16, dtype=dtype)
+    flash = attention._CPU_FLASH
+    q = torch.randn(12, 6, 16)
+    calls = []
+    monkeypatch.setattr(attention, "_CPU_FLASH", lambda *a, **k: calls.append(a[4]) or flash(*a, **k))
     got = bucket.attend(q, k_pool, v_pool, 0, None)
+    assert calls == [False, True]                      # prefix unmasked, then the chunk's own keys causally
     want = replace(bucket, continued=False).attend(q, k_pool, v_pool, 0, None)
-    assert got.dtype == dtype
-    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=0)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     # a sliding window narrower than the keys keeps the masked path
     windowed = bucket.attend(q, k_pool, v_pool, 20, None)
     torch.testing.assert_close(windowed, replace(bucket, continued=False).attend(q, k_pool, v_pool, 20, None))
