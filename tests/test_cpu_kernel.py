@@ -110,3 +110,30 @@ def test_a_kernel_that_cannot_be_built_leaves_the_torch_path(monkeypatch, caplog
         assert len(r.output_ids) == 3
     finally:
         cpu_kernel.load.cache_clear()
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(monkeypatch, tmp_path, caplog):
+    """torch waits forever on a build lock left by a killed process; the loader removes one older than
+    STALE_LOCK_S and leaves a recent one (another process building) alone."""
+    import os
+    import time
+
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    seen = []
+    monkeypatch.setattr(cpp_extension, "load", lambda name, *a, **k: seen.append(
+        (tmp_path / name / "lock").exists()) or "module")
+    for age, kept in ((cpu_kernel.STALE_LOCK_S + 60, False), (5, True)):
+        lock = tmp_path / f"atv_paged_decode_{cpu_kernel._cpu_fingerprint()}" / "lock"
+        lock.parent.mkdir(exist_ok=True)
+        lock.touch()
+        os.utime(lock, (time.time() - age,) * 2)
+        cpu_kernel.load.cache_clear()
+        try:
+            with caplog.at_level(logging.WARNING, logger="atv.engine"):
+                assert cpu_kernel.load() == "module"
+        finally:
+            cpu_kernel.load.cache_clear()
+        assert seen[-1] is kept and lock.exists() is kept
+    assert "removing a stale C++ kernel build lock" in caplog.text

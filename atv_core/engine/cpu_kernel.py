@@ -23,6 +23,7 @@ from pathlib import Path
 
 log = logging.getLogger("atv.engine")
 SOURCE = Path(__file__).parent / "csrc" / "paged_decode.cpp"
+STALE_LOCK_S = 600                    # a build lock older than this was left by a process killed mid-build
 
 
 def _cpu_fingerprint() -> str:
@@ -47,7 +48,9 @@ def load():
         if shutil.which("ninja") is None:           # torch runs `ninja` from PATH: use the pip package's binary
             import ninja                             # (a dependency) when the environment is not activated
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-        module = cpp_extension.load(f"atv_paged_decode_{_cpu_fingerprint()}", [str(SOURCE)],
+        name = f"atv_paged_decode_{_cpu_fingerprint()}"
+        _remove_stale_lock(Path(cpp_extension._get_build_directory(name, verbose=False)) / "lock")
+        module = cpp_extension.load(name, [str(SOURCE)],
                                     extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
                                     verbose=False)
     except Exception as error:                       # no compiler / ninja / headers: keep the torch path
@@ -56,3 +59,16 @@ def load():
         return None
     log.info("decode attention: C++ paged kernel (%s, ready in %.1f s)", SOURCE.name, time.perf_counter() - start)
     return module
+
+
+def _remove_stale_lock(lock: Path) -> None:
+    """torch waits, without a timeout, for the build lock of another process to go away; a process killed
+    while building (a server stopped during its first start) leaves it behind. A lock older than
+    STALE_LOCK_S (a build takes ~25 s) is removed instead of hanging every later start."""
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except OSError:
+        return                                       # no lock: nobody is building
+    if age > STALE_LOCK_S:
+        log.warning("removing a stale C++ kernel build lock (%s, %.0f s old)", lock, age)
+        lock.unlink(missing_ok=True)
