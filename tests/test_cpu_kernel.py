@@ -104,6 +104,11 @@ def test_a_kernel_that_cannot_be_built_leaves_the_torch_path(monkeypatch, caplog
         assert "the C++ kernel could not be built (g++: not found)" in caplog.text
         engine = LLMEngine(make_model("llama"), make_tokenizer(), None, EngineConfig(max_running=2))
         assert engine.runner.kernel is None
+        monkeypatch.setenv("CXX", "no-such-compiler")           # no compiler at all: said before trying
+        cpu_kernel.load.cache_clear()
+        with caplog.at_level(logging.WARNING, logger="atv.engine"):
+            assert cpu_kernel.load() is None
+        assert "no C++ compiler to build the kernel ('no-such-compiler' not on PATH)" in caplog.text
         engine.add_request(r := Request("r", [10, 11, 12], SamplingParams(max_tokens=3, temperature=0.0,
                                                                           ignore_eos=True), SteeringSpec("off")))
         drain(engine)

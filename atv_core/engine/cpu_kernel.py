@@ -42,6 +42,10 @@ def load():
     if os.environ.get("ATV_CPU_KERNEL", "1") == "0":
         log.info("decode attention: torch path (ATV_CPU_KERNEL=0)")
         return None
+    compiler = os.environ.get("CXX", "c++")           # what torch.utils.cpp_extension compiles with
+    if shutil.which(compiler) is None:
+        log.warning("decode attention: torch path; no C++ compiler to build the kernel (%r not on PATH)", compiler)
+        return None
     start = time.perf_counter()
     try:
         from torch.utils import cpp_extension
