@@ -260,6 +260,16 @@ def test_sampler_survives_degenerate_parameters_and_non_finite_logits():
     assert tokens[0] == logits[0].argmax() and tokens[1] == logits[1].argmax() and 0 <= tokens[2] < 50
 
 
+def test_greedy_picks_the_first_of_tied_maxima_like_argmax():
+    from atv_core.engine.sampler import sample
+    logits = torch.zeros(3, 50)
+    logits[0, [7, 3, 40]] = 2.0                      # tie: the lowest index wins
+    logits[1, 9] = float("nan")                      # NaN counts as the maximum, as in argmax
+    logits[2] = torch.randn(50)
+    tokens = sample(logits, [SamplingParams(temperature=0.0)] * 3, [None] * 3)
+    assert tokens.tolist() == [3, 9, int(logits[2].argmax())] == logits.argmax(-1).tolist()
+
+
 def test_stop_string_after_a_multibyte_character_completes(parts):
     tok = parts[1]
     engine = _engine(parts)

@@ -114,10 +114,10 @@ def test_recompute_steers_the_positions_the_first_pass_steered(steered):
     engine = LLMEngine(model, tok, gen, EngineConfig(max_running=2))
     request = Request("r", [5, 6, 7, 8], GREEDY, SteeringSpec("off"), output_ids=[9, 10])
     request.vector_slot = 3
-    slots = engine.runner._slots(Chunk(request, 0, 6, True, False)).tolist()
+    slots = engine.runner._slots(Chunk(request, 0, 6, True, False))
     policy = gen.config.position
     assert slots == ([3] * 6 if policy == "all" else [0, 0, 0, 3, 3, 3])
-    assert engine.runner._slots(Chunk(request, 5, 1, True, True)).tolist() == [3]
+    assert engine.runner._slots(Chunk(request, 5, 1, True, True)) == [3]
 
 
 def test_a_budget_too_small_for_one_request_refuses_it_at_admission():

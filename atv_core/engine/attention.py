@@ -213,14 +213,14 @@ def plan_step(segments: Sequence[Segment], cache: PagedKVCache, device: torch.de
     """Host-side preparation of one step: slot mapping and attention buckets, moved to `device` once.
     `kernel`: the CPU decode kernel to attend decodes with (None: the torch path)."""
     size = cache.block_size
-    slots = [_slots(seg.block_table, torch.arange(seg.start, seg.keys), size) for seg in segments]
+    slots = [slot for seg in segments for slot in _slots(seg.block_table, seg.start, seg.keys, size)]
     groups: dict[tuple[int, int], list[tuple[int, Segment]]] = {}
     first = 0
     for seg in segments:
         groups.setdefault(_bucket_key(seg), []).append((first, seg))
         first += seg.length
     buckets = [_bucket(members, size).to(device) for members in groups.values()]
-    return StepPlan(cache, torch.cat(slots).to(device), buckets, kernel)
+    return StepPlan(cache, torch.tensor(slots, dtype=torch.long).to(device), buckets, kernel)
 
 
 def _bucket_key(seg: Segment) -> tuple[int, int]:
@@ -237,9 +237,9 @@ def _bucket_key(seg: Segment) -> tuple[int, int]:
     return query, max(0, (seg.keys - 1).bit_length() - 8)
 
 
-def _slots(block_table: Sequence[int], positions: torch.Tensor, block_size: int) -> torch.Tensor:
-    table = torch.tensor(list(block_table), dtype=torch.long)
-    return table[positions // block_size] * block_size + positions % block_size
+def _slots(block_table: Sequence[int], start: int, end: int, block_size: int) -> list[int]:
+    """Pool slot of positions start .. end - 1 (plain ints: a step is mostly one-token decodes)."""
+    return [block_table[p // block_size] * block_size + p % block_size for p in range(start, end)]
 
 
 def _bucket(members: list[tuple[int, Segment]], block_size: int) -> Bucket:

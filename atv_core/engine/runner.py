@@ -89,11 +89,11 @@ class ModelRunner:
         logprobs) -> (logits [k, V] of the sampling chunks, {chunk index: logits [chunk length, V]})."""
         ids, positions, slots, keep, sample_rows, spans = [], [], [], [], [], {}
         first = 0
-        for i, chunk in enumerate(chunks):
-            self.held[id(chunk.request)] = chunk.request
+        for i, chunk in enumerate(chunks):               # plain lists, one tensor each at the end: a step of 64
+            self.held[id(chunk.request)] = chunk.request  # decodes made 128 small tensors here before
             ids += chunk.request.token_slice(chunk.start, chunk.end)
-            positions.append(torch.arange(chunk.start, chunk.end))
-            slots.append(self._slots(chunk))
+            positions += range(chunk.start, chunk.end)
+            slots += self._slots(chunk)
             if i in scored:
                 spans[i] = (len(keep), len(keep) + chunk.length)
                 keep += range(first, first + chunk.length)
@@ -106,19 +106,18 @@ class ModelRunner:
         segments = [Segment(c.start, c.length, c.request.block_table) for c in chunks]
         plan = plan_step(segments, self.cache, self.device, self.kernel)
         ids = torch.tensor(ids, dtype=torch.long).view(1, -1)
-        logits = self._forward(ids, torch.cat(positions).view(1, -1), torch.cat(slots).view(1, -1), plan,
+        logits = self._forward(ids, torch.tensor(positions).view(1, -1), torch.tensor(slots).view(1, -1), plan,
                                torch.tensor(keep, dtype=torch.long))                   # [K, V]
-        return logits[sample_rows], {i: logits[a:b] for i, (a, b) in spans.items()}
+        sampled = logits if len(sample_rows) == logits.shape[0] else logits[sample_rows]   # usually every row:
+        return sampled, {i: logits[a:b] for i, (a, b) in spans.items()}                   # no [k, V] copy
 
-    def _slots(self, chunk: Chunk) -> torch.Tensor:
-        """[length] vector slot of each token of the chunk (0 where the position policy does not steer)."""
+    def _slots(self, chunk: Chunk) -> list[int]:
+        """Vector slot of each token of the chunk (0 where the position policy does not steer)."""
         slot = chunk.request.vector_slot
-        if not slot:
-            return torch.zeros(chunk.length, dtype=torch.long)
-        if self.position == "all":
-            return torch.full((chunk.length,), slot, dtype=torch.long)
-        steered = torch.arange(chunk.start, chunk.end) >= chunk.request.num_prompt_tokens - 1
-        return torch.where(steered, slot, 0)
+        if not slot or self.position == "all":
+            return [slot] * chunk.length
+        first = chunk.request.num_prompt_tokens - 1          # policy last: the last prompt token and after
+        return [slot if p >= first else 0 for p in range(chunk.start, chunk.end)]
 
     def _forward(self, ids, positions, slots: torch.Tensor, plan, keep: torch.Tensor) -> torch.Tensor:
         table = self.table if bool(slots.any()) else None

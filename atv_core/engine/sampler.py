@@ -35,7 +35,7 @@ def filtered_sorted_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> torch.Tensor:
     """logits [N, V] (fp32) -> token ids [N]."""
-    tokens = logits.argmax(dim=-1)
+    tokens = logits.max(dim=-1).indices     # = argmax (first maximum; NaN wins), 1.7 vs 2.9 ms for [64, 49152] on CPU
     # near-zero temperatures are greedy (1/T overflows); rows with non-finite logits fall back to argmax
     rows = [i for i, p in enumerate(params) if not p.greedy and p.temperature >= 1e-5]
     if not rows:
