@@ -20,7 +20,9 @@ padded keys repeat their request's first slot and padded queries repeat the chun
 masked or dropped.
 
 Decodes in fp32 on CPU skip the gather where the C++ kernel (cpu_kernel.py, csrc/paged_decode.cpp) is built:
-it reads each request's keys and values in place through the same slots (Bucket.attend_kernel).
+it reads each request's keys and values in place through the same slots (Bucket.attend_kernel). A lone prompt
+chunk after earlier ones (fp32, CPU) runs without a mask: prefix and causal self-attention merged by their
+log-sum-exps (Bucket.attend_continued).
 
 Everything that depends on the step (slots, bucket indices) is built once on the host by `plan_step`
 before the forward; the per-layer work is tensor code only. This module knows nothing of requests,
@@ -70,11 +72,15 @@ class Bucket:
     unmasked: bool                    # single queries that see every key: no mask
     continued: bool = False           # one prompt chunk after earlier ones (start > 0), several queries: split
     masks: dict = field(default_factory=dict)   # window (0: none) -> bool [B_b, 1, Q_b, K_b]; (-1-window, dtype) -> additive;
-                                                # ("rows", H_kv) -> head_rows()
+                                                # ("rows", H_kv) -> head_rows(); "kernel" -> attend_kernel's rows, lengths
+
+    def effective_window(self, window: int) -> int:
+        """The layer's sliding window, or 0 where it is none or wider than every key (it changes nothing)."""
+        return window if window and window < self.kv_slot.shape[1] else 0
 
     def mask(self, window: int) -> torch.Tensor | None:
         keys = self.kv_slot.shape[1]
-        window = window if window and window < keys else 0   # a window wider than every key changes nothing
+        window = self.effective_window(window)
         if not window and (self.causal or self.unmasked):
             return None
         if window not in self.masks:
@@ -94,22 +100,23 @@ class Bucket:
             if kernel is not None:
                 return self.attend_kernel(kernel, q, k_pool, v_pool, window, scaling)
             return self.attend_decodes(q, k_pool, v_pool, window, scaling)
-        if (self.continued and q.device.type == "cpu" and q.dtype == torch.float32 and _CPU_FLASH is not None
-                and not (window and window < self.kv_slot.shape[1])):
-            return self.attend_continued(q, k_pool, v_pool, scaling)
         query = _gather(q, self.q_index).transpose(1, 2)                                # [B_b, H, Q_b, D]
         key = _gather(k_pool, self.kv_slot).transpose(1, 2)                             # [B_b, H_kv, K_b, D]
         value = _gather(v_pool, self.kv_slot).transpose(1, 2)
-        mask = self.mask(window)
-        causal = mask is None and self.causal and query.shape[2] > 1
-        groups = query.shape[1] // key.shape[1]
-        if groups > 1 and query.device.type != "cpu" and mask is not None:
-            key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)  # masked GQA kernels
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=causal, scale=scaling,
-                                             enable_gqa=query.shape[1] != key.shape[1])
+        if (self.continued and q.device.type == "cpu" and q.dtype == torch.float32 and _CPU_FLASH is not None
+                and not self.effective_window(window)):
+            out = self.attend_continued(query, key, value, scaling)
+        else:
+            mask = self.mask(window)
+            causal = mask is None and self.causal and query.shape[2] > 1
+            groups = query.shape[1] // key.shape[1]
+            if groups > 1 and query.device.type != "cpu" and mask is not None:
+                key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)  # masked GQA
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=causal, scale=scaling,
+                                                 enable_gqa=query.shape[1] != key.shape[1])
         return out.transpose(1, 2).reshape(-1, *q.shape[1:]).index_select(0, self.out_rows)
 
-    def attend_continued(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+    def attend_continued(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          scaling: float | None) -> torch.Tensor:
         """One prompt chunk continuing its request (positions start .. start + L - 1, keys 0 .. start + L - 1) on
         CPU, without a mask: its queries see every key before the chunk (one unmasked attention) and the chunk's
@@ -120,15 +127,11 @@ class Bucket:
         chunks set the mixed scenario's peak RSS). Needs torch's CPU flash-attention op (returns the lse). fp32
         only: in bf16 each half's output is rounded before the merge (up to ~5 bf16 steps off the masked call on
         the tiny models, against ~1.5), so bf16 keeps the masked call."""
-        start = int(self.q_pos[0, 0])
-        query = q.index_select(0, self.q_index[0]).unsqueeze(0).transpose(1, 2)         # [1, H, L, D]
-        key = _gather(k_pool, self.kv_slot).transpose(1, 2)                             # [1, H_kv, K, D]
-        value = _gather(v_pool, self.kv_slot).transpose(1, 2)
+        start = int(self.q_pos[0, 0])                  # query [1, H, L, D], key / value [1, H_kv, K, D] -> [1, H, L, D]
         o_prefix, lse_prefix = _CPU_FLASH(query, key[:, :, :start], value[:, :, :start], 0.0, False, scale=scaling)
         o_chunk, lse_chunk = _CPU_FLASH(query, key[:, :, start:], value[:, :, start:], 0.0, True, scale=scaling)
         lse = torch.logaddexp(lse_prefix, lse_chunk)
-        out = o_prefix * (lse_prefix - lse).exp_().unsqueeze(-1) + o_chunk * (lse_chunk - lse).exp_().unsqueeze(-1)
-        return out[0].transpose(0, 1)                                                    # [L, H, D]
+        return o_prefix * (lse_prefix - lse).exp_().unsqueeze(-1) + o_chunk * (lse_chunk - lse).exp_().unsqueeze(-1)
 
     def attend_decodes(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, window: int,
                        scaling: float | None) -> torch.Tensor:
