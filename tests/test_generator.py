@@ -240,3 +240,33 @@ def test_rank_zero_needs_a_bank():
         GeneratorConfig("b", "t", 3, 32, bank_size=-1)
     with pytest.raises(ValueError, match="bank_temperature > 0"):
         GeneratorConfig("b", "t", 3, 32, bank_size=4, bank_temperature=0)
+
+
+@pytest.mark.parametrize("kind", ["encoder", "decoder"])
+def test_packed_attention_runs_per_prompt_and_matches_the_block_diagonal_mask(tmp_path, kind, monkeypatch):
+    """The backbone is switched to packing.packed_attention; a packed forward attends per prompt (length
+    classes, padded keys masked, causal for decoders) and gives the states of the [N, N] block-diagonal mask."""
+    from atv_core.steering import packing
+    generator = _generator(tmp_path, kind)
+    assert generator.packed_attention and generator.backbone.config._attn_implementation == packing.ATTENTION
+    prompts = ["short", "shorter", "a much longer query than the other one", "x", "three words here", "", "four words are here!"]
+    calls = []
+    attend = packing.Packing.attend
+    monkeypatch.setattr(packing.Packing, "attend", lambda self, *a: calls.append(len(self.groups)) or attend(self, *a))
+    with torch.no_grad():
+        packed = generator.encode(prompts)
+        assert calls and max(calls) > 1   # several length classes, one call per layer
+        generator.packed_attention = False
+        masked = generator.encode(prompts)
+    torch.testing.assert_close(packed, masked, atol=1e-5, rtol=1e-5)
+
+
+def test_packing_plan_groups_prompts_by_length_class():
+    from atv_core.steering.packing import Packing
+    plan = Packing.build([3, 1, 4, 2, 8], causal=False)
+    assert [g.shape for g in plan.groups] == [(1, 1), (1, 2), (2, 4), (1, 8)]
+    group = plan.groups[2]   # prompts 0 (tokens 0-2, one pad) and 2 (tokens 4-7)
+    assert group.gather.tolist() == [0, 1, 2, 0, 4, 5, 6, 7]
+    assert group.keys.flatten().tolist() == [True, True, True, False, True, True, True, True]
+    rows = torch.cat([g.gather.index_select(0, g.keep) for g in plan.groups])
+    assert torch.equal(rows[plan.order], torch.arange(18))   # every token back in its place

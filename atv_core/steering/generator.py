@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from atv_core.steering import packing
 from atv_core.steering.injection import POSITION_POLICIES
 
 POOLINGS = ("mean", "last", "cls")
@@ -223,6 +224,7 @@ class ATVGenerator(nn.Module):
             backbone.config.num_hidden_layers = config.backbone_layers
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        self.packed_attention = packing.enable(backbone)   # per-prompt attention in packed forwards (packing.py)
         d_s = backbone.config.hidden_size
         self.expansion = Expansion(d_s, len(config.selected_layers), config.target_hidden, config.rank,
                                    config.bank_size, config.bank_temperature)
@@ -279,9 +281,10 @@ class ATVGenerator(nn.Module):
         """Prompts -> pooled backbone states [B, d_s] (fp32), without padding.
 
         Consecutive prompts are packed into one sequence of at most `pack_tokens` tokens (a longer prompt goes
-        alone) with positions restarting at 0 per prompt and a block-diagonal mask (causal within a prompt for
-        decoder backbones), so each prompt sees only itself: the same states as encoding it alone, to float
-        rounding, at the cost of its own tokens. Training and serving both read through here.
+        alone) with positions restarting at 0 per prompt. Each prompt attends only to itself (causally within a
+        prompt for decoder backbones): per prompt (packing.py) where the backbone uses transformers'
+        AttentionInterface, else through a block-diagonal mask. So each prompt gets the same states as encoding
+        it alone, to float rounding. Training and serving both read through here.
         """
         texts = self.format_inputs(prompts)
         ids = self.tokenizer(texts, truncation=True, max_length=self.config.max_input_tokens)["input_ids"]
@@ -305,14 +308,13 @@ class ATVGenerator(nn.Module):
         segment = torch.repeat_interleave(torch.arange(len(rows), device=device), lengths)   # [N]
         starts = torch.cumsum(lengths, 0) - lengths
         positions = torch.arange(segment.numel(), device=device) - starts[segment]
-        allowed = segment[:, None] == segment[None, :]                                         # [N, N]
-        if self.config.backbone_kind == "decoder":
-            allowed = allowed & (positions[:, None] >= positions[None, :])
-        dtype = next(self.backbone.parameters()).dtype
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
         input_ids = torch.tensor([t for r in rows for t in r], device=device)
-        hidden = self.backbone(input_ids=input_ids[None], position_ids=positions[None],
-                               attention_mask=mask[None, None]).last_hidden_state[0]          # [N, d_s]
+        if self.packed_attention:
+            plan = packing.Packing.build([len(r) for r in rows], self.config.backbone_kind == "decoder", device)
+            hidden = self.backbone(input_ids=input_ids[None], position_ids=positions[None],
+                                   atv_packing=plan).last_hidden_state[0]                       # [N, d_s]
+        else:
+            hidden = self._masked_forward(input_ids, segment, positions)
         mode = self.config.pooling_mode
         if mode == "mean":
             sums = hidden.new_zeros(len(rows), hidden.shape[-1]).index_add(0, segment, hidden)
@@ -322,6 +324,16 @@ class ATVGenerator(nn.Module):
         if mode == "cls":
             return hidden[starts]
         raise ValueError(f"pooling must be one of {POOLINGS}, got {mode!r}")
+
+    def _masked_forward(self, input_ids, segment, positions) -> torch.Tensor:
+        """The packed forward for a backbone without packed_attention: a block-diagonal [N, N] mask."""
+        allowed = segment[:, None] == segment[None, :]                                         # [N, N]
+        if self.config.backbone_kind == "decoder":
+            allowed = allowed & (positions[:, None] >= positions[None, :])
+        dtype = next(self.backbone.parameters()).dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+        return self.backbone(input_ids=input_ids[None], position_ids=positions[None],
+                             attention_mask=mask[None, None]).last_hidden_state[0]            # [N, d_s]
 
     def gate(self, pooled: torch.Tensor) -> torch.Tensor:
         """[B, d_s] -> [B] in [0, 1]."""
