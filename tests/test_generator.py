@@ -270,3 +270,24 @@ def test_packing_plan_groups_prompts_by_length_class():
     assert group.keys.flatten().tolist() == [True, True, True, False, True, True, True, True]
     rows = torch.cat([g.gather.index_select(0, g.keep) for g in plan.groups])
     assert torch.equal(rows[plan.order], torch.arange(18))   # every token back in its place
+
+
+def test_a_backbone_attention_packing_cannot_honour_falls_back_to_the_mask(tmp_path, monkeypatch, caplog):
+    """An attention that needs a sliding window (or a position bias, soft-capping) makes packed_attention
+    refuse; encode() then uses the block-diagonal mask from then on, with the same states."""
+    import logging
+
+    from transformers import AttentionInterface
+
+    from atv_core.steering import packing
+    generator = _generator(tmp_path)
+    prompts = ["short", "shorter", "a much longer query than the other one"]
+    with torch.no_grad():
+        want = generator.encode(prompts)
+        attention = packing.packed_attention
+        monkeypatch.setitem(AttentionInterface._global_mapping, packing.ATTENTION,
+                            lambda *a, **k: attention(*a, sliding_window=4, **k))
+        with caplog.at_level(logging.INFO, logger="atv.generator"):
+            got = generator.encode(prompts)
+    assert not generator.packed_attention and "sliding_window" in caplog.text
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

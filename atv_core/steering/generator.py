@@ -16,6 +16,7 @@ checkpoint stores. This module does not inject vectors (injection.py) and does n
 """
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Literal
@@ -25,6 +26,8 @@ from torch import nn
 
 from atv_core.steering import packing
 from atv_core.steering.injection import POSITION_POLICIES
+
+log = logging.getLogger("atv.generator")
 
 POOLINGS = ("mean", "last", "cls")
 GATES = ("none", "distance", "learned")
@@ -309,11 +312,16 @@ class ATVGenerator(nn.Module):
         starts = torch.cumsum(lengths, 0) - lengths
         positions = torch.arange(segment.numel(), device=device) - starts[segment]
         input_ids = torch.tensor([t for r in rows for t in r], device=device)
+        hidden = None
         if self.packed_attention:
             plan = packing.Packing.build([len(r) for r in rows], self.config.backbone_kind == "decoder", device)
-            hidden = self.backbone(input_ids=input_ids[None], position_ids=positions[None],
-                                   atv_packing=plan).last_hidden_state[0]                       # [N, d_s]
-        else:
+            try:
+                hidden = self.backbone(input_ids=input_ids[None], position_ids=positions[None],
+                                       atv_packing=plan).last_hidden_state[0]                   # [N, d_s]
+            except packing.Unsupported as exc:
+                log.info("generator backbone: %s; packed prompts use a block-diagonal mask from now on", exc)
+                self.packed_attention = False
+        if hidden is None:
             hidden = self._masked_forward(input_ids, segment, positions)
         mode = self.config.pooling_mode
         if mode == "mean":

@@ -15,6 +15,8 @@ index tensors, shared by every layer) and reaches the attention function through
 kwargs (transformers passes them down to `AttentionInterface` functions); without one, the function is plain
 SDPA. `enable(backbone)` registers the function and switches the backbone to it; a backbone whose class does
 not use the AttentionInterface keeps its own attention and the caller falls back to the block-diagonal mask.
+A backbone whose attention needs more than a mask (a sliding window, a position bias, soft-capping) makes the
+function raise `Unsupported` on the first packed forward; the caller then switches to the mask for good.
 """
 from __future__ import annotations
 
@@ -27,6 +29,11 @@ import torch.nn.functional as F
 log = logging.getLogger("atv.generator")
 
 ATTENTION = "atv_packed"
+UNSUPPORTED = ("sliding_window", "position_bias", "softcap", "s_aux", "sinks")   # attention kwargs it cannot honour
+
+
+class Unsupported(RuntimeError):
+    """This backbone's attention needs what per-prompt SDPA does not do: use the block-diagonal mask."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,9 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
+    needs = [name for name in UNSUPPORTED if kwargs.get(name) is not None]
+    if needs:
+        raise Unsupported(f"{type(module).__name__} attention uses {needs}")
     return atv_packing.attend(query, key, value, scaling, dropout), None
 
 
