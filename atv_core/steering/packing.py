@@ -48,7 +48,7 @@ class Group:
 class Packing:
     """Which of the N packed tokens belong to which prompt, grouped for attention."""
     groups: tuple[Group, ...]
-    order: torch.Tensor           # [N]: the packed token at each position of cat(real rows of every group)
+    order: torch.Tensor           # [N]: each packed token's row in cat(real rows of every group)
     causal: bool
 
     @classmethod
@@ -87,13 +87,12 @@ class Packing:
         for g in self.groups:
             b, n = g.shape
             qg, kg, vg = (t.index_select(0, g.gather).view(b, n, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
-            mask = g.keys
-            if self.causal and mask is not None:   # right padding: causal alone keeps real queries off the padding
-                mask = None
+            # right padding: under is_causal a real query never reaches the padding, so no mask is needed
+            mask = None if self.causal else g.keys
             out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, dropout_p=dropout,
                                                  is_causal=self.causal, scale=scale,
                                                  enable_gqa=kg.shape[1] != qg.shape[1])
-            rows.append(out.transpose(1, 2).reshape(b * n, *out.shape[1:2], out.shape[-1]).index_select(0, g.keep))
+            rows.append(out.transpose(1, 2).reshape(b * n, out.shape[1], out.shape[3]).index_select(0, g.keep))
         return torch.cat(rows).index_select(0, self.order)[None]
 
 
