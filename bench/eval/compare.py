@@ -33,9 +33,13 @@ def main(argv=None) -> None:
         a, b = pair.split(":")
         data = [merged(args.run1, args.run2, args.seed, a, b)]
         for group, seen in (("seen", True), ("unseen", False)):
+            scored = [t for t in tasks if t.seen == seen and t.name in data[0]]
+            if not scored:   # e.g. static vectors trained for the seen tasks only
+                print(f"{args.run1.name}:{a} - {args.run2.name}:{b} ({group}): no task scored by both")
+                continue
             cells = []
             for key, label in (("first", "first-token"), ("em", "exact match")):
-                d = paired_bootstrap(data, [t for t in tasks if t.seen == seen and t.name in data[0]], "A", "B", key)
+                d = paired_bootstrap(data, scored, "A", "B", key)
                 cells.append(f"{label} {100 * d[0]:+.1f} [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}]")
             print(f"{args.run1.name}:{a} - {args.run2.name}:{b} ({group}): " + "; ".join(cells))
 
