@@ -268,7 +268,7 @@ def test_packing_plan_groups_prompts_by_length_class():
     group = plan.groups[2]   # prompts 0 (tokens 0-2, one pad) and 2 (tokens 4-7)
     assert group.gather.tolist() == [0, 1, 2, 0, 4, 5, 6, 7]
     assert group.keys.flatten().tolist() == [True, True, True, False, True, True, True, True]
-    rows = torch.cat([g.gather.index_select(0, g.keep) for g in plan.groups])
+    rows = torch.cat([g.gather if g.keep is None else g.gather.index_select(0, g.keep) for g in plan.groups])
     assert torch.equal(rows[plan.order], torch.arange(18))   # every token back in its place
 
 

@@ -41,7 +41,7 @@ class Group:
     gather: torch.Tensor          # [b * n] indices into the N packed tokens (padding -> the row's first token)
     keys: torch.Tensor | None     # [b, 1, 1, n] bool, True for a real key (None: no padding in this group)
     shape: tuple[int, int]        # (b, n)
-    keep: torch.Tensor            # indices into the b * n padded rows of the group's real tokens
+    keep: torch.Tensor | None     # indices into the b * n padded rows of the group's real tokens (None: all)
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class Packing:
             groups.append(Group(gather=torch.tensor(gather, device=device),
                                 keys=valid_t.view(len(members), 1, 1, width) if padded else None,
                                 shape=(len(members), width),
-                                keep=valid_t.nonzero().flatten() if padded else torch.arange(len(valid), device=device)))
+                                keep=valid_t.nonzero().flatten() if padded else None))
         order_t = torch.tensor(order, device=device)
         inverse = torch.empty_like(order_t)
         inverse[order_t] = torch.arange(len(order), device=device)
@@ -92,7 +92,8 @@ class Packing:
             out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, dropout_p=dropout,
                                                  is_causal=self.causal, scale=scale,
                                                  enable_gqa=kg.shape[1] != qg.shape[1])
-            rows.append(out.transpose(1, 2).reshape(b * n, out.shape[1], out.shape[3]).index_select(0, g.keep))
+            out = out.transpose(1, 2).reshape(b * n, out.shape[1], out.shape[3])
+            rows.append(out if g.keep is None else out.index_select(0, g.keep))
         return torch.cat(rows).index_select(0, self.order)[None]
 
 
