@@ -55,6 +55,33 @@ def test_paired_bootstrap_point_and_interval():
     assert table["atv"]["icl"]["seen"]["first"][0] == 0.5 and "unseen" not in table["atv"]["icl"]
 
 
+def test_shared_templates_and_scores_split_by_them():
+    """A template two tasks use makes a prompt that does not name its task; scores and ATV's differences are
+    also reported on own vs shared templates (template indices stored, or i mod the count for older results)."""
+    from atv_core.tools.evaluate import by_template, by_template_table, shared_templates
+    generic = "Input: {input}\nOutput:"
+    t1 = Namespace(name="t1", seen=True, templates=("A {input}", generic))
+    t2 = Namespace(name="t2", seen=True, templates=(generic, "B {input}", "C {input}"))
+    t3 = Namespace(name="t3", seen=False, templates=("D {input}",))
+    assert shared_templates([t1, t2, t3]) == {("t1", 1), ("t2", 0)}
+    r = {"t1": {"atv": {"first": [1, 0, 1, 0], "em": [1, 0, 1, 0]},            # no "templates": 0, 1, 0, 1
+                "static": {"first": [1, 1, 1, 1], "em": [1, 1, 0, 1]}},
+         "t2": {"atv": {"first": [0, 1, 1], "em": [0, 1, 1], "templates": [0, 1, 2]},
+                "static": {"first": [1, 1, 1], "em": [1, 1, 1], "templates": [0, 1, 2]}},
+         "t3": {"atv": {"first": [1], "em": [1]}}}
+    split = by_template([r], [t1, t2, t3], ["atv", "static"])
+    own, shared = split["differences"]["atv - static"]["seen, own template"], \
+        split["differences"]["atv - static"]["seen, shared template"]
+    assert own["first"] == (0.0, 0.0, 0.0) and shared["first"] == (-1.0, -1.0, -1.0)
+    assert own["em"][0] == 0.25                                              # t1: +1/2, t2: 0; tasks weighted equally
+    assert split["means"]["atv"]["seen, own template"]["first"][0] == 1.0
+    assert split["means"]["atv"]["seen, shared template"]["first"][0] == 0.0
+    assert split["means"]["atv"]["unseen, own template"]["first"][0] == 1.0
+    assert "static" not in [m for m in split["means"] if "unseen, own template" in split["means"][m]]
+    table = by_template_table(split)
+    assert "| atv - static | +0.0 [+0.0, +0.0] | -100.0 [-100.0, -100.0] | n/a |" in table
+
+
 def test_task_file_template_from_field_or_flag_and_without_the_suite(tmp_path, monkeypatch):
     path = tmp_path / "shout.jsonl"
     path.write_text("".join(json.dumps({"input": f"w{i}", "output": f"W{i}", "template": "Shout {input}:"}) + "\n"
@@ -146,8 +173,11 @@ def test_evaluate_seed_end_to_end_resumes_and_reports(tmp_path):
     stamp = (methods_dir / "atv.json").stat().st_mtime_ns
     again = evaluate_seed(0, args, model, tok, tasks, {})           # resumes: only ICL is run again
     assert (methods_dir / "atv.json").stat().st_mtime_ns == stamp and again == results
+    assert results["antonym"]["atv"]["templates"] == [0, 1, 2, 0, 1, 2]
     summary, text = report([results], tasks, args.methods, [0])
     assert "atv - static" in text and "atv - icl" in text and "generic prompts" in text
+    assert summary["by_template"]["shared_templates"] == ["antonym[2]", "synonym[2]"]   # both "{input} ->"
+    assert "seen, shared template" in text
     assert summary["summary"]["icl"]["mean_prompt_tokens"]["antonym"][0] > \
         summary["summary"]["atv"]["mean_prompt_tokens"]["antonym"][0]
 

@@ -192,13 +192,13 @@ def run_method(engine, method, tasks, seed, args, generator, controls) -> dict:
             continue
         items = test_prompts(task, args.limit, not args.rotate_templates)
         prompts, vectors, mode, gates = method_prompts(method, task, items, seed, args.k, generator, controls)
-        plan.append((task, [g for _, g, _ in items], len(all_prompts), len(prompts), gates))
+        plan.append((task, [g for _, g, _ in items], [t for _, _, t in items], len(all_prompts), len(prompts), gates))
         all_prompts += prompts
         all_vectors += vectors if vectors is not None else [None] * len(prompts)
         modes.add(mode)
     requests = run_engine(engine, all_prompts, all_vectors, modes.pop())
     results = {}
-    for task, golds, offset, n, gates in plan:
+    for task, golds, templates, offset, n, gates in plan:
         chunk = requests[offset: offset + n]
         row = item_scores(engine.tokenizer, chunk, golds)
         if method == "atv":
@@ -206,6 +206,7 @@ def run_method(engine, method, tasks, seed, args, generator, controls) -> dict:
         if gates is not None:
             row["gates"] = [float(g) for g in gates]
             row["mean_gate"] = statistics.mean(row["gates"])
+        row["templates"] = templates
         row.update(first_token=statistics.mean(row["first"]), exact_match=statistics.mean(row["em"]),
                    mean_prompt_tokens=statistics.mean(row["prompt_tokens"]))
         results[task.name] = row
@@ -335,9 +336,10 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def paired_bootstrap(per_seed: list[dict], tasks: list[Task], a: str, b: str, key: str, reps: int = 2000,
-                     seed: int = 0) -> tuple[float, float, float] | None:
+                     seed: int = 0, templates: set[tuple[str, int]] | None = None) -> tuple[float, float, float] | None:
     """Mean of (a - b) over `tasks` (tasks weighted equally) with a 95% percentile interval, resampling the
-    (seed, item) pairs within each task. `key` is "first" or "em". None if a method lacks a task."""
+    (seed, item) pairs within each task. `key` is "first" or "em". None if a method lacks a task.
+    `templates`: only the prompts under these (task, template index) pairs (a task with none is left out)."""
     import numpy as np
 
     diffs = []
@@ -345,7 +347,13 @@ def paired_bootstrap(per_seed: list[dict], tasks: list[Task], a: str, b: str, ke
         rows = [r[task.name] for r in per_seed if a in r[task.name] and b in r[task.name]]
         if not rows:
             return None
-        diffs.append(np.concatenate([np.array(r[a][key], float) - np.array(r[b][key], float) for r in rows]))
+        d = [np.array(r[a][key], float) - np.array(r[b][key], float) for r in rows]
+        if templates is not None:
+            d = [x[[(task.name, t) in templates for t in item_templates(r[a], task)]] for x, r in zip(d, rows)]
+        if sum(len(x) for x in d):
+            diffs.append(np.concatenate(d))
+    if not diffs:
+        return None
     rng = np.random.default_rng(seed)
     boots = np.zeros(reps)
     for d in diffs:
@@ -368,6 +376,77 @@ def differences(per_seed: list[dict], tasks: list[Task], methods, contenders=("a
                 if group_tasks:
                     out[a][b][group] = {k: paired_bootstrap(per_seed, group_tasks, a, b, k) for k in ("first", "em")}
     return out
+
+
+def shared_templates(tasks: list[Task]) -> set[tuple[str, int]]:
+    """(task, template index) pairs whose template text another task of `tasks` also uses. Such a prompt does not
+    say which task it is ("Input: 422\nOutput:" is both next_number's and number_parity's prompt), so a method that
+    reads only the prompt cannot know the task there, while a method told the task (a static vector per task) or
+    shown it (ICL's demonstrations, ATV's examples) can."""
+    users: dict[str, set[str]] = {}
+    for task in tasks:
+        for template in task.templates:
+            users.setdefault(template, set()).add(task.name)
+    return {(t.name, i) for t in tasks for i, template in enumerate(t.templates) if len(users[template]) > 1}
+
+
+def item_templates(row: dict, task: Task) -> list[int]:
+    """Each scored prompt's template index (results written before it was stored: i mod the template count,
+    which both of test_prompts' orders give)."""
+    return row.get("templates") or [i % len(task.templates) for i in range(len(row["first"]))]
+
+
+TEMPLATE_GROUPS = (("seen, own template", True, False), ("seen, shared template", True, True),
+                   ("unseen, own template", False, False), ("unseen, shared template", False, True))
+
+
+def by_template(per_seed: list[dict], tasks: list[Task], methods) -> dict:
+    """First-token and exact-match means (mean, std over seeds) and ATV minus each baseline [95% interval] on the
+    prompts under a task's own template vs a template shared with another task (`shared_templates`)."""
+    shared = shared_templates(tasks)
+    every = {(t.name, i) for t in tasks for i in range(len(t.templates))}
+    means, diffs = {}, {}
+    for name, seen, is_shared in TEMPLATE_GROUPS:
+        pairs = shared if is_shared else every - shared
+        group = [t for t in tasks if t.seen == seen and any((t.name, i) in pairs for i in range(len(t.templates)))]
+        if not group:
+            continue
+        for m in methods:
+            for key in ("first", "em"):
+                per = []
+                for r in per_seed:
+                    scores = []
+                    for t in group:
+                        if m not in r[t.name]:
+                            break
+                        row = r[t.name][m]
+                        kept = [x for x, i in zip(row[key], item_templates(row, t)) if (t.name, i) in pairs]
+                        scores.append(statistics.mean(kept))
+                    else:
+                        per.append(statistics.mean(scores))
+                if per:
+                    means.setdefault(m, {}).setdefault(name, {})[key] = _mean_std(per)
+        for a in (m for m in ("atv", "atv_examples") if m in methods):
+            for b in (m for m in BASELINES if m in methods):
+                diffs.setdefault(f"{a} - {b}", {})[name] = {
+                    key: paired_bootstrap(per_seed, group, a, b, key, templates=pairs) for key in ("first", "em")}
+    return {"shared_templates": sorted(f"{t}[{i}]" for t, i in shared), "means": means, "differences": diffs}
+
+
+def by_template_table(split: dict) -> str:
+    """First-token accuracy and ATV's differences on own vs shared templates."""
+    groups = [g for g, _, _ in TEMPLATE_GROUPS if any(g in v for v in split["means"].values())]
+    lines = ["| first-token (%) | " + " | ".join(groups) + " |", "|---" * (len(groups) + 1) + "|"]
+    for m, by_group in split["means"].items():
+        lines.append(f"| {m} | " + " | ".join(_cell(by_group[g]["first"], True) if g in by_group else "–"
+                                             for g in groups) + " |")
+    for pair, by_group in split["differences"].items():
+        cells = []
+        for g in groups:
+            v = by_group.get(g, {}).get("first")
+            cells.append("n/a" if v is None else f"{100 * v[0]:+.1f} [{100 * v[1]:+.1f}, {100 * v[2]:+.1f}]")
+        lines.append(f"| {pair} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def gate_open_rate(per_seed: list[dict], tasks: list[Task], seen: bool) -> float | None:
@@ -428,16 +507,21 @@ def report(per_seed: list[dict], tasks: list[Task], methods, seeds) -> tuple[dic
     summary = aggregate(per_seed, tasks, methods)
     diffs = differences(per_seed, tasks, list(summary))
     gates = {"seen": gate_open_rate(per_seed, tasks, True), "unseen": gate_open_rate(per_seed, tasks, False)}
+    split = by_template(per_seed, tasks, list(summary))
     text = ["## first-token accuracy (%)", markdown_table(summary, tasks, "first_token"),
             "", "## exact match (%)", markdown_table(summary, tasks, "exact_match"),
             "", "## target prompt tokens per query", markdown_table(summary, tasks, "mean_prompt_tokens"),
             "", "## ATV minus each baseline (points; paired bootstrap 95% interval over seeds x items)",
-            differences_table(diffs), "", "## gate and generic prompts"]
+            differences_table(diffs),
+            "", "## by template: the task's own vs one another task also uses",
+            "Shared (the prompt does not say which task it is): " + ", ".join(split["shared_templates"]), "",
+            by_template_table(split), "", "## gate and generic prompts"]
     text += [f"- served ATV gate >= 0.5 on {100 * v:.1f}% of {k} test queries" for k, v in gates.items() if v is not None]
     text += generic_lines(per_seed, seeds)
     generic = {str(s): {k: v for k, v in r["_generic"].items() if k != "identical"} for s, r in zip(seeds, per_seed)
                if "_generic" in r}
-    return {"summary": summary, "differences": diffs, "gate_open": gates, "generic": generic}, "\n".join(text) + "\n"
+    return {"summary": summary, "differences": diffs, "by_template": split, "gate_open": gates,
+            "generic": generic}, "\n".join(text) + "\n"
 
 
 def plot(summary: dict, tasks: list[Task], path: Path) -> None:
