@@ -55,10 +55,10 @@ def test_paired_bootstrap_point_and_interval():
     assert table["atv"]["icl"]["seen"]["first"][0] == 0.5 and "unseen" not in table["atv"]["icl"]
 
 
-def test_shared_templates_and_scores_split_by_them():
+def test_shared_templates_and_scores_split_by_them(tmp_path):
     """A template two tasks use makes a prompt that does not name its task; scores and ATV's differences are
     also reported on own vs shared templates (template indices stored, or i mod the count for older results)."""
-    from atv_core.tools.evaluate import by_template, by_template_table, shared_templates
+    from atv_core.tools.evaluate import by_template, by_template_table, plot_by_template, shared_templates
     generic = "Input: {input}\nOutput:"
     t1 = Namespace(name="t1", seen=True, templates=("A {input}", generic))
     t2 = Namespace(name="t2", seen=True, templates=(generic, "B {input}", "C {input}"))
@@ -80,6 +80,8 @@ def test_shared_templates_and_scores_split_by_them():
     assert "static" not in [m for m in split["means"] if "unseen, own template" in split["means"][m]]
     table = by_template_table(split)
     assert "| atv - static | +0.0 [+0.0, +0.0] | -100.0 [-100.0, -100.0] | n/a |" in table
+    plot_by_template(split, tmp_path / "split.png")
+    assert (tmp_path / "split.png").stat().st_size > 1000
 
 
 def test_task_file_template_from_field_or_flag_and_without_the_suite(tmp_path, monkeypatch):

@@ -544,6 +544,28 @@ def plot(summary: dict, tasks: list[Task], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_by_template(split: dict, path: Path) -> None:
+    """First-token accuracy per method on own vs shared templates (the bars of `by_template_table`)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [g for g, _, _ in TEMPLATE_GROUPS if any(g in v for v in split["means"].values())]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / max(len(split["means"]), 1)
+    for i, (method, by_group) in enumerate(split["means"].items()):
+        cells = [by_group.get(g, {}).get("first", (float("nan"), float("nan"))) for g in groups]
+        ax.bar([x + i * width for x in range(len(groups))], [100 * m for m, _ in cells], width,
+               yerr=[0.0 if math.isnan(sd) else 100 * sd for _, sd in cells], label=method)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(groups))], groups, fontsize=8)
+    ax.set_ylabel("first-token accuracy (%)")
+    ax.set_title("prompts under the task's own template vs a template another task also uses", fontsize=9)
+    ax.legend(fontsize=7, ncol=4)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def suite_and_files(args) -> list[Task]:
     """The built-in tasks (all, or --tasks) and/or the user's --task-file tasks; with only --task-file,
     the built-in suite is not needed."""
@@ -601,5 +623,6 @@ def cli(argv: list[str]) -> int:
     (out / "summary.json").write_text(json.dumps({"seeds": args.seeds, **summary}, indent=2))
     (out / "table.md").write_text(text)
     plot(summary["summary"], tasks, out / "eval.png")
+    plot_by_template(summary["by_template"], out / "eval_by_template.png")
     print(text)
     return 0
