@@ -1,7 +1,7 @@
 """Paired comparison of two `atv eval` runs on the same items: method A of run 1 minus method B of run 2.
 
-Usage: python bench/eval/compare.py RUN1 RUN2 [--pairs atv:atv atv_nogate:atv_nogate] [--seed 0]
-Prints each pair's difference (points) with a paired bootstrap 95% interval over items, per task group.
+Usage: python bench/eval/compare.py RUN1 RUN2 [--pairs atv:atv atv_nogate:atv_nogate] [--seeds 0 1 2]
+Prints each pair's difference (points) with a paired bootstrap 95% interval over seeds x items, per task group.
 Both runs must have scored the same test items (same --limit / template setting). Reads only JSON files.
 """
 from __future__ import annotations
@@ -26,14 +26,14 @@ def main(argv=None) -> None:
     parser.add_argument("run1", type=Path)
     parser.add_argument("run2", type=Path)
     parser.add_argument("--pairs", nargs="+", default=["atv:atv", "atv_nogate:atv_nogate"])
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", "--seed", type=int, nargs="+", default=[0])
     args = parser.parse_args(argv)
     tasks = [Namespace(name=t.name, seen=t.seen) for t in load_suite()]
     for pair in args.pairs:
         a, b = pair.split(":")
-        data = [merged(args.run1, args.run2, args.seed, a, b)]
+        data = [merged(args.run1, args.run2, seed, a, b) for seed in args.seeds]
         for group, seen in (("seen", True), ("unseen", False)):
-            scored = [t for t in tasks if t.seen == seen and t.name in data[0]]
+            scored = [t for t in tasks if t.seen == seen and all(t.name in d for d in data)]
             if not scored:   # e.g. static vectors trained for the seen tasks only
                 print(f"{args.run1.name}:{a} - {args.run2.name}:{b} ({group}): no task scored by both")
                 continue
