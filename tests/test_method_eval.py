@@ -80,6 +80,10 @@ def test_shared_templates_and_scores_split_by_them(tmp_path):
     assert "static" not in [m for m in split["means"] if "unseen, own template" in split["means"][m]]
     table = by_template_table(split)
     assert "| atv - static | +0.0 [+0.0, +0.0] | -100.0 [-100.0, -100.0] | n/a |" in table
+    r["t2"]["atv"]["templates"] = r["t2"]["static"]["templates"] = [1, 2, 1]   # no t2 prompt under its shared one
+    fewer = by_template([r], [t1, t2, t3], ["atv", "static"])
+    assert fewer["differences"]["atv - static"]["seen, shared template"]["first"] == (-1.0, -1.0, -1.0)   # t1 only
+    assert fewer["means"]["static"]["seen, shared template"]["first"][0] == 1.0
     plot_by_template(split, tmp_path / "split.png")
     assert (tmp_path / "split.png").stat().st_size > 1000
 

@@ -421,9 +421,11 @@ def by_template(per_seed: list[dict], tasks: list[Task], methods) -> dict:
                             break
                         row = r[t.name][m]
                         kept = [x for x, i in zip(row[key], item_templates(row, t)) if (t.name, i) in pairs]
-                        scores.append(statistics.mean(kept))
+                        if kept:   # none when --limit/--rotate-templates left this task no prompt in the group
+                            scores.append(statistics.mean(kept))
                     else:
-                        per.append(statistics.mean(scores))
+                        if scores:
+                            per.append(statistics.mean(scores))
                 if per:
                     means.setdefault(m, {}).setdefault(name, {})[key] = _mean_std(per)
         for a in (m for m in ("atv", "atv_examples") if m in methods):
