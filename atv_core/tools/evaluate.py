@@ -336,10 +336,9 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def paired_bootstrap(per_seed: list[dict], tasks: list[Task], a: str, b: str, key: str, reps: int = 2000,
-                     seed: int = 0, templates: set[tuple[str, int]] | None = None) -> tuple[float, float, float] | None:
+                     seed: int = 0) -> tuple[float, float, float] | None:
     """Mean of (a - b) over `tasks` (tasks weighted equally) with a 95% percentile interval, resampling the
-    (seed, item) pairs within each task. `key` is "first" or "em". None if a method lacks a task.
-    `templates`: only the prompts under these (task, template index) pairs (a task with none is left out)."""
+    (seed, item) pairs within each task. `key` is "first" or "em". None if a method lacks a task."""
     import numpy as np
 
     diffs = []
@@ -347,13 +346,7 @@ def paired_bootstrap(per_seed: list[dict], tasks: list[Task], a: str, b: str, ke
         rows = [r[task.name] for r in per_seed if a in r[task.name] and b in r[task.name]]
         if not rows:
             return None
-        d = [np.array(r[a][key], float) - np.array(r[b][key], float) for r in rows]
-        if templates is not None:
-            d = [x[[(task.name, t) in templates for t in item_templates(r[a], task)]] for x, r in zip(d, rows)]
-        if sum(len(x) for x in d):
-            diffs.append(np.concatenate(d))
-    if not diffs:
-        return None
+        diffs.append(np.concatenate([np.array(r[a][key], float) - np.array(r[b][key], float) for r in rows]))
     rng = np.random.default_rng(seed)
     boots = np.zeros(reps)
     for d in diffs:
@@ -400,38 +393,49 @@ TEMPLATE_GROUPS = (("seen, own template", True, False), ("seen, shared template"
                    ("unseen, own template", False, False), ("unseen, shared template", False, True))
 
 
+def restrict(results: dict, tasks: list[Task], pairs: set[tuple[str, int]]) -> dict:
+    """One seed's results cut to the prompts under `pairs` ((task, template index)), each method's means
+    recomputed; a task with no such prompt is left out."""
+    out = {}
+    for task in tasks:
+        rows = {}
+        for method, row in results.get(task.name, {}).items():
+            keep = [(task.name, i) in pairs for i in item_templates(row, task)]
+            if any(keep):
+                cut = {k: [x for x, y in zip(row[k], keep) if y] for k in ("first", "em", "prompt_tokens") if k in row}
+                rows[method] = {**cut, "first_token": statistics.mean(cut["first"]),
+                                "exact_match": statistics.mean(cut["em"]),
+                                "mean_prompt_tokens": statistics.mean(cut.get("prompt_tokens") or [math.nan])}
+        if rows:
+            out[task.name] = rows
+    return out
+
+
 def by_template(per_seed: list[dict], tasks: list[Task], methods) -> dict:
     """First-token and exact-match means (mean, std over seeds) and ATV minus each baseline [95% interval] on the
-    prompts under a task's own template vs a template shared with another task (`shared_templates`)."""
+    prompts under a task's own template vs a template shared with another task (`shared_templates`): `aggregate`
+    and `differences` over the results cut to each kind of prompt."""
     shared = shared_templates(tasks)
     every = {(t.name, i) for t in tasks for i in range(len(t.templates))}
+    reports = {}
+    for is_shared in (False, True):
+        cut = [restrict(r, tasks, shared if is_shared else every - shared) for r in per_seed]
+        kept = [t for t in tasks if all(t.name in c for c in cut)]
+        reports[is_shared] = (kept, aggregate(cut, kept, methods),
+                              differences(cut, kept, methods, contenders=("atv", "atv_examples")))
     means, diffs = {}, {}
     for name, seen, is_shared in TEMPLATE_GROUPS:
-        pairs = shared if is_shared else every - shared
-        group = [t for t in tasks if t.seen == seen and any((t.name, i) in pairs for i in range(len(t.templates)))]
-        if not group:
+        kept, summary, by_pair = reports[is_shared]
+        group = "seen" if seen else "unseen"
+        if not any(t.seen == seen for t in kept):
             continue
-        for m in methods:
-            for key in ("first", "em"):
-                per = []
-                for r in per_seed:
-                    scores = []
-                    for t in group:
-                        if m not in r[t.name]:
-                            break
-                        row = r[t.name][m]
-                        kept = [x for x, i in zip(row[key], item_templates(row, t)) if (t.name, i) in pairs]
-                        if kept:   # none when --limit/--rotate-templates left this task no prompt in the group
-                            scores.append(statistics.mean(kept))
-                    else:
-                        if scores:
-                            per.append(statistics.mean(scores))
-                if per:
-                    means.setdefault(m, {}).setdefault(name, {})[key] = _mean_std(per)
-        for a in (m for m in ("atv", "atv_examples") if m in methods):
-            for b in (m for m in BASELINES if m in methods):
-                diffs.setdefault(f"{a} - {b}", {})[name] = {
-                    key: paired_bootstrap(per_seed, group, a, b, key, templates=pairs) for key in ("first", "em")}
+        for m, metrics in summary.items():
+            for key, metric in (("first", "first_token"), ("em", "exact_match")):
+                if not math.isnan(metrics[metric][group][0]):
+                    means.setdefault(m, {}).setdefault(name, {})[key] = metrics[metric][group]
+        for a, by_base in by_pair.items():
+            for b, groups in by_base.items():
+                diffs.setdefault(f"{a} - {b}", {})[name] = groups[group]
     return {"shared_templates": sorted(f"{t}[{i}]" for t, i in shared), "means": means, "differences": diffs}
 
 
