@@ -270,6 +270,9 @@ def test_packing_plan_groups_prompts_by_length_class():
     assert group.keys.flatten().tolist() == [True, True, True, False, True, True, True, True]
     rows = torch.cat([g.gather if g.keep is None else g.gather.index_select(0, g.keep) for g in plan.groups])
     assert torch.equal(rows[plan.order], torch.arange(18))   # every token back in its place
+    causal = Packing.build([3, 1, 4, 2, 8], causal=True)   # is_causal keeps real queries off the right padding
+    assert [g.gather.tolist() for g in causal.groups] == [g.gather.tolist() for g in plan.groups]
+    assert all(g.keys is None for g in causal.groups)
 
 
 def test_a_backbone_attention_packing_cannot_honour_falls_back_to_the_mask(tmp_path, monkeypatch, caplog):

@@ -39,7 +39,7 @@ class Unsupported(RuntimeError):
 @dataclass(frozen=True)
 class Group:
     gather: torch.Tensor          # [b * n] indices into the N packed tokens (padding -> the row's first token)
-    keys: torch.Tensor | None     # [b, 1, 1, n] bool, True for a real key (None: no padding in this group)
+    keys: torch.Tensor | None     # [b, 1, 1, n] bool, True for a real key (None: no padding, or causal)
     shape: tuple[int, int]        # (b, n)
     keep: torch.Tensor | None     # indices into the b * n padded rows of the group's real tokens (None: all)
 
@@ -72,7 +72,8 @@ class Packing:
             valid_t = torch.tensor(valid, device=device)
             padded = not all(valid)
             groups.append(Group(gather=torch.tensor(gather, device=device),
-                                keys=valid_t.view(len(members), 1, 1, width) if padded else None,
+                                # right padding: under is_causal a real query never reaches it, so no mask
+                                keys=valid_t.view(len(members), 1, 1, width) if padded and not causal else None,
                                 shape=(len(members), width),
                                 keep=valid_t.nonzero().flatten() if padded else None))
         order_t = torch.tensor(order, device=device)
@@ -87,9 +88,7 @@ class Packing:
         for g in self.groups:
             b, n = g.shape
             qg, kg, vg = (t.index_select(0, g.gather).view(b, n, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
-            # right padding: under is_causal a real query never reaches the padding, so no mask is needed
-            mask = None if self.causal else g.keys
-            out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, dropout_p=dropout,
+            out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.keys, dropout_p=dropout,
                                                  is_causal=self.causal, scale=scale,
                                                  enable_gqa=kg.shape[1] != qg.shape[1])
             out = out.transpose(1, 2).reshape(b * n, out.shape[1], out.shape[3])
