@@ -84,7 +84,7 @@ class CompletionFormat(_Format):
     def opening(self, choice: Choice) -> dict | None:
         if not self.echo:
             return None
-        return self.envelope(self.chunk_object, [{"index": choice.index, "text": choice.prompt_text,
+        return self.envelope(self.chunk_object, [{"index": choice.index, "text": choice.echo_text,
                                                   "logprobs": None, "finish_reason": None}])
 
     def chunk(self, choice: Choice, out: RequestOutput) -> dict | None:
@@ -93,7 +93,7 @@ class CompletionFormat(_Format):
         logprobs = None
         if out.logprobs or out.prompt_logprobs:   # prompt logprobs come once, with the first output
             start = 0 if out.prompt_logprobs else self._offsets.get(choice.index,
-                                                                    len(choice.prompt_text) if self.echo else 0)
+                                                                    len(choice.echo_text) if self.echo else 0)
             logprobs = self.logprobs((out.prompt_logprobs or []) + (out.logprobs or []), start)
             self._offsets[choice.index] = start + sum(len(t) for t in logprobs.tokens)
         body = {"index": choice.index, "text": out.text_delta,
@@ -103,7 +103,7 @@ class CompletionFormat(_Format):
     def response(self, job: Job, want_logprobs: bool) -> CompletionResponse:
         choices = []
         for c in job.choices:
-            prefix = c.prompt_text if self.echo else ""
+            prefix = c.echo_text if self.echo else ""
             if want_logprobs and c.prompt_logprobs:   # echo: prompt tokens, then the completion's
                 logprobs = self.logprobs(c.prompt_logprobs + c.logprobs, 0)
             else:

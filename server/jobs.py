@@ -42,6 +42,7 @@ class Choice:
     prompt_ids: list[int]
     prompt_text: str               # what the generator reads
     params: SamplingParams
+    echo_text: str = ""            # what `echo` prepends: the prompt as sent (token ids: decoded, special tokens kept)
     text_parts: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)   # echo + logprobs

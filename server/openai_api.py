@@ -82,10 +82,13 @@ async def completion_choices(body: CompletionRequest, engine, state: ServingStat
     _check_choice_count(len(body.prompts) * body.n)
     choices = []
     for p, prompt in enumerate(body.prompts):
-        ids, prompt = await prompt_ids(prompt, engine)
+        ids, text = await prompt_ids(prompt, engine)
         requested = body.max_tokens if body.max_tokens is not None else min(16, state.settings.max_tokens)
         max_tokens = _max_tokens(requested, len(ids), engine, state, "prompt")
-        choices += _choices(body, p, ids, prompt, max_tokens, body.logprobs, len(choices), body.prompt_logprobs)
+        # echo gives the prompt as sent; a token-id prompt's every token, special ones too, as its logprobs do
+        echo = "" if not body.echo else prompt if isinstance(prompt, str) else \
+            await engine.decode(prompt, skip_special_tokens=False)
+        choices += _choices(body, p, ids, text, max_tokens, body.logprobs, len(choices), body.prompt_logprobs, echo)
     return choices
 
 
@@ -144,7 +147,8 @@ def _max_tokens(requested: int | None, prompt_len: int, engine, state: ServingSt
 
 
 def _choices(body: SamplingFields, prompt_index: int, ids: list[int], prompt_text: str, max_tokens: int,
-             logprobs: int | None, first_index: int, prompt_logprobs: int | None = None) -> list[Choice]:
+             logprobs: int | None, first_index: int, prompt_logprobs: int | None = None,
+             echo_text: str = "") -> list[Choice]:
     choices = []
     for j in range(body.n):
         seed = None if body.seed is None else body.seed + j
@@ -155,7 +159,7 @@ def _choices(body: SamplingFields, prompt_index: int, ids: list[int], prompt_tex
                                     ignore_eos=body.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         except ValueError as exc:
             raise APIError(400, str(exc)) from exc
-        choices.append(Choice(first_index + j, prompt_index, ids, prompt_text, params))
+        choices.append(Choice(first_index + j, prompt_index, ids, prompt_text, params, echo_text))
     return choices
 
 

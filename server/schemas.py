@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 INT64_MAX = 2**63 - 1
 MAX_PROMPTS = 64
@@ -20,7 +20,20 @@ MAX_PROMPTS = 64
 Scale = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-100.0, le=100.0)]
 Temperature = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0.0, le=2.0)]
 TopP = Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0.0, le=1.0)]
-NonEmptyStr = Annotated[StrictStr, Field(min_length=1)]
+
+
+def valid_unicode(text: str) -> str:
+    """JSON can carry an unpaired surrogate ("\\ud800"), which no tokenizer can encode: refuse it here."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"character {exc.start} is an unpaired surrogate ({text[exc.start]!r}); "
+                         "send valid Unicode text") from None
+    return text
+
+
+Text = Annotated[StrictStr, AfterValidator(valid_unicode)]
+NonEmptyStr = Annotated[Text, Field(min_length=1)]
 TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
 StopStrings = NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=4)]
 
@@ -28,8 +41,8 @@ StopStrings = NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=4)]
 class ExampleOption(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    input: StrictStr
-    output: StrictStr
+    input: Text
+    output: Text
 
 
 class SteeringOptions(BaseModel):
@@ -58,7 +71,7 @@ class StreamOptions(BaseModel):
 
 class SamplingFields(BaseModel):
     """Fields shared by completions and chat."""
-    model: StrictStr | None = Field(None, description="a model id of GET /v1/models: the served base id, or a "
+    model: Text | None = Field(None, description="a model id of GET /v1/models: the served base id, or a "
                                     "steering preset <base>:off | :atv | :vector/<name>")
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
@@ -69,7 +82,7 @@ class SamplingFields(BaseModel):
         None, description="choice i of n uses seed + i")
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    user: StrictStr | None = None
+    user: Text | None = None
     ignore_eos: StrictBool = Field(False, description="extension: keep generating past end-of-sequence")
     atv: SteeringOptions | None = None
 
@@ -105,13 +118,13 @@ class CompletionRequest(SamplingFields):
 
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: StrictStr
+    text: Text
 
 
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: StrictStr | list[TextPart] | None = None
-    name: StrictStr | None = None
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
 
     @property
     def text(self) -> str:

@@ -307,6 +307,26 @@ def test_invalid_fields_are_400(main, body, param):
     assert_error(main.post("/v1/completions", body), 400, param)
 
 
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a\ud800b"}]}, "messages.0.content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "\udc80"}]}]},
+     "messages.0.content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x", "name": "\ud800"}]}, "messages.0.name"),
+    ("/v1/completions", {"prompt": "x", "atv": {"examples": [{"input": "a\ud800", "output": "b"}]}},
+     "atv.examples.0.input"),
+    ("/v1/completions", {"prompt": "x", "user": "\udfff"}, "user"),
+    ("/v1/completions", {"prompt": "x\ud800"}, "prompt"),
+])
+def test_unpaired_surrogates_are_400_on_every_text_field(main, path, body, param):
+    """JSON can carry a lone UTF-16 surrogate, which no tokenizer encodes: every text field refuses it (it
+    was a 500 from the tokenizer on chat content, and a failed generator batch on atv.examples)."""
+    raw = json.dumps(body)   # ASCII JSON with the "\\ud800" escape (httpx's json= cannot encode a lone surrogate)
+    error = assert_error(httpx.post(main.url + path, content=raw, headers={"content-type": "application/json"},
+                                    timeout=60), 400)
+    assert error["param"].startswith(param), error
+    assert completion(main)["choices"]   # and the server goes on
+
+
 def test_invalid_json_and_chat_fields_are_400(main):
     response = httpx.post(main.url + "/v1/completions", content=b"{not json",
                           headers={"content-type": "application/json"})

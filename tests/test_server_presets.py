@@ -194,6 +194,20 @@ def test_echo_logprobs_score_the_prompt_like_a_plain_forward(served, assets):
         lp["token_logprobs"]
 
 
+def test_echo_of_a_token_id_prompt_keeps_its_special_tokens_like_its_logprobs(served):
+    """The echoed text of a token-id prompt and its prompt logprobs' tokens and offsets describe the same
+    text: special tokens (here a leading <s>) are in both, as vLLM echoes them."""
+    from tests.tiny import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    ids = [tokenizer.bos_token_id] + tokenizer("Hello there").input_ids
+    choice = _echo(served, f"{BASE}:off", prompt=ids)["choices"][0]
+    lp = choice["logprobs"]
+    assert choice["text"] == "<s>Hello there" == "".join(lp["tokens"])
+    assert lp["text_offset"] == [choice["text"].index(t, o) for t, o in zip(lp["tokens"], lp["text_offset"])]
+    assert lp["text_offset"][-1] + len(lp["tokens"][-1]) == len(choice["text"])
+
+
 def test_echo_logprobs_stream_the_prompt_once(served):
     with httpx.stream("POST", served.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, json={
             "model": f"{BASE}:off", "prompt": "Hello there", "echo": True, "logprobs": 1, "max_tokens": 2,

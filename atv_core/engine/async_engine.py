@@ -129,9 +129,9 @@ class AsyncEngine:
         """[{role, content}, ...] through the chat template. PromptTooLong, or ValueError if the template refuses."""
         return await self._tokens.encode_chat(messages)
 
-    async def decode(self, ids: list[int]) -> str:
-        """The text of token ids, special tokens dropped (what the generator reads of a token-id prompt)."""
-        return await self._tokens.decode(ids)
+    async def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        """The text of token ids, special tokens dropped (what the generator reads of a token-id prompt) or kept."""
+        return await self._tokens.decode(ids, skip_special_tokens)
 
     async def token_texts(self, ids: list[int]) -> list[str]:
         """Each token decoded alone, special tokens kept (the `tokens` of prompt logprobs)."""

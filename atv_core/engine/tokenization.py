@@ -44,9 +44,10 @@ class TokenizerWorker:
         self._check_chars(sum(len(m["content"]) for m in messages), "conversation")
         return await self._run(self._encode_chat, messages)
 
-    async def decode(self, ids: list[int]) -> str:
-        """The text of token ids (special tokens dropped): what the generator reads of a token-id prompt."""
-        return await self._run(self._decode, ids)
+    async def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        """The text of token ids (by default special tokens dropped: what the generator reads of a token-id
+        prompt; kept: what `echo` returns of it)."""
+        return await self._run(self._decode, ids, skip_special_tokens)
 
     async def token_texts(self, ids: list[int]) -> list[str]:
         """Each token decoded alone (special tokens kept), as logprobs report tokens."""
@@ -59,8 +60,8 @@ class TokenizerWorker:
     def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
         return list(self._tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
 
-    def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=True)
+    def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def _token_texts(self, ids: list[int]) -> list[str]:
         return self._tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False)
