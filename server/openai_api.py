@@ -191,6 +191,11 @@ async def respond(state: ServingState, request: Request, body: SamplingFields, c
               log_fields, model_id)
     try:
         job.start(request)
+    except APIError as exc:
+        job.close()
+        if endpoint == "chat" and exc.param == "prompt":
+            exc.param = "messages"   # the engine refused the prompt, which a chat sent as its messages
+        raise
     except BaseException:
         job.close()
         raise

@@ -345,7 +345,10 @@ def test_unknown_model_and_path_are_404(main):
 
 def test_prompt_too_long_is_413(main, monkeypatch):
     assert_error(main.post("/v1/completions", {"prompt": "x" * 500, "max_tokens": 16}), 413)  # 516 > 512
-    assert_error(main.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 520}]}), 413)
+    assert_error(main.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 520}]}), 413,
+                 "messages")
+    fits_alone = {"messages": [{"role": "user", "content": "x" * 490}], "max_tokens": 30}   # refused at submit
+    assert_error(main.post("/v1/chat/completions", fits_alone), 413, "messages")
     monkeypatch.setattr(main.state.settings, "max_prompt_tokens", 10)
     assert_error(main.post("/v1/completions", {"prompt": "x" * 11}), 413, "prompt")
     assert completion(main, prompt="x" * 10)["choices"]
