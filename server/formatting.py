@@ -118,12 +118,13 @@ class ChatFormat(_Format):
     chunk_object = "chat.completion.chunk"
 
     def logprobs(self, entries: list[TokenLogprob]) -> ChatLogprobs:
-        def top(text: str, logprob: float) -> TopLogprob:
-            return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
+        def top(text: str, raw: bytes, logprob: float) -> TopLogprob:
+            return TopLogprob(token=text, logprob=logprob, bytes=list(raw or text.encode()))
 
-        return ChatLogprobs(content=[TokenLogprobEntry(**top(e.text, e.logprob).model_dump(),
-                                                       top_logprobs=[top(text, lp) for text, (_, lp) in
-                                                                     zip(e.top_text, e.top)])
+        return ChatLogprobs(content=[TokenLogprobEntry(**top(e.text, e.raw, e.logprob).model_dump(),
+                                                       top_logprobs=[top(text, raw, lp) for text, raw, (_, lp) in
+                                                                     zip(e.top_text, e.top_raw or [b""] * len(e.top),
+                                                                         e.top)])
                                      for e in entries])
 
     def opening(self, choice: Choice) -> dict:

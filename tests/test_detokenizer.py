@@ -10,7 +10,8 @@ import random
 
 import pytest
 
-from atv_core.engine.detokenizer import HOLD_LIMIT, IncrementalDetokenizer, OutputText, StopStrings
+from atv_core.engine.detokenizer import (HOLD_LIMIT, REPLACEMENT, IncrementalDetokenizer, OutputText, StopStrings,
+                                        token_bytes)
 from tests.tiny import make_tokenizer
 
 TEXT = "Grüße, 世界! Emoji 😀 ok. naïve café — fin"
@@ -179,6 +180,25 @@ def test_stop_strings_unit():
 
 # ---- the real tokenizer -------------------------------------------------------------------------
 @pytest.mark.slow
+def test_token_bytes_spell_characters_split_over_byte_level_tokens(byte_tok):
+    """Chat logprobs' `bytes`: a token holding part of a UTF-8 character decodes alone to U+FFFD; its bytes come
+    from its vocabulary entry, so a character's tokens' bytes join into the character again."""
+    text = "añ🤖 ✓ ok"
+    ids = byte_tok(text, add_special_tokens=False).input_ids
+    texts = [byte_tok.decode([i]) for i in ids]
+    assert REPLACEMENT in texts   # the case this is for (every non-ASCII byte is a token of its own here)
+    assert b"".join(token_bytes(byte_tok, i, t) for i, t in zip(ids, texts)) == text.encode()
+    assert token_bytes(byte_tok, byte_tok.eos_token_id, "</s>") == b"</s>"   # a special token: its text
+
+
+def test_token_bytes_of_byte_fallback_pieces(sp_tok):
+    ids = sp_tok("ok 🤖", add_special_tokens=False).input_ids
+    pieces = sp_tok.convert_ids_to_tokens(ids)
+    fallback = [i for i, p in zip(ids, pieces) if p.startswith("<0x")]
+    assert len(fallback) == 4
+    assert b"".join(token_bytes(sp_tok, i, sp_tok.decode([i])) for i in fallback) == "🤖".encode()
+
+
 def test_real_smollm2_tokenizer_equals_a_full_decode():
     from atv_core.models import EMBEDDED_TARGET, load_tokenizer
 
@@ -189,3 +209,6 @@ def test_real_smollm2_tokenizer_equals_a_full_decode():
     rng = random.Random(0)
     noise = [rng.randrange(len(tok)) for _ in range(500)]
     assert "".join(stream(tok, noise)[0]) == full(tok, noise)
+    emoji = tok("🇫🇷 ∑ x² ✓ 🤖", add_special_tokens=False).input_ids
+    assert REPLACEMENT in tok.batch_decode([[i] for i in emoji])
+    assert b"".join(token_bytes(tok, i, tok.decode([i])) for i in emoji) == "🇫🇷 ∑ x² ✓ 🤖".encode()

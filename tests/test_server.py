@@ -265,6 +265,11 @@ def test_chat_logprobs_and_content_parts(main):
     assert response.status_code == 200, response.text
     content = response.json()["choices"][0]["logprobs"]["content"]
     assert len(content) == 3 and all(len(entry["top_logprobs"]) == 2 for entry in content)
+    # `bytes` are each token's own bytes: one byte per token in the tiny vocabulary (bar specials), also where
+    # a token alone is part of a UTF-8 character and its text is U+FFFD (whose UTF-8 is 3 bytes)
+    entries = content + [top for entry in content for top in entry["top_logprobs"]]
+    assert any(e["token"] == "\ufffd" for e in entries)
+    assert all(len(e["bytes"]) == 1 or e["token"].startswith("<") for e in entries), entries
 
 
 def test_steering_report_and_scale(main):

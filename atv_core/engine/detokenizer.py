@@ -21,8 +21,44 @@ calling thread only.
 """
 from __future__ import annotations
 
+import functools
+import re
+
 HOLD_LIMIT = 32   # tokens held at most while the text ends in an incomplete character
 REPLACEMENT = "\ufffd"
+BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")   # SentencePiece byte fallback
+
+
+@functools.cache
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level BPE alphabet: each byte 0-255 as the printable character its vocabulary spells it with."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]   # printable bytes keep their code point; the others count up from U+0100
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def token_bytes(tokenizer, token_id: int, text: str) -> bytes:
+    """The bytes of one token, `text` being the token decoded alone (what logprobs report as `bytes`).
+
+    A token that holds part of a UTF-8 character decodes alone to U+FFFD, whose bytes are not the token's:
+    those are read from its vocabulary entry instead (a byte-level BPE symbol string, or a byte-fallback piece
+    <0xNN>). Any other token: the UTF-8 of its text."""
+    if REPLACEMENT not in text:
+        return text.encode()
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    if isinstance(piece, str):
+        if match := BYTE_PIECE.fullmatch(piece):
+            return bytes([int(match.group(1), 16)])
+        decoder = {c: b for b, c in bytes_to_unicode().items()}
+        if piece and all(c in decoder for c in piece):
+            return bytes(decoder[c] for c in piece)
+    return text.encode()
 
 
 class IncrementalDetokenizer:

@@ -35,7 +35,7 @@ from typing import Callable
 
 import torch
 
-from atv_core.engine.detokenizer import OutputText
+from atv_core.engine.detokenizer import OutputText, token_bytes
 from atv_core.engine.kv_cache import default_budget
 from atv_core.engine.request import Request, RequestOutput, SteeringReport, Status, TokenLogprob
 from atv_core.engine.runner import ModelRunner
@@ -437,9 +437,12 @@ class LLMEngine:
         return self._emit(request, [token], logprob, delta)
 
     def _name_tokens(self, logprob: TokenLogprob) -> None:
-        """Each token of a logprob entry decoded alone (the response lists them as text)."""
+        """Each token of a logprob entry decoded alone (the response lists them as text) and its bytes."""
         logprob.text = self.tokenizer.decode([logprob.token_id])
+        logprob.raw = token_bytes(self.tokenizer, logprob.token_id, logprob.text)
         logprob.top_text = [self.tokenizer.decode([token]) for token, _ in logprob.top]
+        logprob.top_raw = [token_bytes(self.tokenizer, token, text) for (token, _), text in
+                           zip(logprob.top, logprob.top_text)]
 
     def _emit(self, request: Request, token_ids: list[int], logprob, delta: str = "") -> RequestOutput:
         queue_time = request.scheduled_time - request.arrival_time if request.scheduled_time is not None else None

@@ -116,6 +116,8 @@ class TokenLogprob:
     top: list[tuple[int, float]]      # (token id, logprob), best first
     text: str = ""                    # the token decoded alone (filled in by the engine)
     top_text: list[str] = field(default_factory=list)  # the same for each entry of `top`
+    raw: bytes = b""                  # the token's own bytes (U+FFFD in `text` for part of a UTF-8 character)
+    top_raw: list[bytes] = field(default_factory=list)  # the same for each entry of `top`
 
 
 @dataclass(frozen=True)
