@@ -335,7 +335,12 @@ def test_unpaired_surrogates_are_400_on_every_text_field(main, path, body, param
 def test_invalid_json_and_chat_fields_are_400(main):
     response = httpx.post(main.url + "/v1/completions", content=b"{not json",
                           headers={"content-type": "application/json"})
-    assert_error(response, 400)
+    error = assert_error(response, 400, None)
+    assert error["param"] is None and "not valid JSON at character 1" in error["message"], error
+    for body, headers in ((b"", {"content-type": "application/json"}), (b"[1]", {"content-type": "application/json"}),
+                          (b"prompt=x", {"content-type": "application/x-www-form-urlencoded"})):
+        error = assert_error(httpx.post(main.url + "/v1/completions", content=body, headers=headers), 400)
+        assert error["param"] is None and "must be a JSON object" in error["message"], (body, error)
     assert_error(main.post("/v1/chat/completions", {"messages": []}), 400, "messages")
     assert_error(main.post("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}), 400,
                  "messages.0.role")
