@@ -77,7 +77,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if kind == "json_invalid":   # loc: ("body", character offset)
         where = f" at character {loc[1]}" if len(loc) > 1 else ""
         return f"the body is not valid JSON{where}: {first.get('ctx', {}).get('error', first.get('msg'))}", None
-    if loc == ("body",):   # no body, or not a JSON object (a list, a string, a form or text/plain body)
+    if loc == ("body",) and kind != "value_error":   # no body, or not a JSON object (a list, a form body)
         return ("the body must be a JSON object sent with Content-Type: application/json, "
                 f"with the fields of this endpoint ({first.get('msg', 'invalid')})"), None
     param = ".".join(str(part) for part in loc if _is_field(part)) or None

@@ -4,14 +4,16 @@ and the non-streaming response bodies.
 Bad input is refused by the schema itself (bounds, Literal, strict types: a float `top_k` or a string
 `temperature` is a 400), never by hand-written checks; the only checks left to the routes are the ones
 that depend on the loaded model or the settings (model name, prompt length, max_tokens limit). Unknown
-fields are ignored, as OpenAI clients send fields this server does not use. Streaming chunks are plain
+fields are ignored, as OpenAI clients send fields this server does not use; OpenAI fields it does not implement
+(penalties, logit_bias, best_of, suffix, response_format, tools) pass only with their neutral values, and
+anything else is a 400 rather than silently dropped. Streaming chunks are plain
 dicts built in server/formatting.py, in OpenAI's chunk shape.
 """
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 
 INT64_MAX = 2**63 - 1
 MAX_PROMPTS = 64
@@ -33,6 +35,18 @@ def valid_unicode(text: str) -> str:
 
 
 Text = Annotated[StrictStr, AfterValidator(valid_unicode)]
+
+
+def neutral_only(*neutral):
+    """An OpenAI field this server does not implement: its neutral values pass, anything else is a 400 (never
+    silently dropped: a client asking for a penalty or a JSON format must learn it did not get one)."""
+    def check(value):
+        if value is not None and value not in neutral:
+            shown = " or ".join(repr(v) for v in neutral)
+            raise ValueError(f"not supported by this server; leave it out or send {shown}")
+        return value
+    return AfterValidator(check)
+
 NonEmptyStr = Annotated[Text, Field(min_length=1)]
 TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
 StopStrings = NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=4)]
@@ -85,6 +99,10 @@ class SamplingFields(BaseModel):
     user: Text | None = None
     ignore_eos: StrictBool = Field(False, description="extension: keep generating past end-of-sequence")
     atv: SteeringOptions | None = None
+    # OpenAI fields not implemented here: only their neutral values are accepted
+    frequency_penalty: Annotated[object, neutral_only(0)] = None
+    presence_penalty: Annotated[object, neutral_only(0)] = None
+    logit_bias: Annotated[object, neutral_only({})] = None
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
@@ -103,6 +121,8 @@ class CompletionRequest(SamplingFields):
     logprobs: Annotated[StrictInt, Field(ge=0, le=5)] | None = None
     echo: StrictBool = Field(False, description="prepend the prompt; with logprobs, also the prompt tokens' logprobs "
                              "(the first one null), computed with this request's steering")
+    best_of: Annotated[object, neutral_only(1)] = None
+    suffix: Annotated[object, neutral_only("")] = None
 
     @property
     def prompt_logprobs(self) -> int | None:
@@ -140,6 +160,16 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: Annotated[StrictInt, Field(ge=1, le=INT64_MAX)] | None = None
     logprobs: StrictBool = False
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=5)] | None = None
+    response_format: Annotated[object, neutral_only({"type": "text"})] = None
+    tools: Annotated[object, neutral_only([])] = None
+    tool_choice: Annotated[object, neutral_only("none", "auto")] = None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, value, info):
+        if value and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return value
 
     @property
     def max_new_tokens(self) -> int | None:

@@ -307,6 +307,12 @@ def test_default_mode_follows_the_generator(main, plain):
     ({"prompt": "x", "stream": "yes"}, "stream"),
     ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"prompt": "x", "echo": True, "max_tokens": 0}, "max_tokens"),   # 0 only scores the prompt: needs logprobs
+    # OpenAI fields not implemented here: a non-neutral value is refused, never silently dropped
+    ({"prompt": "x", "frequency_penalty": 0.5}, "frequency_penalty"),
+    ({"prompt": "x", "presence_penalty": -1}, "presence_penalty"),
+    ({"prompt": "x", "logit_bias": {"5": 100}}, "logit_bias"),
+    ({"prompt": "x", "best_of": 3}, "best_of"),
+    ({"prompt": "x", "suffix": "tail"}, "suffix"),
 ])
 def test_invalid_fields_are_400(main, body, param):
     assert_error(main.post("/v1/completions", body), 400, param)
@@ -346,6 +352,15 @@ def test_invalid_json_and_chat_fields_are_400(main):
                  "messages.0.role")
     assert_error(main.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 9}),
                  400, "top_logprobs")
+    user = [{"role": "user", "content": "x"}]
+    assert_error(main.post("/v1/chat/completions", {"messages": user, "top_logprobs": 2}), 400, "top_logprobs")
+    for field, value in (("response_format", {"type": "json_object"}), ("tools", [{"type": "function"}]),
+                         ("tool_choice", "required")):
+        assert_error(main.post("/v1/chat/completions", {"messages": user, field: value}), 400, field)
+    neutral = {"frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {}, "response_format": {"type": "text"},
+               "tools": [], "tool_choice": "auto", "max_tokens": 2}   # what some clients send by default
+    assert main.post("/v1/chat/completions", {"messages": user, **neutral}).status_code == 200
+    assert completion(main, best_of=1, suffix="", frequency_penalty=0, max_tokens=2)["choices"]
 
 
 def test_unknown_model_and_path_are_404(main):
