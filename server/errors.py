@@ -81,8 +81,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         return ("the body must be a JSON object sent with Content-Type: application/json, "
                 f"with the fields of this endpoint ({first.get('msg', 'invalid')})"), None
     param = ".".join(str(part) for part in loc if _is_field(part)) or None
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")   # pydantic's prefix
     more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
-    return f"{param + ': ' if param else ''}{first.get('msg', 'invalid value')}{more}", param
+    return f"{param + ': ' if param else ''}{message}{more}", param
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -5,12 +5,13 @@ Bad input is refused by the schema itself (bounds, Literal, strict types: a floa
 `temperature` is a 400), never by hand-written checks; the only checks left to the routes are the ones
 that depend on the loaded model or the settings (model name, prompt length, max_tokens limit). Unknown
 fields are ignored, as OpenAI clients send fields this server does not use; OpenAI fields it does not implement
-(penalties, logit_bias, best_of, suffix, response_format, tools) pass only with their neutral values, and
-anything else is a 400 rather than silently dropped. Streaming chunks are plain
+(penalties, logit_bias, best_of, suffix, response_format, tools, tool_choice, functions, function_call) pass
+only with their neutral values, and anything else is a 400 rather than silently dropped. Streaming chunks are plain
 dicts built in server/formatting.py, in OpenAI's chunk shape.
 """
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
@@ -41,13 +42,14 @@ def neutral_only(*neutral):
     """An OpenAI field this server does not implement: its neutral values pass, anything else is a 400 (never
     silently dropped: a client asking for a penalty or a JSON format must learn it did not get one)."""
     def check(value):
-        if value is not None and value not in neutral:
-            shown = " or ".join(repr(v) for v in neutral)
+        # strict, like every other field: `false` is not 0, nor `1.0` the integer 1
+        if value is not None and not any(type(value) is type(v) and value == v for v in neutral):
+            shown = " or ".join(json.dumps(v) for v in neutral)
             raise ValueError(f"not supported by this server; leave it out or send {shown}")
         return value
     return AfterValidator(check)
 
-NonEmptyStr = Annotated[Text, Field(min_length=1)]
+NonEmptyStr = Annotated[StrictStr, Field(min_length=1), AfterValidator(valid_unicode)]
 TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
 StopStrings = NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=4)]
 
@@ -100,8 +102,8 @@ class SamplingFields(BaseModel):
     ignore_eos: StrictBool = Field(False, description="extension: keep generating past end-of-sequence")
     atv: SteeringOptions | None = None
     # OpenAI fields not implemented here: only their neutral values are accepted
-    frequency_penalty: Annotated[object, neutral_only(0)] = None
-    presence_penalty: Annotated[object, neutral_only(0)] = None
+    frequency_penalty: Annotated[object, neutral_only(0, 0.0)] = None
+    presence_penalty: Annotated[object, neutral_only(0, 0.0)] = None
     logit_bias: Annotated[object, neutral_only({})] = None
 
     @property
@@ -163,11 +165,13 @@ class ChatCompletionRequest(SamplingFields):
     response_format: Annotated[object, neutral_only({"type": "text"})] = None
     tools: Annotated[object, neutral_only([])] = None
     tool_choice: Annotated[object, neutral_only("none", "auto")] = None
+    functions: Annotated[object, neutral_only([])] = None          # the deprecated form of tools
+    function_call: Annotated[object, neutral_only("none", "auto")] = None
 
     @field_validator("top_logprobs")
     @classmethod
     def _needs_logprobs(cls, value, info):
-        if value and not info.data.get("logprobs"):
+        if value and "logprobs" in info.data and not info.data["logprobs"]:   # (a bad logprobs: its own error)
             raise ValueError("top_logprobs needs logprobs: true")
         return value
 

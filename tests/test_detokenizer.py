@@ -11,7 +11,7 @@ import random
 import pytest
 
 from atv_core.engine.detokenizer import (HOLD_LIMIT, REPLACEMENT, IncrementalDetokenizer, OutputText, StopStrings,
-                                        token_bytes)
+                                        bytes_to_unicode, token_bytes)
 from tests.tiny import make_tokenizer
 
 TEXT = "Grüße, 世界! Emoji 😀 ok. naïve café — fin"
@@ -178,8 +178,6 @@ def test_stop_strings_unit():
     assert other.feed("xa") + other.feed("c") + other.flush() == "xac" and not other.matched
 
 
-# ---- the real tokenizer -------------------------------------------------------------------------
-@pytest.mark.slow
 def test_token_bytes_spell_characters_split_over_byte_level_tokens(byte_tok):
     """Chat logprobs' `bytes`: a token holding part of a UTF-8 character decodes alone to U+FFFD; its bytes come
     from its vocabulary entry, so a character's tokens' bytes join into the character again."""
@@ -189,6 +187,8 @@ def test_token_bytes_spell_characters_split_over_byte_level_tokens(byte_tok):
     assert REPLACEMENT in texts   # the case this is for (every non-ASCII byte is a token of its own here)
     assert b"".join(token_bytes(byte_tok, i, t) for i, t in zip(ids, texts)) == text.encode()
     assert token_bytes(byte_tok, byte_tok.eos_token_id, "</s>") == b"</s>"   # a special token: its text
+    table = bytes_to_unicode()   # GPT-2's table (tests/tiny builds its vocabulary from it too)
+    assert len(set(table.values())) == 256 and (table[32], table[10], table[65], table[0]) == ("Ġ", "Ċ", "A", "Ā")
 
 
 def test_token_bytes_of_byte_fallback_pieces(sp_tok):
@@ -199,6 +199,8 @@ def test_token_bytes_of_byte_fallback_pieces(sp_tok):
     assert b"".join(token_bytes(sp_tok, i, sp_tok.decode([i])) for i in fallback) == "🤖".encode()
 
 
+# ---- the real tokenizer -------------------------------------------------------------------------
+@pytest.mark.slow
 def test_real_smollm2_tokenizer_equals_a_full_decode():
     from atv_core.models import EMBEDDED_TARGET, load_tokenizer
 

@@ -31,7 +31,8 @@ BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")   # SentencePiece byte fallback
 
 @functools.cache
 def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte-level BPE alphabet: each byte 0-255 as the printable character its vocabulary spells it with."""
+    """GPT-2's byte-level BPE alphabet: each byte 0-255 as the printable character its vocabulary spells it with
+    (cached: do not modify)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]   # printable bytes keep their code point; the others count up from U+0100
     n = 0
@@ -41,6 +42,12 @@ def bytes_to_unicode() -> dict[int, str]:
             cs.append(256 + n)
             n += 1
     return dict(zip(bs, map(chr, cs)))
+
+
+@functools.cache
+def unicode_to_bytes() -> dict[str, int]:
+    """The inverse of bytes_to_unicode (cached: do not modify)."""
+    return {c: b for b, c in bytes_to_unicode().items()}
 
 
 def token_bytes(tokenizer, token_id: int, text: str) -> bytes:
@@ -55,7 +62,7 @@ def token_bytes(tokenizer, token_id: int, text: str) -> bytes:
     if isinstance(piece, str):
         if match := BYTE_PIECE.fullmatch(piece):
             return bytes([int(match.group(1), 16)])
-        decoder = {c: b for b, c in bytes_to_unicode().items()}
+        decoder = unicode_to_bytes()
         if piece and all(c in decoder for c in piece):
             return bytes(decoder[c] for c in piece)
     return text.encode()
