@@ -18,7 +18,7 @@ from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse, Response
 
 from .body_limit import BodyLimit
-from .errors import install_error_handlers
+from .errors import CatchAll, install_error_handlers
 from .metrics import Metrics
 from .openai_api import api_router
 from .settings import Settings, parse_settings
@@ -41,6 +41,7 @@ def create_app(async_engine=None, settings: Settings | None = None, metrics: Met
                   "Adaptive Task Vector steering (extension field `atv`)")
     app.state.atv = state
     install_error_handlers(app)
+    app.add_middleware(CatchAll)   # added first: the innermost, right around the routes
     app.add_middleware(BodyLimit, state=state)
     app.add_middleware(APIAccounting, state=state)  # added last: the outer one, so it counts the 413s too
     app.include_router(probe_router(state))

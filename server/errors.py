@@ -86,6 +86,35 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return f"{param + ': ' if param else ''}{message}{more}", param
 
 
+class CatchAll:
+    """Pure ASGI middleware (the innermost): an unexpected exception becomes the OpenAI-style 500 here, logged
+    once. Left to Starlette's outermost ServerErrorMiddleware, the 500 would be sent and the exception raised
+    again, so that uvicorn logs it a second time and drops the keep-alive connection, failing the client's next
+    request on it. An exception after the response has started is raised on (nothing valid can follow)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def note(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, note)
+        except Exception as exc:
+            if started:
+                raise
+            log.error("unhandled error on %s %s", scope["method"], scope["path"], exc_info=exc)
+            await APIError(500, f"internal server error: {type(exc).__name__}").response()(scope, receive, send)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:

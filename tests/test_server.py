@@ -440,6 +440,27 @@ def test_timeout_aborts_with_504(main, monkeypatch, slow_steps):
     eventually(lambda: idle(main))
 
 
+def test_an_unexpected_error_is_one_500_and_the_connection_stays_usable(main, monkeypatch, caplog):
+    """A bug in a route is an OpenAI-style 500, logged once (not again by uvicorn), and the client's keep-alive
+    connection serves its next request."""
+    import logging
+
+    from server import openai_api
+
+    async def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(openai_api, "completion_choices", broken)
+    with httpx.Client(base_url=main.url, timeout=60) as client, caplog.at_level(logging.ERROR):
+        error = assert_error(client.post("/v1/completions", json={"prompt": "x"}), 500)
+        assert error["message"] == "internal server error: RuntimeError" and error["type"] == "server_error"
+        monkeypatch.undo()
+        for _ in range(3):   # the same pooled connection
+            assert client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+    logged = [r for r in caplog.records if r.exc_info and r.exc_info[0] is RuntimeError]
+    assert len(logged) == 1 and logged[0].name == "atv.server", [(r.name, r.getMessage()) for r in logged]
+
+
 def test_draining_refuses_new_work(main, monkeypatch):
     monkeypatch.setattr(main.state, "draining", True)
     assert httpx.get(main.url + "/ready").status_code == 503
