@@ -70,7 +70,8 @@ class CompletionFormat(_Format):
         self._offsets: dict[int, int] = {}   # choice index -> text offset of its next token (streaming)
 
     def logprobs(self, entries: list[TokenLogprob], offset: int) -> CompletionLogprobs:
-        """tokens, token_logprobs, top_logprobs, text_offset (a prompt's first token: logprob and top null)."""
+        """tokens, token_logprobs, top_logprobs, text_offset (a prompt's first token: logprob and top null).
+        Each top_logprobs entry holds the `logprobs` most likely tokens and the chosen one (as vLLM)."""
         tokens = [e.text for e in entries]
         offsets = []
         for token in tokens:
@@ -78,8 +79,8 @@ class CompletionFormat(_Format):
             offset += len(token)
         return CompletionLogprobs(tokens=tokens, token_logprobs=[e.logprob for e in entries], text_offset=offsets,
                                   top_logprobs=[None if e.logprob is None else
-                                                {text: lp for text, (_, lp) in zip(e.top_text, e.top)}
-                                                for e in entries])
+                                                {text: lp for text, (_, lp) in zip(e.top_text, e.top)} |
+                                                {e.text: e.logprob} for e in entries])
 
     def opening(self, choice: Choice) -> dict | None:
         if not self.echo:

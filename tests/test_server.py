@@ -246,6 +246,12 @@ def test_stop_echo_logprobs_and_max_tokens_default(main):
     logprobs = completion(main, temperature=0, max_tokens=3, ignore_eos=True, logprobs=2)["choices"][0]["logprobs"]
     assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == 3
     assert all(len(top) <= 2 and lp <= 0 for top, lp in zip(logprobs["top_logprobs"], logprobs["token_logprobs"]))
+    for k in (0, 1):   # top_logprobs: the k most likely tokens and the sampled one (as vLLM), at any temperature
+        sampled = completion(main, temperature=2.0, seed=3, max_tokens=6, ignore_eos=True, logprobs=k)
+        lp = sampled["choices"][0]["logprobs"]
+        assert all(top[token] == logprob and len(top) <= k + 1
+                   for top, token, logprob in zip(lp["top_logprobs"], lp["tokens"], lp["token_logprobs"]))
+        assert k or all(len(top) == 1 for top in lp["top_logprobs"])
     default = main.post("/v1/completions", {"prompt": "Hi", "ignore_eos": True}).json()
     assert default["usage"]["completion_tokens"] == 16
 
