@@ -181,7 +181,8 @@ def test_echo_logprobs_score_the_prompt_like_a_plain_forward(served, assets):
     assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(ids)
     assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
     assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
-    assert all(1 <= len(top) <= 2 for top in lp["top_logprobs"][1:])
+    assert all(1 <= len(top) <= 3 and top[token] == logprob   # the 2 most likely and the prompt's own token
+               for top, token, logprob in zip(lp["top_logprobs"][1:], lp["tokens"][1:], lp["token_logprobs"][1:]))
     model = AutoModelForCausalLM.from_pretrained(assets[0])
     with torch.no_grad():
         ref = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
