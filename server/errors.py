@@ -43,10 +43,11 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def from_engine_error(exc: BaseException) -> APIError:
-    """Map an exception raised by AsyncEngine.submit / encode to its HTTP error."""
+def from_engine_error(exc: BaseException, prompt_param: str = "prompt") -> APIError:
+    """Map an exception raised by AsyncEngine.submit / encode to its HTTP error (`prompt_param`: the request
+    field that carried the prompt, "messages" for a chat)."""
     if isinstance(exc, PromptTooLong):
-        return APIError(413, str(exc), "prompt", "context_length_exceeded")
+        return APIError(413, str(exc), prompt_param, "context_length_exceeded")
     if isinstance(exc, ValueError):
         return APIError(400, str(exc))
     if isinstance(exc, QueueFull):
@@ -111,8 +112,13 @@ class CatchAll:
         except Exception as exc:
             if started:
                 raise
-            log.error("unhandled error on %s %s", scope["method"], scope["path"], exc_info=exc)
-            await APIError(500, f"internal server error: {type(exc).__name__}").response()(scope, receive, send)
+            await internal_error(scope["method"], scope["path"], exc).response()(scope, receive, send)
+
+
+def internal_error(method: str, path: str, exc: Exception) -> APIError:
+    """An unexpected exception: logged with its traceback, answered as a 500 that names only its type."""
+    log.error("unhandled error on %s %s", method, path, exc_info=exc)
+    return APIError(500, f"internal server error: {type(exc).__name__}")
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -131,5 +137,4 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception) -> JSONResponse:
-        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return APIError(500, f"internal server error: {type(exc).__name__}").response()
+        return internal_error(request.method, request.url.path, exc).response()

@@ -120,12 +120,11 @@ class ChatFormat(_Format):
 
     def logprobs(self, entries: list[TokenLogprob]) -> ChatLogprobs:
         def top(text: str, raw: bytes, logprob: float) -> TopLogprob:
-            return TopLogprob(token=text, logprob=logprob, bytes=list(raw or text.encode()))
+            return TopLogprob(token=text, logprob=logprob, bytes=list(raw))
 
         return ChatLogprobs(content=[TokenLogprobEntry(**top(e.text, e.raw, e.logprob).model_dump(),
                                                        top_logprobs=[top(text, raw, lp) for text, raw, (_, lp) in
-                                                                     zip(e.top_text, e.top_raw or [b""] * len(e.top),
-                                                                         e.top)])
+                                                                     zip(e.top_text, e.top_raw, e.top, strict=True)])
                                      for e in entries])
 
     def opening(self, choice: Choice) -> dict:

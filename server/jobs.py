@@ -106,8 +106,9 @@ class Job:
         return f"{self.id}-{choice.index}"
 
     # ---- start ----------------------------------------------------------------------------------
-    def start(self, http_request=None) -> None:
-        """Submit every choice. Raises APIError when the engine refuses one (then call close())."""
+    def start(self, http_request=None, prompt_param: str = "prompt") -> None:
+        """Submit every choice. Raises APIError when the engine refuses one (then call close()); a refused
+        prompt names `prompt_param`, the request field that carried it."""
         self.registry.add(self)
         for choice in self.choices:
             try:
@@ -115,7 +116,7 @@ class Job:
                                    functools.partial(self._on_output, choice), prompt_text=choice.prompt_text,
                                    request_id=self.request_id(choice))
             except Exception as exc:  # QueueFull, PromptTooLong, ValueError, EngineDead: its HTTP status
-                raise from_engine_error(exc) from exc
+                raise from_engine_error(exc, prompt_param) from exc
             self._submitted.append(choice)
         self.admitted = True
         for choice in self.choices:

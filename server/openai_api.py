@@ -190,12 +190,7 @@ async def respond(state: ServingState, request: Request, body: SamplingFields, c
     job = Job(state.engine, state.metrics, choices, steering, fmt.id, state.settings.request_timeout, state.jobs,
               log_fields, model_id)
     try:
-        job.start(request)
-    except APIError as exc:
-        job.close()
-        if endpoint == "chat" and exc.param == "prompt":
-            exc.param = "messages"   # the engine refused the prompt, which a chat sent as its messages
-        raise
+        job.start(request, "messages" if endpoint == "chat" else "prompt")
     except BaseException:
         job.close()
         raise

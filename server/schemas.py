@@ -36,6 +36,7 @@ def valid_unicode(text: str) -> str:
 
 
 Text = Annotated[StrictStr, AfterValidator(valid_unicode)]
+NonEmptyStr = Annotated[StrictStr, Field(min_length=1), AfterValidator(valid_unicode)]
 
 
 def neutral_only(*neutral):
@@ -49,7 +50,7 @@ def neutral_only(*neutral):
         return value
     return AfterValidator(check)
 
-NonEmptyStr = Annotated[StrictStr, Field(min_length=1), AfterValidator(valid_unicode)]
+
 TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
 StopStrings = NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=4)]
 
