@@ -439,9 +439,14 @@ def by_template(per_seed: list[dict], tasks: list[Task], methods) -> dict:
     return {"shared_templates": sorted(f"{t}[{i}]" for t, i in shared), "means": means, "differences": diffs}
 
 
+def template_groups(split: dict) -> list[str]:
+    """The TEMPLATE_GROUPS names that `by_template` found prompts for, in order."""
+    return [g for g, _, _ in TEMPLATE_GROUPS if any(g in v for v in split["means"].values())]
+
+
 def by_template_table(split: dict) -> str:
     """First-token accuracy and ATV's differences on own vs shared templates."""
-    groups = [g for g, _, _ in TEMPLATE_GROUPS if any(g in v for v in split["means"].values())]
+    groups = template_groups(split)
     lines = ["| first-token (%) | " + " | ".join(groups) + " |", "|---" * (len(groups) + 1) + "|"]
     for m, by_group in split["means"].items():
         lines.append(f"| {m} | " + " | ".join(_cell(by_group[g]["first"], True) if g in by_group else "–"
@@ -556,7 +561,7 @@ def plot_by_template(split: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = [g for g, _, _ in TEMPLATE_GROUPS if any(g in v for v in split["means"].values())]
+    groups = template_groups(split)
     fig, ax = plt.subplots(figsize=(9, 4))
     width = 0.8 / max(len(split["means"]), 1)
     for i, (method, by_group) in enumerate(split["means"].items()):
