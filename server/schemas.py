@@ -51,6 +51,13 @@ def neutral_only(*neutral):
     return AfterValidator(check)
 
 
+def zero_bias(value):
+    """logit_bias: only biases of 0 (`{}`, or token ids mapped to 0) are neutral; anything else is refused."""
+    if value is None or (isinstance(value, dict) and all(type(b) in (int, float) and b == 0 for b in value.values())):
+        return value
+    raise ValueError("not supported by this server; leave it out or send {} (or biases of 0)")
+
+
 TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
 StopStrings = NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=4)]
 
@@ -105,7 +112,7 @@ class SamplingFields(BaseModel):
     # OpenAI fields not implemented here: only their neutral values are accepted
     frequency_penalty: Annotated[object, neutral_only(0, 0.0)] = None
     presence_penalty: Annotated[object, neutral_only(0, 0.0)] = None
-    logit_bias: Annotated[object, neutral_only({})] = None
+    logit_bias: Annotated[object, AfterValidator(zero_bias)] = None
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
@@ -124,8 +131,17 @@ class CompletionRequest(SamplingFields):
     logprobs: Annotated[StrictInt, Field(ge=0, le=5)] | None = None
     echo: StrictBool = Field(False, description="prepend the prompt; with logprobs, also the prompt tokens' logprobs "
                              "(the first one null), computed with this request's steering")
-    best_of: Annotated[object, neutral_only(1)] = None
+    best_of: StrictInt | None = Field(None, description="only equal to n: every candidate is returned, as nothing "
+                                      "ranks candidates here")
     suffix: Annotated[object, neutral_only("")] = None
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, value, info):
+        if value is not None and "n" in info.data and value != info.data["n"]:   # (a bad n: its own error)
+            n = info.data["n"]
+            raise ValueError(f"not supported by this server unless equal to n ({n}); leave it out or send {n}")
+        return value
 
     @property
     def prompt_logprobs(self) -> int | None:

@@ -318,6 +318,9 @@ def test_default_mode_follows_the_generator(main, plain):
     ({"prompt": "x", "presence_penalty": -1}, "presence_penalty"),
     ({"prompt": "x", "logit_bias": {"5": 100}}, "logit_bias"),
     ({"prompt": "x", "best_of": 3}, "best_of"),
+    ({"prompt": "x", "n": 2, "best_of": 3}, "best_of"),                 # only best_of == n is neutral
+    ({"prompt": "x", "logit_bias": {"5": 0, "7": -0.5}}, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"5": False}}, "logit_bias"),
     ({"prompt": "x", "suffix": "tail"}, "suffix"),
     ({"prompt": "x", "frequency_penalty": False}, "frequency_penalty"),   # strict: false is not 0
 ])
@@ -370,6 +373,8 @@ def test_invalid_json_and_chat_fields_are_400(main):
                "tools": [], "tool_choice": "auto", "max_tokens": 2}   # what some clients send by default
     assert main.post("/v1/chat/completions", {"messages": user, **neutral}).status_code == 200
     assert completion(main, best_of=1, suffix="", frequency_penalty=0, max_tokens=2)["choices"]
+    # also neutral: best_of equal to n (every candidate returned), biases of 0
+    assert len(completion(main, n=2, best_of=2, logit_bias={"5": 0, "7": 0.0}, max_tokens=2)["choices"]) == 2
 
 
 def test_unknown_model_and_path_are_404(main):
