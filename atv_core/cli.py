@@ -15,6 +15,8 @@ COMMANDS = {
     "bench serve": "atv_core.tools.bench_serve:cli",
     "bench prefix": "atv_core.tools.bench_prefix:cli",
 }
+# what a user can get wrong (a task file, a folder, a setting): one line, not a traceback
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,9 +25,19 @@ def main(argv: list[str] | None = None) -> int:
         command = " ".join(argv[:words])
         if len(argv) >= words and command in COMMANDS:
             module, func = COMMANDS[command].split(":")
-            return int(getattr(importlib.import_module(module), func)(argv[words:]) or 0)
+            try:
+                return int(getattr(importlib.import_module(module), func)(argv[words:]) or 0)
+            except USER_ERRORS as exc:
+                print(f"atv {command}: error: {exc}", file=sys.stderr)
+                return 2
+    groups = sorted({c.split()[0] for c in COMMANDS if " " in c})
     parser = argparse.ArgumentParser(prog="atv", description="Adaptive Task Vector serving")
-    parser.add_argument("command", choices=sorted(COMMANDS))
+    if argv[:1] and argv[0] in groups:   # `atv vectors`, `atv bench --help`: the group's subcommands
+        parser.prog = f"atv {argv[0]}"
+        parser.add_argument("subcommand", choices=sorted(c.split()[1] for c in COMMANDS if c.startswith(argv[0] + " ")))
+        parser.parse_args(argv[1:2])
+        return 2
+    parser.add_argument("command", choices=sorted({c.split()[0] for c in COMMANDS}))
     parser.parse_args(argv[:1])
     return 2
 

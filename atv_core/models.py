@@ -77,7 +77,10 @@ def select_device(device: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
 
 
 def select_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -147,6 +150,9 @@ def load_target(name: str, device: str = "auto", dtype: str = "auto", device_map
     dev = select_device(device)
     torch_dtype = select_dtype(dtype, dev)
     path = resolve_model_path(name)
+    if name.startswith(("/", "./", "../", "~")) and not Path(path).expanduser().exists():
+        raise ValueError(f"model folder {path} does not exist; give a local folder, an HF model id or "
+                         f"{EMBEDDED_TARGET}")
     kwargs = {"dtype": torch_dtype}
     if device_map:
         kwargs["device_map"] = device_map

@@ -111,10 +111,11 @@ def configure_logging(level: str) -> None:
 
 def cli(argv: list[str] | None = None) -> int:
     """`atv serve [flags]`: listen at once, load and warm up, serve until SIGTERM, drain, exit 0."""
-    from .lifecycle import DrainingServer, serve
+    from .lifecycle import DrainingServer, fit_threads_to_cpu_quota, serve
 
     settings = parse_settings(argv)
     configure_logging(settings.log_level)
+    fit_threads_to_cpu_quota()
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     app = create_app(None, settings)
     config = uvicorn_config(app, settings)

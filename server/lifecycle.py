@@ -12,9 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import uvicorn
 
@@ -27,6 +30,29 @@ WARMUP_PROMPT = "Hello"
 
 
 # ---- loading ------------------------------------------------------------------------------------
+def fit_threads_to_cpu_quota(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int | None:
+    """Cap torch's threads at the container's CPU quota (rounded up) unless OMP_NUM_THREADS is set.
+
+    torch starts one thread per core it can see, but a CPU quota (`docker run --cpus`, a Kubernetes CPU limit)
+    is not a core count: with more threads than the quota allows, every step's barriers wait for throttled
+    threads (deploy/README.md measures 474 s vs 51 s for oversubscribed threads). Returns the new count."""
+    import torch
+
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        threads = max(1, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):   # no cgroup v2 file, or "max" (no quota)
+        return None
+    if threads >= torch.get_num_threads():
+        return None
+    log.info("CPU quota of %s cores (%s): torch threads %d -> %d (set OMP_NUM_THREADS to choose)",
+             f"{int(quota) / int(period):g}", cpu_max, torch.get_num_threads(), threads)
+    torch.set_num_threads(threads)
+    return threads
+
+
 def load_engine(settings: Settings):
     """Target, generator, engine thread started. Runs on a worker thread (blocking, seconds to minutes)."""
     from atv_core.engine.build import build_engine
@@ -148,12 +174,18 @@ async def serve(server: DrainingServer, settings: Settings) -> int:
         loading.cancel()
         await listening
         return 0 if server.started else 1
+    from atv_core.engine.build import LoadError
+
     engine = None
     try:
         engine = loading.result()
         await warm_up(engine)
-    except Exception:
-        log.exception("could not load %s; exiting", settings.model)
+    except Exception as exc:
+        if isinstance(exc, LoadError):   # the user's to fix: one line, the traceback only at debug level
+            log.error("could not start: %s", exc)
+            log.debug("what failed to load", exc_info=True)
+        else:
+            log.exception("could not load %s; exiting", settings.model)
         if engine is not None:
             engine.shutdown()
         server.should_exit = True

@@ -7,9 +7,10 @@ target is converted once) is read by atv_core.models, not here. This module load
 from __future__ import annotations
 
 import argparse
+import re
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from atv_core.models import EMBEDDED_TARGET
@@ -27,7 +28,7 @@ class Settings(BaseSettings):
                                "label, for vLLM dashboards, alerts and autoscalers")
     served_model_name: str | None = Field(None, description="model id in the API (default: --model)")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
-    dtype: str = Field("auto", description="auto (CUDA: bf16, else fp16; CPU: bf16 where the processor has "
+    dtype: Literal["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"] = Field("auto", description="auto (CUDA: bf16, else fp16; CPU: bf16 where the processor has "
                                            "AVX512-BF16 or AMX, else fp32; logged at start), float32, bfloat16, float16")
     device_map: str | None = Field(None, description="e.g. auto: spread a large target over the visible GPUs")
     host: str = Field("127.0.0.1", description="address to listen on")
@@ -66,6 +67,32 @@ class Settings(BaseSettings):
     log_prompts: bool = Field(False, description="put prompt text in the per-request log line")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value):
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps|xpu(:\d+)?", value):
+            raise ValueError("use auto, cpu, cuda or cuda:N")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, value):
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_not_empty(cls, value):
+        # an empty key would require an empty bearer token; serving without a key must be asked for by leaving it unset
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("is empty: unset it to serve without a key, or give it a value")
+        return value
+
+    @model_validator(mode="after")
+    def _device_map_needs_accelerator(self):
+        if self.device_map and self.device == "cpu":
+            raise ValueError("device_map spreads a target over accelerators; with device cpu leave it out")
+        return self
+
     @property
     def model_id(self) -> str:
         return self.served_model_name or self.model
@@ -85,5 +112,17 @@ def parse_settings(argv: list[str] | None) -> Settings:
     given = vars(parser.parse_args(argv))
     try:
         return Settings(**given)
-    except ValueError as exc:  # pydantic.ValidationError
-        parser.error(str(exc))
+    except ValidationError as exc:
+        # one line (not argparse's usage block): what is wrong, and where the value came from
+        parser.exit(2, "atv serve: error: " + "; ".join(_describe(e, given) for e in exc.errors()) +
+                    " (atv serve --help lists the settings)\n")
+
+
+def _describe(error: dict, given: dict) -> str:
+    """One pydantic error as `--flag (ATV_FLAG): what is wrong (got value)`, naming where the value came from."""
+    if not error["loc"]:
+        return error["msg"].removeprefix("Value error, ")
+    name = str(error["loc"][0])
+    source = f"--{name.replace('_', '-')}" if name in given else f"ATV_{name.upper()}"
+    got = "" if name == "api_key" else f" (got {error.get('input')!r})"
+    return f"{source}: {error['msg'].removeprefix('Value error, ')}{got}"

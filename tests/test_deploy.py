@@ -481,6 +481,12 @@ def test_model_cache_volume(overlay):
     assert env(docs)["ATV_HOST"] == "0.0.0.0" and env(docs)["ATV_PORT"] == "8000"
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_torch_threads_follow_the_cpu_limit(overlay):
+    (omp,) = [e for e in container(render(overlay))["env"] if e["name"] == "OMP_NUM_THREADS"]
+    assert omp["valueFrom"]["resourceFieldRef"] == {"containerName": "atv", "resource": "limits.cpu", "divisor": "1"}
+
+
 def test_base_is_cpu_and_gpu_overlay_requests_gpu():
     base, gpu = render("base"), render("overlays/gpu")
     base_res = container(base)["resources"]
@@ -560,6 +566,10 @@ def test_compose_config():
                 assert src in compose["volumes"], f"{name}: volume {src} not declared"
     prom_mounts = [v.split(":")[1] for v in services["prometheus"]["volumes"] if v.startswith(".")]
     assert "/etc/prometheus/prometheus.yml" in prom_mounts and "/etc/prometheus/alerts.yml" in prom_mounts
+    from server.settings import Settings
+    missing = {f"ATV_{name.upper()}" for name in Settings.model_fields} - set(atv["environment"])
+    assert not missing, f"settings compose does not pass to the container: {sorted(missing)}"
+    assert "OMP_NUM_THREADS" in atv["environment"]
     gpu = yaml.safe_load((DEPLOY / "compose.gpu.yaml").read_text())["services"]["atv"]
     assert gpu["build"]["target"] == "cuda"
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]

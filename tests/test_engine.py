@@ -205,6 +205,16 @@ def test_validation_errors_say_how_to_fix(parts):
         plain.add_request(_request(tok, "x", "hi"))
 
 
+def test_engine_settings_that_cannot_work_are_refused_with_the_fix(parts):
+    model, tok, gen = parts
+    limit = model.config.max_position_embeddings
+    with pytest.raises(ValueError, match=rf"max_model_len {limit + 1} exceeds the target's context of {limit}"):
+        LLMEngine(model, tok, gen, EngineConfig(max_model_len=limit + 1))
+    assert LLMEngine(model, tok, gen, EngineConfig(max_model_len=limit)).max_model_len == limit
+    with pytest.raises(ValueError, match=r"holds no block of 16 tokens .*--kv-cache-gib"):
+        LLMEngine(model, tok, gen, EngineConfig(kv_cache_bytes=1000))
+
+
 def test_async_engine_streams_and_aborts_on_disconnect(parts):
     tok = parts[1]
     engine = AsyncEngine(_engine(parts)).start()

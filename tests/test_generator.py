@@ -143,6 +143,39 @@ def test_bad_configs_and_paths_are_refused(tmp_path):
         read_config(tmp_path)
 
 
+def test_unreadable_checkpoints_are_refused_with_the_file_and_the_fix(tmp_path):
+    path = save_generator(_generator(tmp_path), tmp_path / "run" / "generator")
+    with pytest.raises(ValueError, match=r"is one \(an `atv train` output folder holds the checkpoint in generator/"):
+        read_config(tmp_path / "run")
+    config_file = path / "atv_config.json"
+    meta = json.loads(config_file.read_text())
+    for broken, said in (("{", "not valid JSON"), ("{}", "expected an object with a 'generator' object"),
+                         (json.dumps({**meta, "format_version": 2}), "format_version 2, but this version of atv reads 1"),
+                         (json.dumps({**meta, "generator": {**meta["generator"], "rank": "64"}}), r"atv_config.json: "),
+                         (json.dumps({**meta, "generator": {"backbone": "b"}}), r"atv_config.json: .*target")):
+        config_file.write_text(broken)
+        with pytest.raises(ValueError, match=said):
+            read_config(path)
+    other_rank = {**meta["generator"], "rank": meta["generator"]["rank"] + 1}
+    config_file.write_text(json.dumps({**meta, "generator": other_rank}))
+    with pytest.raises(ValueError, match="its weights do not match its atv_config.json"):
+        load_generator(path)
+
+
+def test_build_engine_names_the_part_that_failed(tmp_path):
+    from atv_core.engine.build import LoadError, build_engine
+    from atv_core.engine.llm_engine import EngineConfig
+    model = str(make_tiny_model_dir(tmp_path / "m"))
+    with pytest.raises(LoadError, match=r"^generator '.*nowhere': .*nowhere is not an ATV generator checkpoint"):
+        build_engine(model, str(tmp_path / "nowhere"), device="cpu", dtype="float32")
+    with pytest.raises(LoadError, match=r"^vectors '.*novecs': vectors folder .*novecs does not exist"):
+        build_engine(model, "none", device="cpu", dtype="float32", vectors=str(tmp_path / "novecs"))
+    with pytest.raises(LoadError, match=r"^engine settings: max_model_len 100000 exceeds"):
+        build_engine(model, "none", device="cpu", dtype="float32", config=EngineConfig(max_model_len=100000))
+    with pytest.raises(LoadError, match=r"^target 'embedded:nope': unknown embedded model"):
+        build_engine("embedded:nope", "none", device="cpu")
+
+
 def test_no_pickle_in_checkpoints(tmp_path):
     path = save_generator(_generator(tmp_path), tmp_path / "ckpt")
     assert not list(path.glob("*.pt")) and not list(path.glob("*.bin")) and not list(path.glob("*.pkl"))

@@ -22,6 +22,7 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
+import torch
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
@@ -642,10 +643,56 @@ def test_settings_flags_beat_environment(monkeypatch):
         parse_settings(["--port", "not-a-port"])
 
 
-def test_cli_exits_1_when_the_model_cannot_load(tmp_path):
+@pytest.mark.parametrize("argv, env, said", [
+    (["--port", "x"], {}, "atv serve: error: --port: Input should be a valid integer"),
+    ([], {"ATV_PORT": "x"}, "atv serve: error: ATV_PORT: "),                 # names where the bad value came from
+    (["--device", "gpu"], {}, "--device: use auto, cpu, cuda or cuda:N (got 'gpu')"),
+    (["--dtype", "fp8"], {}, "--dtype: Input should be 'auto'"),
+    ([], {"ATV_API_KEY": " "}, "ATV_API_KEY: is empty: unset it to serve without a key"),
+    (["--device", "cpu", "--device-map", "auto"], {}, "with device cpu leave it out"),
+])
+def test_bad_settings_exit_2_with_one_line_naming_the_setting(monkeypatch, capsys, argv, env, said):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as exit_:
+        parse_settings(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and said in err and err.count("\n") == 1, err
+
+
+def test_settings_accept_upper_case_log_level_and_cuda_index(monkeypatch):
+    monkeypatch.setenv("ATV_LOG_LEVEL", "DEBUG")
+    settings = parse_settings(["--device", "cuda:1", "--dtype", "bf16"])
+    assert (settings.log_level, settings.device, settings.dtype) == ("debug", "cuda:1", "bf16")
+
+
+def test_torch_threads_follow_the_containers_cpu_quota(tmp_path, monkeypatch):
+    from server.lifecycle import fit_threads_to_cpu_quota
+    chosen = []
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 64)
+    monkeypatch.setattr(torch, "set_num_threads", chosen.append)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cpu_max = tmp_path / "cpu.max"
+    for text, threads in (("150000 100000\n", 2), ("max 100000\n", None), ("6400000 100000\n", None)):
+        cpu_max.write_text(text)                 # 1.5 cores -> 2 threads; no quota; more cores than threads
+        assert fit_threads_to_cpu_quota(cpu_max) == threads
+    assert fit_threads_to_cpu_quota(tmp_path / "missing") is None
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")   # the user's choice wins
+    cpu_max.write_text("100000 100000\n")
+    assert fit_threads_to_cpu_quota(cpu_max) is None
+    assert chosen == [2]
+
+
+def test_cli_exits_1_when_the_model_cannot_load(tmp_path, caplog):
     code = cli(["--model", str(tmp_path / "missing"), "--generator", "none", "--device", "cpu",
                 "--port", str(free_port())])
     assert code == 1
+    # a user's mistake: one line naming the part and the fix, no traceback
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert [r.getMessage() for r in errors] == [f"could not start: target '{tmp_path / 'missing'}': model folder "
+                                               f"{tmp_path / 'missing'} does not exist; give a local folder, an HF "
+                                               "model id or embedded:smollm2-135m-instruct"]
+    assert errors[0].exc_info is None
 
 
 def test_sigterm_drains_in_flight_requests_and_exits_0(assets, tmp_path):

@@ -159,3 +159,25 @@ def test_task_is_frozen(suite):
     with pytest.raises(AttributeError):
         suite[0].name = "other"
     assert isinstance(suite[0], Task) and isinstance(suite[0].templates, tuple)
+
+
+def test_task_names_must_be_unique_and_an_empty_split_says_how_to_fix(tmp_path):
+    from atv_core.tools.tasks import unique_names
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "mine.jsonl").write_text('{"input": "x", "output": "y"}\n')
+    one, two = (load_task_file(tmp_path / f / "mine.jsonl") for f in ("a", "b"))
+    with pytest.raises(ValueError, match=r"two tasks are named 'mine' .*rename the task file"):
+        unique_names([one, two])
+    assert unique_names([one]) == [one]
+    empty = next(s for s in ("train", "valid", "test") if split_of("x") != s)
+    with pytest.raises(ValueError, match=rf"'mine' has no {empty} items: .* none of its 1 records fell in {empty}"):
+        one.required(empty)
+    assert one.required(split_of("x")) == [Example("x", "y")]
+
+
+def test_a_task_file_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "latin.jsonl"
+    path.write_bytes('{"input": "caf\u00e9", "output": "y"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin.jsonl: not UTF-8 text .*save it as UTF-8"):
+        load_task_file(path)

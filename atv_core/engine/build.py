@@ -5,6 +5,7 @@ holds (a LoRA-merged target) with `LLMEngine` directly.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -14,6 +15,19 @@ from atv_core.steering.checkpoint import load_generator
 from atv_core.steering.vectors import VectorLayout, VectorStore
 
 log = logging.getLogger("atv.engine")
+
+
+class LoadError(ValueError):
+    """A part `build_engine` could not load (target, generator, vectors, engine settings), named with the
+    reason: the user's to fix, so `atv serve` logs it in one line."""
+
+
+@contextlib.contextmanager
+def _loading(what: str):
+    try:
+        yield
+    except (OSError, ValueError) as exc:   # missing files, bad configs, settings that cannot work
+        raise LoadError(f"{what}: {exc}") from exc
 
 
 def build_engine(model: str, generator: str | Path | None = "default", *, device: str = "auto",
@@ -26,17 +40,21 @@ def build_engine(model: str, generator: str | Path | None = "default", *, device
     vectors: a folder of named vectors (steering/vectors.py), validated now against the target and the
     generator's steered layers; None = no named vectors.
     """
-    target, tokenizer = load_target(model, device, dtype, device_map)
+    with _loading(f"target {model!r}"):
+        target, tokenizer = load_target(model, device, dtype, device_map)
     where = target.get_input_embeddings().weight.device
     params = sum(p.numel() for p in target.parameters()) / 1e6
     log.info("target %s loaded: %s, %.1fM parameters on %s (%s)", model, type(target).__name__, params,
              where, target.dtype)
-    gen = _load_generator(generator, target, where)
-    store = VectorStore(vectors, VectorLayout.for_target(target, gen, model)) if vectors is not None else None
-    return LLMEngine(target, tokenizer, gen, config, vectors=store)
+    with _loading(f"generator {str(generator)!r}"):
+        gen = _load_generator(generator, target, where, model)
+    with _loading(f"vectors {str(vectors)!r}"):
+        store = VectorStore(vectors, VectorLayout.for_target(target, gen, model)) if vectors is not None else None
+    with _loading("engine settings"):
+        return LLMEngine(target, tokenizer, gen, config, vectors=store)
 
 
-def _load_generator(name: str | Path | None, target, device):
+def _load_generator(name: str | Path | None, target, device, model: str):
     if name is None or str(name).lower() == "none":
         log.info("generator: none (requests are served unsteered; atv.mode 'atv' is refused)")
         return None
@@ -50,6 +68,9 @@ def _load_generator(name: str | Path | None, target, device):
         log.warning("no usable default generator (%s); serving without steering", exc)
         return None
     cfg = generator.config
+    if cfg.target != model:
+        log.warning("generator %s was trained for %s, served on %s (shapes match; loading it anyway)", path,
+                    cfg.target, model)
     log.info("generator %s loaded: backbone %s, rank %s, %d steered layers, position %s, gate %s", path,
              cfg.backbone, cfg.rank, len(cfg.selected_layers), cfg.position, cfg.gate)
     return generator

@@ -113,12 +113,19 @@ class LLMEngine:
         self.runner = ModelRunner(model, config.max_running, gen_cfg.selected_layers if gen_cfg else None,
                                   gen_cfg.position if gen_cfg else "all", block_size=config.block_size,
                                   kv_budget_bytes=budget, cpu_decode_kernel=config.cpu_decode_kernel)
+        if self.runner.cache.max_blocks < 1:
+            raise ValueError(f"the KV cache budget of {budget} bytes holds no block of {config.block_size} tokens "
+                             f"({self.runner.layout.bytes_per_token} bytes per token); raise it (kv_cache_bytes, "
+                             "--kv-cache-gib)")
+        limit = getattr(model.config, "max_position_embeddings", None) or 8192
+        if config.max_model_len is not None and config.max_model_len > limit:
+            raise ValueError(f"max_model_len {config.max_model_len} exceeds the target's context of {limit} "
+                             "positions (its max_position_embeddings); lower it (--max-model-len)")
         self.scheduler = Scheduler(_scheduler_config(config, device, self.runner.cache.max_blocks,
                                                      self.runner.position))
         log.info("KV cache: budget %.1f MiB = %d blocks of %d tokens (%d bytes per token); step budget %d tokens",
                  budget / 2**20, self.runner.cache.max_blocks, config.block_size,
                  self.runner.layout.bytes_per_token, self.scheduler.config.max_num_batched_tokens)
-        limit = getattr(model.config, "max_position_embeddings", None) or 8192
         self.max_model_len = config.max_model_len or min(limit, 8192)
         self.eos_ids = _eos_ids(model, tokenizer)
         self.vocab_size = model.get_input_embeddings().num_embeddings   # prompt ids must be below this

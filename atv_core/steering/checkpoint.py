@@ -32,12 +32,27 @@ def save_generator(generator: ATVGenerator, path: str | Path, dtype: torch.dtype
 
 
 def read_config(path: str | Path) -> GeneratorConfig:
+    """The checkpoint's settings; ValueError naming the file and the fix for anything unreadable."""
     path = Path(path)
-    if not (path / CONFIG_FILE).exists():
-        raise ValueError(f"{path} is not an ATV generator checkpoint (no {CONFIG_FILE}); "
-                         "train one with `atv train` or pass --generator none")
-    meta = json.loads((path / CONFIG_FILE).read_text())
-    return GeneratorConfig.from_dict(meta["generator"])
+    config_file = path / CONFIG_FILE
+    if not config_file.exists():
+        hint = (f"; {path / 'generator'} is one (an `atv train` output folder holds the checkpoint in generator/)"
+                if (path / "generator" / CONFIG_FILE).exists() else "; train one with `atv train`")
+        raise ValueError(f"{path} is not an ATV generator checkpoint (no {CONFIG_FILE}){hint}")
+    try:
+        meta = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{config_file}: not valid JSON ({exc})") from exc
+    if not isinstance(meta, dict) or not isinstance(meta.get("generator"), dict):
+        raise ValueError(f"{config_file}: expected an object with a 'generator' object (written by save_generator)")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{config_file}: format_version {version!r}, but this version of atv reads "
+                         f"{FORMAT_VERSION}; use the atv version that wrote it, or retrain")
+    try:
+        return GeneratorConfig.from_dict(meta["generator"])
+    except (TypeError, ValueError) as exc:   # a missing or mistyped field
+        raise ValueError(f"{config_file}: {exc}") from exc
 
 
 def check_target(config: GeneratorConfig, target_layers: int, target_hidden: int) -> None:
@@ -65,5 +80,8 @@ def load_generator(path: str | Path, target=None, device: torch.device | str = "
     missing = [k for k in own if k not in state and not k.startswith("backbone.")]
     if missing:
         raise ValueError(f"checkpoint {path} lacks weights {missing}")
-    generator.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
+    try:
+        generator.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
+    except (KeyError, RuntimeError) as exc:   # a weight the config does not describe, or of another shape
+        raise ValueError(f"checkpoint {path}: its weights do not match its {CONFIG_FILE} ({exc})") from exc
     return generator.to(device).eval()

@@ -32,11 +32,11 @@ from tqdm import tqdm
 
 from atv_core.steering.checkpoint import load_generator
 from atv_core.engine.llm_engine import EngineConfig, LLMEngine
-from atv_core.models import load_target
+from atv_core.models import DEFAULT_GENERATOR_DIR, load_target
 from atv_core.engine.request import Request, SamplingParams, SteeringSpec
-from atv_core.tools.tasks import Task, default_data_dir, load_suite, load_task_file
+from atv_core.tools.tasks import Task, default_data_dir, load_suite, load_task_file, unique_names
 from atv_core.tools.train import (PRESETS, TrainConfig, answer_loss, chat_prompt, control_file, encode,
-                                  load_task_vectors, read_prompts, select_tasks, train, training_items)
+                                  load_task_vectors, with_config_file, read_prompts, select_tasks, train, training_items)
 
 log = logging.getLogger("atv.eval")
 METHODS = ("zero_shot", "icl", "task_vector", "static", "shared", "lora", "atv", "atv_nogate", "atv_examples")
@@ -47,7 +47,7 @@ GENERIC_TOKENS = 32
 def test_prompts(task: Task, limit: int | None = None, all_templates: bool = True) -> list[tuple[str, str, int]]:
     """(prompt, gold, template index) per test item under every template (item-major), or one rotating
     template per item."""
-    examples = task.examples("test")[:limit] if limit else task.examples("test")
+    examples = task.required("test")[:limit] if limit else task.required("test")
     n = len(task.templates)
     pairs = [(ex, t) for ex in examples for t in range(n)] if all_templates else \
         [(ex, i % n) for i, ex in enumerate(examples)]
@@ -57,7 +57,7 @@ def test_prompts(task: Task, limit: int | None = None, all_templates: bool = Tru
 def icl_prefix(task: Task, k: int, seed: int) -> list:
     """k training demonstrations, balanced across labels where the task has labels."""
     rng = random.Random(seed)
-    pool = task.examples("train")[:]
+    pool = task.required("train")[:]
     rng.shuffle(pool)
     if task.labels:
         by_label = {label: [e for e in pool if e.output == label] for label in task.labels}
@@ -150,7 +150,7 @@ def train_lora(cfg: TrainConfig, model, tokenizer, rank: int, out: Path):
 def static_task_vector(task: Task, generator, examples=None) -> torch.Tensor:
     """The static per-task vector [L_sel, d]: the mean of the generator's ungated vectors over the task's
     training queries (default: the whole train split), each under one template in rotation."""
-    examples = task.examples("train") if examples is None else examples
+    examples = task.required("train") if examples is None else examples
     prompts = [task.prompt(e.input, i % len(task.templates)) for i, e in enumerate(examples)]
     with torch.no_grad():
         return generator(prompts, use_gate=False).vectors.mean(0)
@@ -262,7 +262,7 @@ def evaluate_seed(seed: int, args, model, tokenizer, tasks: list[Task], cached: 
         return json.loads((out / "results.json").read_text())
     cfg = replace(recipe(args), seed=seed, epochs=args.epochs, max_per_task=args.max_per_task, out=str(out / "atv"))
     if args.generator and seed == args.seeds[0]:
-        atv_dir = Path(args.generator)
+        atv_dir = DEFAULT_GENERATOR_DIR if args.generator == "default" else Path(args.generator)
     else:
         atv_dir = out / "atv" / "generator"
         if not (out / "atv" / "DONE").exists():
@@ -583,20 +583,13 @@ def suite_and_files(args) -> list[Task]:
     the built-in suite is not needed."""
     files = [load_task_file(p, templates=args.template) for p in args.task_file]
     if args.task_file and not args.tasks:
-        return files
-    return load_suite(names=args.tasks) + files
+        return unique_names(files)
+    return unique_names(load_suite(names=args.tasks) + files)
 
 
 def recipe(args) -> TrainConfig:
     """The preset, with the fields of --config (a JSON object of TrainConfig fields) replaced."""
-    cfg = PRESETS[args.preset]
-    if args.config:
-        fields = json.loads(Path(args.config).read_text())
-        unknown = set(fields) - set(TrainConfig.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"--config {args.config}: unknown TrainConfig fields {sorted(unknown)}")
-        cfg = replace(cfg, **{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
-    return cfg
+    return with_config_file(PRESETS[args.preset], args.config)
 
 
 def cli(argv: list[str]) -> int:
@@ -608,7 +601,7 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--task-file", nargs="+", default=[], help="JSONL files of {input, output} (+ optional template)")
     parser.add_argument("--template", help="prompt template for --task-file tasks, with {input} (default: the "
                                            "files' own \"template\" field, else \"Input: {input}\\nOutput:\")")
-    parser.add_argument("--generator", help="use this checkpoint for the first seed instead of training one")
+    parser.add_argument("--generator", help="use this checkpoint (or default: the shipped one) for the first seed instead of training one")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default", help="recipe for trained generators")
     parser.add_argument("--config", help="JSON object of TrainConfig fields that override the preset's")
     parser.add_argument("--static-vectors", help="task_vectors.safetensors of `atv train --static` for the first seed")

@@ -60,6 +60,15 @@ class Task:
             raise FileNotFoundError(f"{path} is missing; {REBUILD_HINT}")
         return read_jsonl(path)
 
+    def required(self, split: str) -> list[Example]:
+        """examples(split), refusing an empty split with the fix (a small task file can leave one empty)."""
+        examples = self.examples(split)
+        if not examples:
+            why = (f": {self.root} is split 60/20/20 by a hash of each input, and none of its "
+                   f"{len(read_jsonl(self.root))} records fell in {split}; add records") if self.root.is_file() else ""
+            raise ValueError(f"task {self.name!r} has no {split} items{why}")
+        return examples
+
     def prompt(self, example_input: str, template_index: int = 0) -> str:
         """The prompt text for one input under template `template_index`."""
         if not 0 <= template_index < len(self.templates):
@@ -84,10 +93,29 @@ def check_template(template: str) -> None:
                          f"{{field}} (found {fields}); write literal braces as {{{{ and }}}}")
 
 
+def read_text(path: Path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+
+
+def unique_names(tasks: list[Task]) -> list[Task]:
+    """Refuse two tasks of one name (a task file named like a suite task, or two files of one stem): their
+    results, demonstrations and vectors are keyed by name and would silently merge."""
+    seen: dict[str, Task] = {}
+    for task in tasks:
+        if task.name in seen:
+            raise ValueError(f"two tasks are named {task.name!r} ({seen[task.name].root} and {task.root}); rename "
+                             "the task file (its name is the file's stem)")
+        seen[task.name] = task
+    return tasks
+
+
 def read_jsonl(path: Path) -> list[Example]:
     """Parse a JSONL file of {"input": str, "output": str} records, with line numbers in errors."""
     examples = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
         if line.strip():
             examples.append(parse_record(line, f"{path}:{number}"))
     if not examples:
@@ -99,7 +127,7 @@ def read_jsonl(path: Path) -> list[Example]:
 def file_templates(path: Path) -> tuple[str, ...]:
     """The distinct "template" fields of a JSONL task file, in file order (empty if none has one)."""
     found: list[str] = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
         template = json.loads(line).get("template") if line.strip() else None
         if template is not None and not isinstance(template, str):
             raise ValueError(f'{path}:{number}: "template" must be a string containing {{input}}')

@@ -33,7 +33,7 @@ from atv_core.steering.generator import ATVGenerator, GeneratorConfig
 from atv_core.steering.injection import make_table, steering
 from atv_core.steering.layers import find_decoder_layers
 from atv_core.models import EMBEDDED_BACKBONE, EMBEDDED_TARGET, load_backbone, load_target, select_device
-from atv_core.tools.tasks import DEFAULT_TEMPLATE, Task, load_suite, load_task_file
+from atv_core.tools.tasks import DEFAULT_TEMPLATE, Task, load_suite, load_task_file, unique_names
 
 log = logging.getLogger("atv.train")
 
@@ -83,8 +83,36 @@ class TrainConfig:
     static: bool = False                        # the per-task control: one learned vector per task
     out: str = "runs/atv"
 
+    def __post_init__(self):
+        """The settings the generator's own config does not check (GeneratorConfig checks the rest)."""
+        at_least_1 = {"epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
+                      "max_per_task": self.max_per_task or 1, "patience": self.patience or 1}
+        bad = [f"{k} ({v})" for k, v in at_least_1.items() if not isinstance(v, int) or v < 1]
+        bad += [f"{k} ({v})" for k, v in (("lr", self.lr), ("backbone_lr", self.backbone_lr), ("gate_lr", self.gate_lr))
+                if not v > 0]
+        bad += [f"{k} ({v})" for k, v in (("examples_prob", self.examples_prob),
+                                          ("examples_plain_prob", self.examples_plain_prob)) if not 0 <= v <= 1]
+        if self.examples_k < 0:
+            bad.append(f"examples_k ({self.examples_k})")
+        if bad:
+            raise ValueError(f"training settings out of range: {', '.join(bad)}; counts must be >= 1 (max_per_task "
+                             "and patience may be none), learning rates > 0, shares in [0, 1], examples_k >= 0")
+        if self.optimizer not in ("adam", "adamw"):
+            raise ValueError(f"optimizer must be adam or adamw, got {self.optimizer!r}")
+
     def to_json(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+
+def with_config_file(cfg: TrainConfig, path: str | None) -> TrainConfig:
+    """cfg with the fields of a JSON file of TrainConfig fields (`--config F`) replaced."""
+    if not path:
+        return cfg
+    fields = json.loads(Path(path).read_text())
+    unknown = set(fields) - set(TrainConfig.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"--config {path}: unknown TrainConfig fields {sorted(unknown)}")
+    return replace(cfg, **{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
 PRESETS = {
@@ -119,7 +147,8 @@ def training_items(tasks: list[Task], split: str, seed: int, max_per_task: int |
     rng = random.Random(seed)
     items = []
     for task in tasks:
-        examples = task.examples(split)[:max_per_task] if max_per_task else task.examples(split)
+        examples = task.required(split) if split == "train" else task.examples(split)
+        examples = examples[:max_per_task] if max_per_task else examples
         for i, ex in enumerate(examples):
             chosen = range(len(task.templates)) if all_templates else \
                 [(i + rng.randrange(len(task.templates))) % len(task.templates)]
@@ -404,7 +433,7 @@ def init_bank(generator: ATVGenerator, path: str, names: list[str]) -> None:
 def select_tasks(cfg: TrainConfig) -> list[Task]:
     """cfg.tasks names suite tasks; None = every seen task; () = none (only cfg.task_files)."""
     tasks = load_suite(names=cfg.tasks) if cfg.tasks else load_suite(seen=True) if cfg.tasks is None else []
-    return tasks + [load_task_file(p) for p in cfg.task_files]
+    return unique_names(tasks + [load_task_file(p) for p in cfg.task_files])
 
 
 def param_groups(cfg: TrainConfig, generator: ATVGenerator, shared: SharedVector | None) -> list[dict]:
@@ -435,10 +464,12 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> tuple[ATVGenerator, S
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     device = select_device(cfg.device)
+    tasks = select_tasks(cfg)   # before loading anything: a bad task file is refused at once
+    for task in tasks:
+        task.required("train")
     if model is None:
         model, tokenizer = load_target(cfg.target, cfg.device, "float32")
     model.requires_grad_(False).eval()
-    tasks = select_tasks(cfg)
     if cfg.bank_init and not cfg.bank_size:
         cfg = replace(cfg, bank_size=len(tasks))
     generator = build_generator(cfg, model, device)
@@ -568,30 +599,36 @@ def cli(argv: list[str]) -> int:
             parser.add_argument(f"--{f.name.replace('_', '-')}", default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    cfg = PRESETS[args.preset]
-    if args.config:
-        cfg = replace(cfg, **json.loads(Path(args.config).read_text()))
+    cfg = with_config_file(PRESETS[args.preset], args.config)
     overrides = {}
     for name, f in TrainConfig.__dataclass_fields__.items():
         value = getattr(args, name)
         if value is None:
             continue
         default = getattr(TrainConfig(), name)
-        if name == "layers":
-            value = tuple(int(v) for v in value)
-        elif isinstance(value, list):
-            value = tuple(value)
-        elif isinstance(default, bool) or isinstance(value, bool):
-            value = bool(value)
-        elif name in ("rank", "max_per_task", "patience", "negatives", "backbone_layers", "bank_init") and \
-                str(value).lower() == "none":
-            value = None
-        elif isinstance(default, int) or name in ("rank", "max_per_task", "patience", "backbone_layers"):
-            value = int(value)
-        elif isinstance(default, float):
-            value = float(value)
-        overrides[name] = value
+        try:
+            overrides[name] = _flag_value(name, value, default)
+        except ValueError:
+            raise ValueError(f"--{name.replace('_', '-')}: expected {type(default).__name__}, got {value!r}") from None
     cfg = replace(cfg, **overrides)
     _, _, history = train(cfg)
     print(json.dumps({"out": cfg.out, "history": history}, indent=2))
     return 0
+
+
+def _flag_value(name: str, value, default):
+    """A flag's text as the TrainConfig field's type (ValueError when it is not one)."""
+    if name == "layers":
+        return tuple(int(v) for v in value)
+    if isinstance(value, list):
+        return tuple(value)
+    if isinstance(default, bool) or isinstance(value, bool):
+        return bool(value)
+    if name in ("rank", "max_per_task", "patience", "negatives", "backbone_layers", "bank_init") and \
+            str(value).lower() == "none":
+        return None
+    if isinstance(default, int) or name in ("rank", "max_per_task", "patience", "backbone_layers"):
+        return int(value)
+    if isinstance(default, float):
+        return float(value)
+    return value

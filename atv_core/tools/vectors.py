@@ -38,9 +38,7 @@ def build_vector(task, generator, examples: int | None, seed: int):
     from atv_core.tools.evaluate import icl_prefix, static_task_vector
 
     chosen = icl_prefix(task, examples, seed) if examples else None
-    if chosen is not None and not chosen:
-        raise ValueError(f"task {task.name!r} has no training examples to build from")
-    count = len(chosen) if chosen is not None else len(task.examples("train"))
+    count = len(chosen) if chosen is not None else len(task.required("train"))
     return static_task_vector(task, generator, chosen), count
 
 
@@ -54,6 +52,7 @@ def build(args) -> Path:
     if (out / f"{args.name}.safetensors").exists() and not args.force:
         raise ValueError(f"{out / (args.name + '.safetensors')} exists; choose another --name or pass --force")
     task = load_task(args.task, args.task_file, args.template)
+    task.required("train")   # refused before the model loads
     model, _ = load_target(args.model, args.device, "float32")
     generator_dir = DEFAULT_GENERATOR_DIR if args.generator == "default" else Path(args.generator)
     generator = load_generator(generator_dir, target=model, device=model.get_input_embeddings().weight.device)
