@@ -54,13 +54,13 @@ def create_app(async_engine=None, settings: Settings | None = None, metrics: Met
 def probe_router(state: ServingState) -> APIRouter:
     router = APIRouter()
 
-    @router.get("/health")
+    @router.api_route("/health", methods=["GET", "HEAD"])   # HEAD: the same status, no body (load balancers)
     async def health() -> JSONResponse:
         if state.alive:
             return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "dead", "error": state.engine.error}, status_code=503)
 
-    @router.get("/ready")
+    @router.api_route("/ready", methods=["GET", "HEAD"])
     async def ready() -> JSONResponse:
         status = state.readiness()
         return JSONResponse({"status": status}, status_code=200 if status == "ready" else 503)

@@ -37,14 +37,24 @@ _ERRORS = {status: {"description": text} for status, text in [
 def api_router(state: ServingState) -> APIRouter:
     router = APIRouter(prefix="/v1", dependencies=[Depends(state.check_api_key)], responses=_ERRORS)
 
+    def cards() -> list[ModelCard]:
+        engine, base = state.engine, state.settings.model_id
+        return [ModelCard(id=p.id, created=state.started, root=state.settings.model,
+                          parent=None if p.id == base else base, steering=p.mode, vector=p.vector,
+                          max_model_len=engine.limits.max_model_len if engine else None,
+                          has_generator=bool(engine and engine.has_generator)) for p in state.presets()]
+
     @router.get("/models", response_model=ModelList)
     async def models() -> ModelList:
-        engine, base = state.engine, state.settings.model_id
-        cards = [ModelCard(id=p.id, created=state.started, root=state.settings.model,
-                           parent=None if p.id == base else base, steering=p.mode, vector=p.vector,
-                           max_model_len=engine.limits.max_model_len if engine else None,
-                           has_generator=bool(engine and engine.has_generator)) for p in state.presets()]
-        return ModelList(data=cards)
+        return ModelList(data=cards())
+
+    @router.get("/models/{model_id:path}", response_model=ModelCard)   # ids hold ':' and '/' (preset ids)
+    async def model(model_id: str) -> ModelCard:
+        for card in cards():
+            if card.id == model_id:
+                return card
+        raise APIError(404, f"model {model_id!r} does not exist; GET /v1/models lists the served ids", "model",
+                       "model_not_found")
 
     @router.post("/vectors/reload", response_model=VectorList)
     async def reload_vectors() -> VectorList:

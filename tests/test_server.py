@@ -474,9 +474,12 @@ def test_an_unexpected_error_is_one_500_and_the_connection_stays_usable(main, mo
 
 
 def test_draining_refuses_new_work(main, monkeypatch):
+    assert httpx.head(main.url + "/ready").status_code == 200
     monkeypatch.setattr(main.state, "draining", True)
     assert httpx.get(main.url + "/ready").status_code == 503
+    assert httpx.head(main.url + "/ready").status_code == 503   # HEAD (load balancers): the same status
     assert httpx.get(main.url + "/health").status_code == 200
+    assert httpx.head(main.url + "/health").status_code == 200
     assert_error(main.post("/v1/completions", {"prompt": "x"}), 503)
 
 
@@ -486,6 +489,7 @@ def test_loading_app_answers_probes(assets):
         assert httpx.get(served.url + "/ready").json() == {"status": "loading"}
         assert_error(served.post("/v1/completions", {"prompt": "x"}), 503)
         assert httpx.get(served.url + "/v1/models").json()["data"][0]["id"] == "tiny"
+        assert httpx.get(served.url + "/v1/models/tiny").json()["id"] == "tiny"   # client.models.retrieve
 
 
 def test_dead_engine_fails_health(assets):
@@ -499,6 +503,7 @@ def test_dead_engine_fails_health(assets):
         eventually(lambda: engine.error is not None)
         assert httpx.get(served.url + "/health").status_code == 503
         assert httpx.get(served.url + "/ready").status_code == 503
+        assert httpx.head(served.url + "/health").status_code == 503
         assert_error(served.post("/v1/completions", {"prompt": "x"}), 503)
         assert metric(scrape(served.url), "atv_engine_up") == 0
 

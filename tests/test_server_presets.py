@@ -104,6 +104,27 @@ def test_an_explicit_atv_field_wins_over_the_preset(served):
     assert chat.status_code == 200 and chat.json()["choices"][0]["atv"]["vector"] == "alpha", chat.text
 
 
+def test_each_model_id_can_be_retrieved(served):
+    for model_id in _model_ids(served):   # ids hold ':' and '/'
+        r = httpx.get(f"{served.url}/v1/models/{model_id}", headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
+        assert r.status_code == 200 and r.json()["id"] == model_id, r.text
+    missing = httpx.get(f"{served.url}/v1/models/{BASE}:vector/nope", headers={"Authorization": f"Bearer {KEY}"})
+    assert_error(missing, 404, "model")
+    assert_error(httpx.get(f"{served.url}/v1/models/{BASE}"), 401)
+
+
+def test_engine_refusals_name_the_field(served):
+    error = assert_error(_complete(served, BASE, atv={"vector": "nope"}), 400, "atv.vector")
+    assert "unknown vector 'nope'; this server has: alpha" in error["message"], error
+    examples = [{"input": "a", "output": "b"}]   # this generator was not trained to read them
+    error = assert_error(_complete(served, BASE, atv={"examples": examples}), 400, "atv.examples")
+    assert "not trained to read atv.examples" in error["message"], error
+    chat = _post(served, "/v1/chat/completions", {"model": BASE, "max_tokens": 2, "atv": {"examples": examples},
+                                                  "messages": [{"role": "user", "content": "hi"}]})
+    assert_error(chat, 400, "atv.examples")
+    assert_error(_complete(served, BASE, prompt=[0] * 3 + [10**6]), 400, "prompt")
+
+
 @pytest.mark.parametrize("model", ["embedded", f"{BASE}:", f"{BASE}:vector/nope", f"{BASE}:vector", "tiny:off",
                                    f"{BASE}:off:off"])
 def test_unknown_model_ids_are_404(served, model):

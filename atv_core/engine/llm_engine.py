@@ -51,6 +51,15 @@ class PromptTooLong(ValueError):
     """Prompt plus max_tokens does not fit the context (HTTP 413)."""
 
 
+class InvalidRequest(ValueError):
+    """A request the engine refuses; `field` names the part at fault: "prompt", or the steering's "mode",
+    "vector" or "examples"."""
+
+    def __init__(self, message: str, field: str = "prompt"):
+        super().__init__(message)
+        self.field = field
+
+
 class EngineDead(RuntimeError):
     """The engine loop hit an unrecoverable error."""
 
@@ -157,10 +166,10 @@ class LLMEngine:
     def validate(self, request: Request) -> None:
         """Checks that need no engine state (safe from any thread). Raises ValueError / PromptTooLong."""
         if not request.prompt_ids:
-            raise ValueError("prompt is empty: send at least one token")
+            raise InvalidRequest("prompt is empty: send at least one token")
         bad = [t for t in request.prompt_ids if not 0 <= t < self.vocab_size]
         if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+            raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
         total = request.num_prompt_tokens + request.params.max_tokens
         if total > self.max_model_len:
             raise PromptTooLong(f"prompt ({request.num_prompt_tokens} tokens) + max_tokens "
@@ -178,19 +187,24 @@ class LLMEngine:
                              "use mode 'atv' to add it to the named vector")
         if request.steering.mode == "atv" and request.vector is None:
             if self.generator is None:
-                raise ValueError("steering mode 'atv' needs a generator, and this server has none; use mode 'off'")
-            self.generator.format_input(request.prompt_text, request.steering.examples)  # ValueError with the fix
+                raise InvalidRequest("steering mode 'atv' needs a generator, and this server has none; use mode "
+                                     "'off'", "mode")
+            try:
+                self.generator.format_input(request.prompt_text, request.steering.examples)
+            except ValueError as exc:   # examples this generator cannot read, with the fix
+                raise InvalidRequest(str(exc), "examples") from None
             if not request.prompt_text.strip() and not request.steering.examples:
-                raise ValueError("steering mode 'atv' needs prompt text for the generator to read; "
-                                 "send a non-empty prompt or use mode 'off'")
+                raise InvalidRequest("steering mode 'atv' needs prompt text for the generator to read; "
+                                     "send a non-empty prompt or use mode 'off'")
 
     def _check_vector_name(self, name: str) -> None:
         if self.vectors is None:
-            raise ValueError(f"unknown vector {name!r}: this server has no named vectors (start it with --vectors DIR)")
+            raise InvalidRequest(f"unknown vector {name!r}: this server has no named vectors (start it with "
+                                 "--vectors DIR)", "vector")
         if name not in self.vectors:
             known = self.vectors.names()
             listed = ", ".join(known[:50]) + (f" and {len(known) - 50} more" if len(known) > 50 else "")
-            raise ValueError(f"unknown vector {name!r}; this server has: {listed or '(none)'}")
+            raise InvalidRequest(f"unknown vector {name!r}; this server has: {listed or '(none)'}", "vector")
 
     def add_request(self, request: Request) -> None:
         self.validate(request)
