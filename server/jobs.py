@@ -119,8 +119,11 @@ class Job:
                 raise from_engine_error(exc, prompt_param) from exc
             self._submitted.append(choice)
         self.admitted = True
+        counted = set()   # prompt tokens once per prompt, as usage counts them (n choices share a prompt)
         for choice in self.choices:
-            self.metrics.count_admitted(self.model_id, self.steering.mode, len(choice.prompt_ids))
+            first = choice.prompt_index not in counted
+            counted.add(choice.prompt_index)
+            self.metrics.count_admitted(self.model_id, self.steering.mode, len(choice.prompt_ids) if first else 0)
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(max(0.0, self.arrival + self.timeout_s - time.monotonic()), self.stop, "timeout")
         if http_request is not None:

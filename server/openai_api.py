@@ -89,7 +89,7 @@ def api_router(state: ServingState) -> APIRouter:
 async def completion_choices(body: CompletionRequest, engine, state: ServingState) -> list[Choice]:
     if body.max_tokens == 0 and body.prompt_logprobs is None:
         raise APIError(400, "max_tokens 0 only scores the prompt: send it with echo true and logprobs", "max_tokens")
-    _check_choice_count(len(body.prompts) * body.n)
+    _check_choice_count(len(body.prompts) * body.n, engine)
     choices = []
     for p, prompt in enumerate(body.prompts):
         ids, text = await prompt_ids(prompt, engine)
@@ -104,7 +104,7 @@ async def completion_choices(body: CompletionRequest, engine, state: ServingStat
 
 async def chat_choices(body: ChatCompletionRequest, engine, state: ServingState,
                        steering: SteeringSpec) -> list[Choice]:
-    _check_choice_count(body.n)
+    _check_choice_count(body.n, engine)
     user_text = "\n".join(m.text for m in body.messages if m.role == "user")  # what the generator reads
     if steering.mode == "atv" and not user_text:
         raise APIError(400, "atv steering reads the user messages, and they are empty; send user content "
@@ -135,9 +135,13 @@ async def encoded(tokenization, param: str) -> list[int]:
         raise APIError(400, str(exc), param) from None
 
 
-def _check_choice_count(count: int) -> None:
-    if count > MAX_CHOICES:
-        raise APIError(400, f"{count} choices (prompts x n) in one request; at most {MAX_CHOICES}", "n")
+def _check_choice_count(count: int, engine) -> None:
+    """Each choice is one engine request, all queued at once: more than the queue holds could never be admitted
+    (a 429 would be retried forever)."""
+    queue = engine.limits.max_waiting
+    if count > min(MAX_CHOICES, queue):
+        raise APIError(400, f"{count} choices (prompts x n) in one request; this server takes at most "
+                       f"{min(MAX_CHOICES, queue)} (its waiting queue holds {queue})", "n")
 
 
 def _max_tokens(requested: int | None, prompt_len: int, engine, state: ServingState, prompt_param: str) -> int:

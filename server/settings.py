@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535)
     max_running: int = Field(32, ge=1, description="requests decoded together (KV rows, vector slots)")
-    max_waiting: int = Field(256, ge=0, description="queued requests; beyond this, HTTP 429")
+    max_waiting: int = Field(256, ge=1, description="queued requests; beyond this, HTTP 429")
     max_num_batched_tokens: int | None = Field(None, ge=1, description="tokens computed in one engine step "
                                                "(running decodes + prompt chunks); default 512 on CPU, 2048 on CUDA")
     long_prompt_tokens: int = Field(256, ge=1, description="prompts with more tokens left than this are long: "

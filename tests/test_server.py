@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -394,12 +395,28 @@ def test_prompt_too_long_is_413(main, monkeypatch):
     assert completion(main, prompt="x" * 10)["choices"]
 
 
-def test_queue_full_is_429_with_retry_after(main):
-    response = main.post("/v1/completions", {"prompt": "x", "n": 8, "max_tokens": 4})  # 8 choices, 4 waiting
-    assert_error(response, 429)
-    assert response.headers["retry-after"] == "1"
+def test_queue_full_is_429_with_retry_after(main, monkeypatch):
+    engine, release = main.engine, threading.Event()
+    drain = engine._drain_inbox
+
+    def held():   # the engine thread takes nothing from its inbox until released: submitted requests stay queued
+        release.wait(30)
+        drain()
+
+    monkeypatch.setattr(engine, "_drain_inbox", held)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            queued = pool.submit(main.post, "/v1/completions", {"prompt": "y", "n": 4, "max_tokens": 2})
+            eventually(lambda: engine._pending == 4)   # its 4 choices fill the queue of 4
+            response = main.post("/v1/completions", {"prompt": "z", "max_tokens": 2})
+            assert_error(response, 429)
+            assert response.headers["retry-after"] == "1"
+            release.set()
+            assert queued.result().status_code == 200   # nobody else harmed
+    finally:
+        release.set()
     eventually(lambda: idle(main))
-    assert completion(main)["choices"]  # nobody else harmed
+    assert completion(main)["choices"]
 
 
 def test_api_key(main, monkeypatch):
@@ -569,6 +586,23 @@ def test_metrics_count_known_requests(main):
     assert metric(after, "atv_num_requests_running") == 0 and metric(after, "atv_vector_slots_used") == 0
     names = {name for name, _ in after}
     assert {"atv_vector_generation_seconds_count", "atv_num_requests_waiting"} <= names
+
+
+def test_prompt_tokens_count_once_per_prompt_as_usage_does(main):
+    before = scrape(main.url)
+    body = completion(main, prompt=["one", "two two"], n=2, max_tokens=2, atv={"mode": "off"})
+    counted = metric(scrape(main.url), "atv_prompt_tokens_total") - metric(before, "atv_prompt_tokens_total")
+    assert counted == body["usage"]["prompt_tokens"] == sum(len(make_tokenizer()(p).input_ids) for p in ("one", "two two"))
+
+
+def test_more_choices_than_the_queue_holds_is_400_not_a_429_forever(main):
+    # main's engine queues 4 requests: 5 choices could never all be admitted, however long a client retried
+    for body in ({"prompt": "x", "n": 5}, {"prompt": ["a", "b", "c"], "n": 2}):
+        error = assert_error(main.post("/v1/completions", {**body, "max_tokens": 2}), 400, "n")
+        assert "takes at most 4 (its waiting queue holds 4)" in error["message"], error
+    chat = main.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 5})
+    assert_error(chat, 400, "n")
+    assert len(completion(main, prompt="x", n=4, max_tokens=2)["choices"]) == 4
 
 
 def test_prefix_cache_counters_count_a_repeated_prompt(main):

@@ -367,8 +367,9 @@ def test_big_input_is_refused_while_health_and_streams_stay_responsive(which, as
     from atv_core.engine.tokenization import longest_token_chars
     from atv_core.models import EMBEDDED_TARGET, load_tokenizer
 
-    if which == "tiny":
-        model, args = str(assets[0]), ["--generator", str(assets[1]), "--max-model-len", "8192"]
+    if which == "tiny":   # a context as long as the embedded target's (rotary positions: any length computes)
+        model = str(make_tiny_model_dir(tmp_path / "model", positions=8192))
+        args = ["--generator", str(assets[1]), "--max-model-len", "8192"]
         tokenizer = make_tokenizer()
     else:
         model, args = EMBEDDED_TARGET, ["--generator", "default"]

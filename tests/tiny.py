@@ -34,13 +34,13 @@ def make_tokenizer():
 VOCAB = len(SPECIALS) + 256
 
 
-def make_config(arch: str = "llama", layers: int = 3, hidden: int = 32):
+def make_config(arch: str = "llama", layers: int = 3, hidden: int = 32, positions: int = 512):
     from transformers import (BertConfig, Gemma3TextConfig, GPT2Config, GPTNeoXConfig, LlamaConfig)
 
     common = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     if arch == "llama":
         return LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **common)
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=positions, **common)
     if arch == "gpt2":
         return GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=512, **common)
     if arch == "gpt_neox":
@@ -70,9 +70,9 @@ def make_model(arch: str = "llama", seed: int = 0, **kw):
     return model.eval()
 
 
-def make_tiny_model_dir(path: str | Path, arch: str = "llama", seed: int = 0) -> Path:
+def make_tiny_model_dir(path: str | Path, arch: str = "llama", seed: int = 0, **config) -> Path:
     path = Path(path)
-    make_model(arch, seed).save_pretrained(path)
+    make_model(arch, seed, **config).save_pretrained(path)
     make_tokenizer().save_pretrained(path)
     return path
 
