@@ -170,6 +170,7 @@ def _choices(body: SamplingFields, prompt_index: int, ids: list[int], prompt_tex
             params = SamplingParams(max_tokens=max_tokens, top_k=max(body.top_k, 0), seed=seed,
                                     temperature=body.temperature if body.temperature >= SAMPLING_EPS else 0.0,
                                     top_p=max(body.top_p, SAMPLING_EPS), stop=body.stop_strings,
+                                    stop_token_ids=tuple(body.stop_token_ids or ()),
                                     ignore_eos=body.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         except ValueError as exc:
             raise APIError(400, str(exc)) from exc

@@ -5,7 +5,8 @@ Bad input is refused by the schema itself (bounds, Literal, strict types: a floa
 `temperature` is a 400), never by hand-written checks; the only checks left to the routes are the ones
 that depend on the loaded model or the settings (model name, prompt length, max_tokens limit). Unknown
 fields are ignored, as OpenAI clients send fields this server does not use; OpenAI fields it does not implement
-(penalties, logit_bias, best_of, suffix, response_format, tools, tool_choice, functions, function_call) pass
+(penalties, logit_bias, best_of, suffix, response_format, tools, tool_choice, functions, function_call) and
+vLLM's sampling extensions it does not implement (min_tokens, repetition_penalty, min_p, guided_*, ...) pass
 only with their neutral values, and anything else is a 400 rather than silently dropped. Streaming chunks are plain
 dicts built in server/formatting.py, in OpenAI's chunk shape.
 """
@@ -45,8 +46,8 @@ def neutral_only(*neutral):
     def check(value):
         # strict, like every other field: `false` is not 0, nor `1.0` the integer 1
         if value is not None and not any(type(value) is type(v) and value == v for v in neutral):
-            shown = " or ".join(json.dumps(v) for v in neutral)
-            raise ValueError(f"not supported by this server; leave it out or send {shown}")
+            shown = " or send " + " or ".join(json.dumps(v) for v in neutral) if neutral else ""
+            raise ValueError(f"not supported by this server; leave it out{shown}")
         return value
     return AfterValidator(check)
 
@@ -108,11 +109,25 @@ class SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     user: Text | None = None
     ignore_eos: StrictBool = Field(False, description="extension: keep generating past end-of-sequence")
+    stop_token_ids: Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(max_length=64)] | None = Field(
+        None, description="vLLM's extension: token ids that end the completion (in the text unless special)")
     atv: SteeringOptions | None = None
     # OpenAI fields not implemented here: only their neutral values are accepted
     frequency_penalty: Annotated[object, neutral_only(0, 0.0)] = None
     presence_penalty: Annotated[object, neutral_only(0, 0.0)] = None
     logit_bias: Annotated[object, AfterValidator(zero_bias)] = None
+    # vLLM's sampling extensions not implemented here: neutral values only, as above
+    min_tokens: Annotated[object, neutral_only(0)] = None
+    repetition_penalty: Annotated[object, neutral_only(1, 1.0)] = None
+    min_p: Annotated[object, neutral_only(0, 0.0)] = None
+    include_stop_str_in_output: Annotated[object, neutral_only(False)] = None
+    skip_special_tokens: Annotated[object, neutral_only(True)] = None
+    spaces_between_special_tokens: Annotated[object, neutral_only(True)] = None
+    use_beam_search: Annotated[object, neutral_only(False)] = None
+    guided_json: Annotated[object, neutral_only()] = None
+    guided_regex: Annotated[object, neutral_only()] = None
+    guided_choice: Annotated[object, neutral_only()] = None
+    guided_grammar: Annotated[object, neutral_only()] = None
 
     @property
     def stop_strings(self) -> tuple[str, ...]:

@@ -120,6 +120,11 @@ def test_max_tokens_stop_strings_and_stop_tokens(parts):
     _drain(engine)
     first = free.output_ids.index(free.output_ids[3])
     assert t.finish_reason == "stop" and t.output_ids == free.output_ids[: first + 1]
+    assert t.output_text == tok.decode(t.output_ids)              # a plain stop token stays in the text (vLLM)
+    engine._special_ids = {free.output_ids[3]}
+    engine.add_request(u := _request(tok, "u", "stop test", t.params))
+    _drain(engine)
+    assert u.output_ids == t.output_ids and u.output_text == tok.decode(u.output_ids[:-1])   # a special one not
     engine.eos_ids = {free.output_ids[2]}
     engine.add_request(e := _request(tok, "e", "stop test", SamplingParams(max_tokens=12, temperature=0.0)))
     _drain(engine)

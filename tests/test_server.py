@@ -243,6 +243,9 @@ def test_stop_echo_logprobs_and_max_tokens_default(main):
     stop = next(ch for ch in free[1:] if ch.isascii() and ch.isprintable())  # random bytes: pick a plain one
     stopped = completion(main, temperature=0, max_tokens=8, ignore_eos=True, stop=[stop])["choices"][0]
     assert stopped["finish_reason"] == "stop" and stopped["text"] == free[: free.index(stop)]
+    stop_id = make_tokenizer().convert_tokens_to_ids(make_tokenizer().tokenize(stop))[0]   # one byte, one token
+    by_id = completion(main, temperature=0, max_tokens=8, ignore_eos=True, stop_token_ids=[stop_id])["choices"][0]
+    assert by_id["finish_reason"] == "stop" and by_id["text"] == free[: free.index(stop) + 1]   # vLLM's extension
     echoed = completion(main, temperature=0, max_tokens=8, ignore_eos=True, echo=True)["choices"][0]
     assert echoed["text"] == "Hello there" + free
     logprobs = completion(main, temperature=0, max_tokens=3, ignore_eos=True, logprobs=2)["choices"][0]["logprobs"]
@@ -375,6 +378,12 @@ def test_invalid_json_and_chat_fields_are_400(main):
                "tools": [], "tool_choice": "auto", "max_tokens": 2}   # what some clients send by default
     assert main.post("/v1/chat/completions", {"messages": user, **neutral}).status_code == 200
     assert completion(main, best_of=1, suffix="", frequency_penalty=0, max_tokens=2)["choices"]
+    for field, value in (("min_tokens", 3), ("repetition_penalty", 1.2), ("min_p", 0.1), ("guided_choice", ["a"]),
+                         ("include_stop_str_in_output", True)):   # vLLM's extensions not implemented here
+        assert_error(main.post("/v1/completions", {"prompt": "x", field: value}), 400, field)
+    vllm_neutral = {"min_tokens": 0, "repetition_penalty": 1.0, "min_p": 0, "include_stop_str_in_output": False,
+                    "skip_special_tokens": True, "use_beam_search": False, "guided_json": None}
+    assert completion(main, max_tokens=2, **vllm_neutral)["choices"]
     # also neutral: best_of equal to n (every candidate returned), biases of 0
     assert len(completion(main, n=2, best_of=2, logit_bias={"5": 0, "7": 0.0}, max_tokens=2)["choices"]) == 2
 
@@ -655,7 +664,9 @@ def test_schemathesis_finds_no_server_errors(main, monkeypatch):
 
 
 NOT_IMPLEMENTED = ("frequency_penalty", "presence_penalty", "logit_bias", "best_of", "suffix", "response_format",
-                   "tools", "tool_choice", "functions", "function_call")
+                   "tools", "tool_choice", "functions", "function_call", "min_tokens", "repetition_penalty", "min_p",
+                   "include_stop_str_in_output", "skip_special_tokens", "spaces_between_special_tokens",
+                   "use_beam_search", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
 
 
 def tame(case):
