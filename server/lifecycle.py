@@ -142,9 +142,8 @@ class DrainingServer(uvicorn.Server):
         if self.drain_deadline is None:
             self.state.draining = True
             self.drain_deadline = time.monotonic() + self.drain_timeout
-        else:
-            self.should_exit = True
-            self.force_exit = sig == signal.SIGINT
+        else:   # a second signal: the drain ends now; the next tick stops what is left (503 / error event), exits
+            self.drain_deadline = 0.0
 
     async def on_tick(self, counter: int) -> bool:
         if self.drain_deadline is not None and not self.should_exit:
@@ -160,7 +159,8 @@ class DrainingServer(uvicorn.Server):
             log.info("drained; shutting down")
             self.should_exit = True
         elif time.monotonic() > self.drain_deadline:
-            log.warning("drain timeout: stopping %d requests", len(self.state.jobs))
+            log.warning("%s: stopping %d requests", "second signal" if self.drain_deadline == 0.0 else "drain timeout",
+                        len(self.state.jobs))
             self.state.stop_all("shutdown")
             self.should_exit = True
 

@@ -778,9 +778,11 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(assets, tmp_path):
     assert "drained" in log_path.read_text()
 
 
-def test_drain_timeout_stops_what_still_runs(assets):
+@pytest.mark.parametrize("drain_timeout, signals", [(0.3, 1), (60.0, 2)])
+def test_drain_timeout_stops_what_still_runs(assets, drain_timeout, signals):
     """SIGTERM's handler, called directly (signals only reach the main thread): a request longer than the
-    drain timeout is stopped with an error event, and the server stops."""
+    drain timeout, or any request once a second signal came, is stopped with an error event, and the server
+    stops."""
     from server.lifecycle import DrainingServer
 
     engine = async_engine(assets.model, None)
@@ -788,7 +790,7 @@ def test_drain_timeout_stops_what_still_runs(assets):
     app = create_app(engine.start(), make_settings(), Metrics())
     port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
-    server = DrainingServer(config, app.state.atv, drain_timeout=0.3)
+    server = DrainingServer(config, app.state.atv, drain_timeout=drain_timeout)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
@@ -799,6 +801,8 @@ def test_drain_timeout_stops_what_still_runs(assets):
             assert next(lines).startswith("data: {")
             server.handle_exit(signal.SIGTERM, None)
             assert _status(f"http://127.0.0.1:{port}/ready") == 503
+            if signals == 2:
+                server.handle_exit(signal.SIGTERM, None)
             events = [line for line in lines if line.startswith("data: ")]
         assert events[-1] == "data: [DONE]"
         assert json.loads(events[-2][len("data: "):])["error"]["code"] == "shutting_down"
