@@ -160,6 +160,8 @@ class VLLMSeries:
                                  model, registry=registry)
         self.num_waiting = Gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.",
                                  model, registry=registry)
+        self.kv_cache_usage = Gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
+                                    model, registry=registry)
         for series in (self.ttft, self.inter_token, self.e2e_latency, self.queue_time, self.prompt_tokens,
                        self.generation_tokens):
             series.labels(model_name)
@@ -169,6 +171,7 @@ class VLLMSeries:
     def bind(self, async_engine) -> None:
         self.num_running.labels(self.model_name).set_function(lambda: async_engine.stats().num_running)
         self.num_waiting.labels(self.model_name).set_function(lambda: async_engine.stats().num_waiting)
+        self.kv_cache_usage.labels(self.model_name).set_function(lambda: _usage(async_engine.stats()))
 
     def observe_finish(self, model_name: str, reason: str, e2e_s: float, queue_s: float | None) -> None:
         if reason != "error":   # vLLM counts finished requests as successes, aborted ones included

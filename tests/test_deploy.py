@@ -46,10 +46,12 @@ HISTOGRAMS = {
     "atv_request_queue_time_seconds", "atv_vector_generation_seconds", "atv_step_duration_seconds",
     "atv_batch_size",
 }
-GAUGES = {"atv_num_requests_running", "atv_num_requests_waiting", "atv_vector_slots_used", "atv_engine_up"}
+GAUGES = {"atv_num_requests_running", "atv_num_requests_waiting", "atv_vector_slots_used", "atv_engine_up",
+          "atv_kv_cache_usage"}
 COUNTERS = {
     "atv_prompt_tokens_total", "atv_generation_tokens_total", "atv_requests_finished_total",
     "atv_http_requests_total", "atv_client_disconnects_total", "atv_requests_steering_total",
+    "atv_prefix_cache_queries_total", "atv_prefix_cache_hits_total", "atv_num_preemptions_total",
 }
 KNOWN_SERIES = (GAUGES | COUNTERS
                 | {h + s for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")})

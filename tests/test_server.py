@@ -597,6 +597,13 @@ def test_metrics_count_known_requests(main):
     assert {"atv_vector_generation_seconds_count", "atv_num_requests_waiting"} <= names
 
 
+def test_every_series_the_deploy_files_query_is_exported(main):
+    from tests.test_deploy import KNOWN_SERIES   # what the Grafana dashboard and the alert rules may use
+    completion(main, max_tokens=2)
+    names = {name for name, _ in scrape(main.url)}
+    assert KNOWN_SERIES <= names, sorted(KNOWN_SERIES - names)
+
+
 def test_prompt_tokens_count_once_per_prompt_as_usage_does(main):
     before = scrape(main.url)
     body = completion(main, prompt=["one", "two two"], n=2, max_tokens=2, atv={"mode": "off"})

@@ -284,6 +284,7 @@ def test_vllm_metrics_setting_exports_vllm_names(assets):
     assert metric(m, "vllm:prompt_tokens_total", model_name="tiny:off") > 0
     assert ("vllm:num_requests_waiting", frozenset({("model_name", "tiny")})) in m
     assert ("vllm:num_requests_running", frozenset({("model_name", "tiny")})) in m
+    assert metric(m, "vllm:kv_cache_usage_perc", model_name="tiny") == metric(m, "atv_kv_cache_usage")
     assert metric(m, "vllm:prefix_cache_queries_total", model_name="tiny") == metric(m, "atv_prefix_cache_queries_total") > 0
     assert ("vllm:prefix_cache_hits_total", frozenset({("model_name", "tiny")})) in m
     assert metric(m, "vllm:num_preemptions_total", model_name="tiny") == metric(m, "atv_num_preemptions_total") == 0
