@@ -87,8 +87,11 @@ def api_router(state: ServingState) -> APIRouter:
 
 # ---- requests -> choices ------------------------------------------------------------------------
 async def completion_choices(body: CompletionRequest, engine, state: ServingState) -> list[Choice]:
-    if body.max_tokens == 0 and body.prompt_logprobs is None:
-        raise APIError(400, "max_tokens 0 only scores the prompt: send it with echo true and logprobs", "max_tokens")
+    if body.max_tokens == 0 and not body.echo:
+        raise APIError(400, "max_tokens 0 samples nothing: send it with echo true (the prompt back; with logprobs "
+                       "also scored)", "max_tokens")
+    # echo with max_tokens 0 is the prompt back (OpenAI); the engine runs it as a prompt scoring, logprobs or not
+    prompt_logprobs = body.prompt_logprobs if body.prompt_logprobs is not None or body.max_tokens != 0 else 0
     _check_choice_count(len(body.prompts) * body.n, engine)
     choices = []
     for p, prompt in enumerate(body.prompts):
@@ -98,7 +101,7 @@ async def completion_choices(body: CompletionRequest, engine, state: ServingStat
         # echo gives the prompt as sent; a token-id prompt's every token, special ones too, as its logprobs do
         echo = "" if not body.echo else prompt if isinstance(prompt, str) else \
             await engine.decode(prompt, skip_special_tokens=False)
-        choices += _choices(body, p, ids, text, max_tokens, body.logprobs, len(choices), body.prompt_logprobs, echo)
+        choices += _choices(body, p, ids, text, max_tokens, body.logprobs, len(choices), prompt_logprobs, echo)
     return choices
 
 

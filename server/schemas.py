@@ -141,8 +141,8 @@ class CompletionRequest(SamplingFields):
              | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]) = Field(
         description="one string, a list of strings, one list of token ids, or a list of such lists (n choices each)")
     max_tokens: Annotated[StrictInt, Field(ge=0, le=INT64_MAX)] | None = Field(
-        None, description="omitted or null: 16 (the server's limit if lower); 0 only with echo and logprobs "
-        "(score the prompt, sample nothing)")
+        None, description="omitted or null: 16 (the server's limit if lower); 0 only with echo: the prompt back, "
+        "scored with logprobs, nothing sampled")
     logprobs: Annotated[StrictInt, Field(ge=0, le=5)] | None = None
     echo: StrictBool = Field(False, description="prepend the prompt; with logprobs, also the prompt tokens' logprobs "
                              "(the first one null), computed with this request's steering")

@@ -248,6 +248,9 @@ def test_stop_echo_logprobs_and_max_tokens_default(main):
     assert by_id["finish_reason"] == "stop" and by_id["text"] == free[: free.index(stop) + 1]   # vLLM's extension
     echoed = completion(main, temperature=0, max_tokens=8, ignore_eos=True, echo=True)["choices"][0]
     assert echoed["text"] == "Hello there" + free
+    back = completion(main, max_tokens=0, echo=True)   # the prompt back, nothing sampled (OpenAI), no logprobs asked
+    assert back["choices"][0]["text"] == "Hello there" and back["choices"][0]["logprobs"] is None
+    assert back["choices"][0]["finish_reason"] == "length" and back["usage"]["completion_tokens"] == 0
     logprobs = completion(main, temperature=0, max_tokens=3, ignore_eos=True, logprobs=2)["choices"][0]["logprobs"]
     assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == 3
     assert all(len(top) <= 2 and lp <= 0 for top, lp in zip(logprobs["top_logprobs"], logprobs["token_logprobs"]))
@@ -317,7 +320,7 @@ def test_default_mode_follows_the_generator(main, plain):
     ({"prompt": "x", "max_tokens": 65}, "max_tokens"),          # over the server's limit (64)
     ({"prompt": "x", "stream": "yes"}, "stream"),
     ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
-    ({"prompt": "x", "echo": True, "max_tokens": 0}, "max_tokens"),   # 0 only scores the prompt: needs logprobs
+    ({"prompt": "x", "max_tokens": 0, "logprobs": 1}, "max_tokens"),   # 0 samples nothing: only with echo
     # OpenAI fields not implemented here: a non-neutral value is refused, never silently dropped
     ({"prompt": "x", "frequency_penalty": 0.5}, "frequency_penalty"),
     ({"prompt": "x", "presence_penalty": -1}, "presence_penalty"),
