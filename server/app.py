@@ -3,7 +3,7 @@ side effects, nothing global: tests build their own), and `cli(argv)` is `atv se
 
 Routes: /v1/* (server/openai_api.py; behind the API key when one is set), and the open probes
 GET /health (liveness: 503 once the engine loop died), GET /ready (200 only when loaded, warmed and not
-draining), GET /metrics (Prometheus). Two pure ASGI middlewares: the outer counts /v1 responses by status
+draining), GET /metrics (Prometheus), GET /version. Two pure ASGI middlewares: the outer counts /v1 responses by status
 and the in-flight requests that a SIGTERM drain waits for; the inner refuses a body over max_body_bytes
 before reading it (server/body_limit.py). Loading, warm-up and the drain live in server/lifecycle.py.
 Nothing here blocks the event loop: tokenizing, detokenizing and the engine run on the AsyncEngine's threads.
@@ -65,6 +65,10 @@ def probe_router(state: ServingState) -> APIRouter:
         status = state.readiness()
         return JSONResponse({"status": status}, status_code=200 if status == "ready" else 503)
 
+    @router.get("/version")   # as vLLM's: the server's package version
+    async def version() -> JSONResponse:
+        return JSONResponse({"version": _version()})
+
     @router.get("/metrics")
     async def metrics() -> Response:
         body, content_type = state.metrics.render()
@@ -105,6 +109,15 @@ class APIAccounting:
 
 
 # ---- atv serve ----------------------------------------------------------------------------------
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("atv-serve")
+    except PackageNotFoundError:   # run from a source tree that was not installed
+        return "unknown"
+
+
 def configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models.
+"""The OpenAI-compatible routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models[/{id}].
 
 A route turns the validated body into choices (prompt ids from the engine's tokenizer worker, chat through
 its chat template; SamplingParams; SteeringSpec), runs them as a Job, and answers JSON (built and encoded
@@ -9,6 +9,7 @@ only engine object used is the AsyncEngine (state.engine).
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 
 from fastapi import APIRouter, Depends, Request
@@ -23,6 +24,8 @@ from .jobs import Choice, Job, JobStopped, stopped_error
 from .schemas import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
                       ModelCard, ModelList, SamplingFields, VectorList)
 from .state import Preset, ServingState
+
+log = logging.getLogger("atv.server")
 
 MAX_CHOICES = 128
 # Below this a temperature means greedy and a top_p keeps only the top token (vLLM's convention). Smaller
@@ -62,6 +65,7 @@ def api_router(state: ServingState) -> APIRouter:
         try:
             names = await engine.reload_vectors()
         except ValueError as exc:
+            log.warning("vectors reload refused, the previous set kept: %s", exc)
             raise APIError(400, str(exc), code="invalid_vectors") from None
         return VectorList(data=names)
 

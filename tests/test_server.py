@@ -440,8 +440,11 @@ def test_api_key(main, monkeypatch):
     assert_error(main.post("/v1/completions", body, headers={"Authorization": "Bearer wrong"}), 401)
     assert_error(httpx.get(main.url + "/v1/models"), 401)
     assert main.post("/v1/completions", body, headers={"Authorization": "Bearer sekret"}).status_code == 200
-    for open_path in ("/health", "/ready", "/metrics"):
+    for open_path in ("/health", "/ready", "/metrics", "/version"):
         assert httpx.get(main.url + open_path).status_code == 200
+    import tomllib
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert httpx.get(main.url + "/version").json() == {"version": declared}
 
 
 def test_generation_failure_is_500_and_harms_nobody(main, monkeypatch):
