@@ -97,7 +97,7 @@ WORKDIR /home/atv
 EXPOSE 8000
 # Liveness only (200 while the engine lives); readiness is GET /ready.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 \
-  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('ATV_PORT', '8000'), timeout=4)"]
+  CMD ["python", "-m", "server.healthcheck"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["atv", "serve"]
 
@@ -173,6 +173,6 @@ USER 10001:10001
 WORKDIR /home/atv
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
-  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('ATV_PORT', '8000'), timeout=4)"]
+  CMD ["python", "-m", "server.healthcheck"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["atv", "serve"]

@@ -153,8 +153,7 @@ def test_runtime_stage(name):
     for setting in ("ATV_HOST=0.0.0.0", "ATV_PORT=8000", "ATV_CACHE_DIR=/cache", "ATV_DRAIN_TIMEOUT="):
         assert setting in env, f"{setting} not set in stage {name}"
     (healthcheck,) = get("HEALTHCHECK")
-    assert "/health" in healthcheck and "urllib" in healthcheck and "curl" not in healthcheck
-    assert "python" in healthcheck
+    assert '["python", "-m", "server.healthcheck"]' in healthcheck and "curl" not in healthcheck
 
 
 def _healthcheck_argv() -> list[str]:
@@ -179,12 +178,20 @@ def test_healthcheck_command(status, ok):
     try:
         argv = _healthcheck_argv()
         assert argv[0] == "python"
-        proc = subprocess.run([sys.executable, *argv[1:]], capture_output=True, text=True, timeout=30,
+        proc = subprocess.run([sys.executable, *argv[1:]], capture_output=True, text=True, timeout=30, cwd=ROOT,
                               env={**os.environ, "ATV_PORT": str(server.server_address[1])})
         assert (proc.returncode == 0) is ok, proc.stderr
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_healthcheck_follows_the_servers_port_flag():
+    from server.healthcheck import serve_port
+    assert serve_port(["/venv/bin/python", "/venv/bin/atv", "serve", "--port", "9000"], {"ATV_PORT": "8000"}) == "9000"
+    assert serve_port(["atv", "serve", "--port=9001"], {}) == "9001"
+    assert serve_port(["atv", "serve"], {"ATV_PORT": "8100"}) == "8100"
+    assert serve_port(["/sbin/init"], {}) == "8000"
 
 
 def test_images_install_the_embedded_model_packages_like_the_makefile():
