@@ -275,6 +275,33 @@ def test_sampler_survives_degenerate_parameters_and_non_finite_logits():
     assert tokens[0] == logits[0].argmax() and tokens[1] == logits[1].argmax() and 0 <= tokens[2] < 50
 
 
+def test_sampling_follows_the_distribution_and_its_top_k_top_p_filters():
+    from atv_core.engine.sampler import make_generator, sample
+    n, logits = 6000, torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -200.0])   # the last underflows to 0
+    probs = torch.softmax(logits, -1)
+    for params, allowed in ((SamplingParams(temperature=1.0), 7),
+                            (SamplingParams(temperature=1.0, top_k=3), 3),
+                            (SamplingParams(temperature=1.0, top_p=0.5), 2)):   # mass before token 2: 0.53
+        tokens = sample(logits.expand(n, -1).clone(), [params] * n, [make_generator(i) for i in range(n)])
+        freq = torch.bincount(tokens, minlength=8).float() / n
+        want = torch.zeros(8)
+        want[:allowed] = probs[:allowed] / probs[:allowed].sum()
+        assert freq[allowed:].sum() == 0, (params, freq)          # nothing filtered, nothing of zero mass
+        assert (freq - want).abs().max() < 0.03, (params, freq, want)
+
+
+def test_top_p_among_candidates_equals_the_full_sort(monkeypatch):
+    from atv_core.engine import sampler
+    logits = torch.randn(16, 3000) * 2
+    for params in (SamplingParams(temperature=0.7, top_p=0.9), SamplingParams(temperature=1.0, top_k=40, top_p=0.8),
+                   SamplingParams(temperature=1.5, top_p=0.99), SamplingParams(temperature=1.0, top_k=300)):
+        drawn = {}
+        for candidates in (3000, 8, 256):   # all sorted; few (most rows sorted in full instead); the default
+            monkeypatch.setattr(sampler, "CANDIDATES", candidates)
+            drawn[candidates] = sampler.sample(logits, [params] * 16, [sampler.make_generator(i) for i in range(16)])
+        assert torch.equal(drawn[8], drawn[3000]) and torch.equal(drawn[256], drawn[3000]), params
+
+
 def test_greedy_picks_the_first_of_tied_maxima_like_argmax():
     from atv_core.engine.sampler import sample
     logits = torch.zeros(3, 50)
