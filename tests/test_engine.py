@@ -296,10 +296,10 @@ def test_top_p_among_candidates_equals_the_full_sort(monkeypatch):
     for params in (SamplingParams(temperature=0.7, top_p=0.9), SamplingParams(temperature=1.0, top_k=40, top_p=0.8),
                    SamplingParams(temperature=1.5, top_p=0.99), SamplingParams(temperature=1.0, top_k=300)):
         drawn = {}
-        for candidates in (3000, 8, 256):   # all sorted; few (most rows sorted in full instead); the default
+        for candidates in (3000, 8, 1024):   # all sorted; few (most rows sorted in full instead); the default
             monkeypatch.setattr(sampler, "CANDIDATES", candidates)
             drawn[candidates] = sampler.sample(logits, [params] * 16, [sampler.make_generator(i) for i in range(16)])
-        assert torch.equal(drawn[8], drawn[3000]) and torch.equal(drawn[256], drawn[3000]), params
+        assert torch.equal(drawn[8], drawn[3000]) and torch.equal(drawn[1024], drawn[3000]), params
 
 
 def test_greedy_picks_the_first_of_tied_maxima_like_argmax():

@@ -27,7 +27,7 @@ def make_generator(seed: int | None) -> torch.Generator:
     return generator
 
 
-CANDIDATES = 256    # top-k / top-p rows look for their nucleus among this many most likely tokens first
+CANDIDATES = 1024   # top-p rows look for their nucleus among this many most likely tokens first
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> torch.Tensor:
@@ -67,9 +67,10 @@ def _draw_plain(scaled: torch.Tensor, _top_k, _top_p, u: torch.Tensor) -> torch.
 def _draw_filtered(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Rows with top-k and/or top-p. The kept tokens are those of a full descending sort: the top k (their
     probabilities renormalised), then the smallest prefix whose mass reaches top_p. They are looked for among
-    the CANDIDATES (or the largest k) most likely tokens; a row whose nucleus may reach past them (no top-k, and
+    the largest k most likely tokens when every row has a top-k, else among the CANDIDATES (or largest k); a row whose nucleus may reach past them (no top-k, and
     the candidates hold less than top_p of the mass) is sorted in full instead, so the result is the same."""
-    width = min(scaled.shape[-1], max(CANDIDATES, int(top_k.max())))
+    most_k = int(top_k.max())
+    width = min(scaled.shape[-1], most_k if bool((top_k > 0).all()) else max(CANDIDATES, most_k))
     values, ids = scaled.topk(width, dim=-1)                                            # sorted, descending
     lse = torch.logsumexp(scaled, dim=-1)                                               # the whole row's normaliser
     full = (top_k <= 0) & ((torch.logsumexp(values, -1) - lse).exp() < top_p + 1e-6)
