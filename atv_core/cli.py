@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -28,7 +29,9 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 return int(getattr(importlib.import_module(module), func)(argv[words:]) or 0)
             except USER_ERRORS as exc:
-                print(f"atv {command}: error: {exc}", file=sys.stderr)
+                if os.environ.get("ATV_TRACEBACK"):   # where it came from, when it may be a bug rather than a mistake
+                    raise
+                print(f"atv {command}: error: {exc} (ATV_TRACEBACK=1 shows where)", file=sys.stderr)
                 return 2
     groups = sorted({c.split()[0] for c in COMMANDS if " " in c})
     parser = argparse.ArgumentParser(prog="atv", description="Adaptive Task Vector serving")

@@ -64,9 +64,9 @@ class _Format:
 class CompletionFormat(_Format):
     chunk_object = "text_completion"
 
-    def __init__(self, response_id: str, model: str, echo: bool):
+    def __init__(self, response_id: str, model: str, echo: bool, logprobs: bool = False):
         super().__init__(response_id, model)
-        self.echo = echo
+        self.echo, self.want_logprobs = echo, logprobs
         self._offsets: dict[int, int] = {}   # choice index -> text offset of its next token (streaming)
 
     def logprobs(self, entries: list[TokenLogprob], offset: int) -> CompletionLogprobs:
@@ -92,7 +92,7 @@ class CompletionFormat(_Format):
         if not (out.text_delta or out.logprobs or out.prompt_logprobs or out.finished):
             return None
         logprobs = None
-        if out.logprobs or out.prompt_logprobs:   # prompt logprobs come once, with the first output
+        if self.want_logprobs and (out.logprobs or out.prompt_logprobs):   # prompt logprobs: once, with the first output
             start = 0 if out.prompt_logprobs else self._offsets.get(choice.index,
                                                                     len(choice.echo_text) if self.echo else 0)
             logprobs = self.logprobs((out.prompt_logprobs or []) + (out.logprobs or []), start)

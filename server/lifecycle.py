@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import signal
 import threading
@@ -31,18 +30,19 @@ WARMUP_PROMPT = "Hello"
 
 # ---- loading ------------------------------------------------------------------------------------
 def fit_threads_to_cpu_quota(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int | None:
-    """Cap torch's threads at the container's CPU quota (rounded up) unless OMP_NUM_THREADS is set.
+    """Cap torch's threads at the container's CPU quota (rounded down, at least 1) unless OMP_NUM_THREADS is set.
 
     torch starts one thread per core it can see, but a CPU quota (`docker run --cpus`, a Kubernetes CPU limit)
     is not a core count: with more threads than the quota allows, every step's barriers wait for throttled
-    threads (deploy/README.md measures 474 s vs 51 s for oversubscribed threads). Returns the new count."""
+    threads (deploy/README.md measures 474 s vs 51 s for oversubscribed threads). cgroup v2 only (cpu.max);
+    returns the new count."""
     import torch
 
     if os.environ.get("OMP_NUM_THREADS"):
         return None
     try:
         quota, period = cpu_max.read_text().split()[:2]
-        threads = max(1, math.ceil(int(quota) / int(period)))
+        threads = max(1, int(quota) // int(period))
     except (OSError, ValueError):   # no cgroup v2 file, or "max" (no quota)
         return None
     if threads >= torch.get_num_threads():
@@ -142,6 +142,8 @@ class DrainingServer(uvicorn.Server):
         if self.drain_deadline is None:
             self.state.draining = True
             self.drain_deadline = time.monotonic() + self.drain_timeout
+        elif self.should_exit:   # already stopping (uvicorn's graceful shutdown): another signal cuts it short
+            self.force_exit = True
         else:   # a second signal: the drain ends now; the next tick stops what is left (503 / error event), exits
             self.drain_deadline = 0.0
 
@@ -181,8 +183,8 @@ async def serve(server: DrainingServer, settings: Settings) -> int:
         engine = loading.result()
         await warm_up(engine)
     except Exception as exc:
-        if isinstance(exc, LoadError):   # the user's to fix: one line, the traceback only at debug level
-            log.error("could not start: %s", exc)
+        if isinstance(exc, LoadError):   # most likely the user's to fix: one line, the traceback at debug level
+            log.error("could not start: %s (--log-level debug shows the traceback)", exc)
             log.debug("what failed to load", exc_info=True)
         else:
             log.exception("could not load %s; exiting", settings.model)

@@ -74,7 +74,7 @@ def api_router(state: ServingState) -> APIRouter:
         engine, preset = state.admit(body.model)
         steering = steering_spec(body, engine, preset)
         choices = await completion_choices(body, engine, state)
-        fmt = CompletionFormat(f"cmpl-{uuid.uuid4().hex[:24]}", preset.id, body.echo)
+        fmt = CompletionFormat(f"cmpl-{uuid.uuid4().hex[:24]}", preset.id, body.echo, body.logprobs is not None)
         return await respond(state, request, body, choices, steering, fmt, body.logprobs is not None, "completions",
                              preset.id)
 

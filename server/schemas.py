@@ -110,7 +110,7 @@ class SamplingFields(BaseModel):
     user: Text | None = None
     ignore_eos: StrictBool = Field(False, description="extension: keep generating past end-of-sequence")
     stop_token_ids: Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(max_length=64)] | None = Field(
-        None, description="vLLM's extension: token ids that end the completion (in the text unless special)")
+        None, description="vLLM's extension: token ids that end the completion (not part of the text)")
     atv: SteeringOptions | None = None
     # OpenAI fields not implemented here: only their neutral values are accepted
     frequency_penalty: Annotated[object, neutral_only(0, 0.0)] = None

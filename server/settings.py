@@ -119,7 +119,8 @@ def parse_settings(argv: list[str] | None) -> Settings:
 
 
 def _describe(error: dict, given: dict) -> str:
-    """One pydantic error as `--flag (ATV_FLAG): what is wrong (got value)`, naming where the value came from."""
+    """One pydantic error as `--flag: what is wrong (got value)`, or `ATV_FLAG: ...` when the value came from the
+    environment."""
     if not error["loc"]:
         return error["msg"].removeprefix("Value error, ")
     name = str(error["loc"][0])

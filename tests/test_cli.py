@@ -33,6 +33,12 @@ def test_user_mistakes_are_one_line_and_exit_2(argv, said, capsys, tmp_path):
     assert not (tmp_path / "out").exists()   # refused before anything was written
 
 
+def test_atv_traceback_shows_where_a_refusal_came_from(monkeypatch, tmp_path):
+    monkeypatch.setenv("ATV_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="epochs"):
+        main(["train", "--epochs", "0", "--out", str(tmp_path / "out")])
+
+
 def test_duplicate_task_names_are_refused_by_eval_and_train(task_files, capsys, tmp_path):
     a, b = map(str, task_files)
     code, err = run(["eval", "--task-file", a, b, "--out", str(tmp_path / "e")], capsys)

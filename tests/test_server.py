@@ -245,12 +245,17 @@ def test_stop_echo_logprobs_and_max_tokens_default(main):
     assert stopped["finish_reason"] == "stop" and stopped["text"] == free[: free.index(stop)]
     stop_id = make_tokenizer().convert_tokens_to_ids(make_tokenizer().tokenize(stop))[0]   # one byte, one token
     by_id = completion(main, temperature=0, max_tokens=8, ignore_eos=True, stop_token_ids=[stop_id])["choices"][0]
-    assert by_id["finish_reason"] == "stop" and by_id["text"] == free[: free.index(stop) + 1]   # vLLM's extension
+    assert by_id["finish_reason"] == "stop" and by_id["text"] == free[: free.index(stop)]   # vLLM's extension
     echoed = completion(main, temperature=0, max_tokens=8, ignore_eos=True, echo=True)["choices"][0]
     assert echoed["text"] == "Hello there" + free
     back = completion(main, max_tokens=0, echo=True)   # the prompt back, nothing sampled (OpenAI), no logprobs asked
     assert back["choices"][0]["text"] == "Hello there" and back["choices"][0]["logprobs"] is None
     assert back["choices"][0]["finish_reason"] == "length" and back["usage"]["completion_tokens"] == 0
+    with httpx.stream("POST", main.url + "/v1/completions", timeout=30,
+                      json={"prompt": "Hello there", "max_tokens": 0, "echo": True, "stream": True}) as response:
+        events = sse_events(response)
+    assert "".join(e["choices"][0]["text"] for e in events) == "Hello there"
+    assert all(e["choices"][0]["logprobs"] is None for e in events)   # none asked for, none streamed
     logprobs = completion(main, temperature=0, max_tokens=3, ignore_eos=True, logprobs=2)["choices"][0]["logprobs"]
     assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == 3
     assert all(len(top) <= 2 and lp <= 0 for top, lp in zip(logprobs["top_logprobs"], logprobs["token_logprobs"]))
@@ -736,14 +741,15 @@ def test_torch_threads_follow_the_containers_cpu_quota(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "set_num_threads", chosen.append)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     cpu_max = tmp_path / "cpu.max"
-    for text, threads in (("150000 100000\n", 2), ("max 100000\n", None), ("6400000 100000\n", None)):
-        cpu_max.write_text(text)                 # 1.5 cores -> 2 threads; no quota; more cores than threads
+    for text, threads in (("250000 100000\n", 2), ("50000 100000\n", 1), ("max 100000\n", None),
+                          ("6400000 100000\n", None)):
+        cpu_max.write_text(text)   # 2.5 cores -> 2 threads; half a core -> 1; no quota; more cores than threads
         assert fit_threads_to_cpu_quota(cpu_max) == threads
     assert fit_threads_to_cpu_quota(tmp_path / "missing") is None
     monkeypatch.setenv("OMP_NUM_THREADS", "3")   # the user's choice wins
     cpu_max.write_text("100000 100000\n")
     assert fit_threads_to_cpu_quota(cpu_max) is None
-    assert chosen == [2]
+    assert chosen == [2, 1]
 
 
 def test_cli_exits_1_when_the_model_cannot_load(tmp_path, caplog):
@@ -754,7 +760,8 @@ def test_cli_exits_1_when_the_model_cannot_load(tmp_path, caplog):
     errors = [r for r in caplog.records if r.levelname == "ERROR"]
     assert [r.getMessage() for r in errors] == [f"could not start: target '{tmp_path / 'missing'}': model folder "
                                                f"{tmp_path / 'missing'} does not exist; give a local folder, an HF "
-                                               "model id or embedded:smollm2-135m-instruct"]
+                                               "model id or embedded:smollm2-135m-instruct (--log-level debug shows "
+                                               "the traceback)"]
     assert errors[0].exc_info is None
 
 
@@ -821,6 +828,9 @@ def test_drain_timeout_stops_what_still_runs(assets, drain_timeout, signals):
         assert json.loads(events[-2][len("data: "):])["error"]["code"] == "shutting_down"
         thread.join(15)
         assert not thread.is_alive()
+        assert server.should_exit and not server.force_exit
+        server.handle_exit(signal.SIGINT, None)   # once stopping, another signal forces the exit
+        assert server.force_exit
     finally:
         server.should_exit = True
         thread.join(5)

@@ -68,7 +68,7 @@ def _load_generator(name: str | Path | None, target, device, model: str):
         log.warning("no usable default generator (%s); serving without steering", exc)
         return None
     cfg = generator.config
-    if cfg.target != model:
+    if Path(cfg.target).name.lower() != Path(model).name.lower():   # a path or an id of the same name is no news
         log.warning("generator %s was trained for %s, served on %s (shapes match; loading it anyway)", path,
                     cfg.target, model)
     log.info("generator %s loaded: backbone %s, rank %s, %d steered layers, position %s, gate %s", path,

@@ -137,7 +137,6 @@ class LLMEngine:
                  self.runner.layout.bytes_per_token, self.scheduler.config.max_num_batched_tokens)
         self.max_model_len = config.max_model_len or min(limit, 8192)
         self.eos_ids = _eos_ids(model, tokenizer)
-        self._special_ids = set(tokenizer.all_special_ids)
         self.vocab_size = model.get_input_embeddings().num_embeddings   # prompt ids must be below this
         self._generators: dict[str, torch.Generator] = {}
         self.step_listeners: list[Callable[[StepStats], None]] = []
@@ -445,13 +444,9 @@ class LLMEngine:
         if request.output is None:
             request.output = OutputText(self.tokenizer, params.stop)
         text = request.output
-        eos = token in self.eos_ids and not params.ignore_eos
-        stop_id = token in params.stop_token_ids
-        if eos or (stop_id and token in self._special_ids):
-            delta = text.finish()           # EOS and special stop tokens are not part of the text (as vLLM)
-        else:
-            delta = text.add(token) + (text.finish() if stop_id else "")
-        if eos or stop_id or text.stopped:
+        stop_token = (token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids
+        delta = text.finish() if stop_token else text.add(token)  # a stop token is not part of the text (as vLLM)
+        if stop_token or text.stopped:
             request.finish("stop")
         elif len(request.output_ids) >= params.max_tokens or request.num_tokens >= self.max_model_len:
             delta += text.finish()

@@ -27,7 +27,7 @@ def make_generator(seed: int | None) -> torch.Generator:
     return generator
 
 
-CANDIDATES = 1024   # top-p rows look for their nucleus among this many most likely tokens first
+CANDIDATES = 1024   # top-p rows look for their nucleus among this many most likely tokens first (_draw_filtered)
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> torch.Tensor:
@@ -48,55 +48,65 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     pick = lambda f, group: torch.tensor([f(params[rows[j]]) for j in group], device=device)  # noqa: E731
     scaled.div_(pick(lambda p: float(p.temperature), range(len(rows))).unsqueeze(1))
     u = torch.cat([torch.rand(1, generator=generators[i]) for i in rows]).to(device)           # one draw per row
-    plain = [j for j, i in enumerate(rows) if params[i].top_k <= 0 and params[i].top_p >= 1]
-    filtered = [j for j, i in enumerate(rows) if not (params[i].top_k <= 0 and params[i].top_p >= 1)]
-    for group, draw in ((plain, _draw_plain), (filtered, _draw_filtered)):
-        if group:
-            part = scaled if len(group) == len(rows) else scaled[group]
-            chosen = draw(part, pick(lambda p: int(p.top_k), group), pick(lambda p: max(float(p.top_p), 1e-6), group),
-                          u[group])
-            tokens[torch.tensor([rows[j] for j in group], device=device)] = chosen
+    filtered = [params[i].top_k > 0 or params[i].top_p < 1 for i in rows]
+    plain = [j for j, f in enumerate(filtered) if not f]
+    if plain:        # neither top-k nor top-p: inverse CDF over the vocabulary in its own order (no sort)
+        part = scaled if len(plain) == len(rows) else scaled[plain]
+        part = part.sub_(part.max(dim=-1, keepdim=True).values).exp_()               # unnormalised is fine
+        tokens[torch.tensor([rows[j] for j in plain], device=device)] = _inverse_cdf(part, u[plain])
+    group = [j for j, f in enumerate(filtered) if f]
+    if group:
+        part = scaled if len(group) == len(rows) else scaled[group]
+        tokens[torch.tensor([rows[j] for j in group], device=device)] = _draw_filtered(
+            part, pick(lambda p: int(p.top_k), group), pick(lambda p: max(float(p.top_p), 1e-6), group), u[group])
     return tokens
-
-
-def _draw_plain(scaled: torch.Tensor, _top_k, _top_p, u: torch.Tensor) -> torch.Tensor:
-    """Rows with neither top-k nor top-p: inverse CDF over the vocabulary in its own order (no sort)."""
-    return _inverse_cdf(scaled.sub_(scaled.max(dim=-1, keepdim=True).values).exp_(), u)   # unnormalised is fine
 
 
 def _draw_filtered(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Rows with top-k and/or top-p. The kept tokens are those of a full descending sort: the top k (their
-    probabilities renormalised), then the smallest prefix whose mass reaches top_p. They are looked for among
-    the largest k most likely tokens when every row has a top-k, else among the CANDIDATES (or largest k); a row whose nucleus may reach past them (no top-k, and
-    the candidates hold less than top_p of the mass) is sorted in full instead, so the result is the same."""
+    """Rows with top-k and/or top-p: the tokens a full sort (descending, ties by token id) keeps, the top k
+    renormalised, then the shortest prefix whose mass reaches top_p; sampled by inverse CDF in that order.
+
+    Computed among the most likely tokens only (the largest k + 1, or CANDIDATES): a row's result is that of the
+    full sort whenever the candidates' last value is below that of the row's last kept token (then every token
+    tied with a kept one is a candidate too); other rows are sorted in full. Either way the same tokens, so a
+    row's draw does not depend on its neighbours' settings."""
+    vocab = scaled.shape[-1]
     most_k = int(top_k.max())
-    width = min(scaled.shape[-1], most_k if bool((top_k > 0).all()) else max(CANDIDATES, most_k))
-    values, ids = scaled.topk(width, dim=-1)                                            # sorted, descending
-    lse = torch.logsumexp(scaled, dim=-1)                                               # the whole row's normaliser
-    full = (top_k <= 0) & ((torch.logsumexp(values, -1) - lse).exp() < top_p + 1e-6)
-    if not bool(full.any()):
-        return _draw_sorted(values, ids, lse, top_k, top_p, u)
-    tokens = torch.empty(scaled.shape[0], dtype=torch.long, device=scaled.device)
-    rest, keep = full.nonzero().squeeze(1), (~full).nonzero().squeeze(1)
-    tokens[rest] = _draw_sorted(*torch.sort(scaled[rest], dim=-1, descending=True), lse[rest], top_k[rest],
-                                top_p[rest], u[rest])
-    if keep.numel():
-        tokens[keep] = _draw_sorted(values[keep], ids[keep], lse[keep], top_k[keep], top_p[keep], u[keep])
-    return tokens
+    width = min(vocab, most_k + 1 if bool((top_k > 0).all()) else max(CANDIDATES, most_k + 1))
+    # the whole row's normaliser (top-p rows); top-k rows renormalise over their k
+    lse = torch.logsumexp(scaled, dim=-1) if bool((top_k <= 0).any()) else scaled.new_zeros(scaled.shape[0])
+    values, ids = _by_value_then_id(*scaled.topk(width, dim=-1))
+    probs = _kept(values, lse, top_k, top_p)
+    last_kept = values.gather(1, ((probs > 0).sum(-1, keepdim=True) - 1))              # kept tokens are a prefix
+    exact = (values[:, -1:] < last_kept).squeeze(1) | (width == vocab)
+    if not bool(exact.all()):
+        rest = (~exact).nonzero().squeeze(1)
+        full_values, full_ids = torch.sort(scaled[rest], dim=-1, descending=True, stable=True)   # ties by id
+        full_probs = _kept(full_values, lse[rest], top_k[rest], top_p[rest])
+        tokens = ids.gather(1, _inverse_cdf(probs, u).unsqueeze(1)).squeeze(1)
+        tokens[rest] = full_ids.gather(1, _inverse_cdf(full_probs, u[rest]).unsqueeze(1)).squeeze(1)
+        return tokens
+    return ids.gather(1, _inverse_cdf(probs, u).unsqueeze(1)).squeeze(1)
 
 
-def _draw_sorted(values: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor, top_k: torch.Tensor,
-                 top_p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """values [n, W]: scaled logits sorted descending (the W most likely, or all), ids their token ids, lse the
-    log-normaliser of each whole row (top-k rows are renormalised over their k instead)."""
+def _by_value_then_id(values: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidates in the full stable sort's order: value descending, ties by token id (topk's order of ties
+    depends on how many it returns)."""
+    ids, order = ids.sort(dim=-1)
+    values, order = values.gather(1, order).sort(dim=-1, descending=True, stable=True)
+    return values, ids.gather(1, order)
+
+
+def _kept(values: torch.Tensor, lse: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """values [n, W]: scaled logits in sorted order (the W most likely, or all); lse: each whole row's
+    log-normaliser -> the kept tokens' probabilities (top-k rows renormalised over their k), 0 elsewhere."""
     rank = torch.arange(values.shape[-1], device=values.device).unsqueeze(0)
     k = torch.where(top_k > 0, top_k, values.shape[-1]).unsqueeze(1)
     values = values.masked_fill(rank >= k, float("-inf"))
     norm = torch.where(top_k > 0, torch.logsumexp(values, dim=-1), lse)
     probs = (values - norm.unsqueeze(1)).exp()
     before = probs.cumsum(-1) - probs                                     # mass strictly before each token
-    probs = probs.masked_fill(before >= top_p.unsqueeze(1), 0.0)          # keeps at least the top token
-    return ids.gather(1, _inverse_cdf(probs, u).unsqueeze(1)).squeeze(1)
+    return probs.masked_fill(before >= top_p.unsqueeze(1), 0.0)           # keeps at least the top token
 
 
 def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
