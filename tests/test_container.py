@@ -429,7 +429,8 @@ def test_image_is_under_2gb_and_runs_as_non_root(images):
     assert size < MAX_IMAGE_BYTES, f"{images['atv']} is {size / 1e9:.2f} GB"
     user = inspect(images["atv"], "{{.Config.User}}")
     assert user and user.split(":")[0] not in ("", "0", "root"), user
-    assert inspect(images["atv"], "{{json .Config.Healthcheck.Test}}").count("/health") == 1
+    healthcheck = json.loads(inspect(images["atv"], "{{json .Config.Healthcheck.Test}}"))
+    assert healthcheck == ["CMD", "python", "-m", "server.healthcheck"], healthcheck   # GET /health on its port
 
 
 def test_final_image_holds_no_build_inputs(images):
