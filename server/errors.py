@@ -17,6 +17,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from atv_core.engine.async_engine import EngineDead, PromptTooLong, QueueFull
 from atv_core.engine.llm_engine import InvalidRequest
 
+from .settings import pydantic_message
+
 log = logging.getLogger("atv.server")
 
 RETRY_AFTER_S = 1
@@ -85,7 +87,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         return ("the body must be a JSON object sent with Content-Type: application/json, "
                 f"with the fields of this endpoint ({first.get('msg', 'invalid')})"), None
     param = ".".join(str(part) for part in loc if _is_field(part)) or None
-    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")   # pydantic's prefix
+    message = pydantic_message(first)
     more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
     return f"{param + ': ' if param else ''}{message}{more}", param
 

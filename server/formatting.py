@@ -44,8 +44,8 @@ def usage(job: Job) -> Usage:
 class _Format:
     chunk_object = ""
 
-    def __init__(self, response_id: str, model: str):
-        self.id, self.model = response_id, model
+    def __init__(self, response_id: str, model: str, logprobs: bool):
+        self.id, self.model, self.want_logprobs = response_id, model, logprobs   # logprobs: the client asked for them
         self.created = int(time.time())
 
     def envelope(self, obj: str, choices: list) -> dict:
@@ -64,9 +64,9 @@ class _Format:
 class CompletionFormat(_Format):
     chunk_object = "text_completion"
 
-    def __init__(self, response_id: str, model: str, echo: bool, logprobs: bool = False):
-        super().__init__(response_id, model)
-        self.echo, self.want_logprobs = echo, logprobs
+    def __init__(self, response_id: str, model: str, logprobs: bool, echo: bool):
+        super().__init__(response_id, model, logprobs)
+        self.echo = echo
         self._offsets: dict[int, int] = {}   # choice index -> text offset of its next token (streaming)
 
     def logprobs(self, entries: list[TokenLogprob], offset: int) -> CompletionLogprobs:
@@ -101,14 +101,14 @@ class CompletionFormat(_Format):
                 "logprobs": logprobs.model_dump() if logprobs else None, **self._finish_fields(choice, out)}
         return self.envelope(self.chunk_object, [body])
 
-    def response(self, job: Job, want_logprobs: bool) -> CompletionResponse:
+    def response(self, job: Job) -> CompletionResponse:
         choices = []
         for c in job.choices:
             prefix = c.echo_text if self.echo else ""
-            if want_logprobs and c.prompt_logprobs:   # echo: prompt tokens, then the completion's
+            if self.want_logprobs and c.prompt_logprobs:   # echo: prompt tokens, then the completion's
                 logprobs = self.logprobs(c.prompt_logprobs + c.logprobs, 0)
             else:
-                logprobs = self.logprobs(c.logprobs, len(prefix)) if want_logprobs else None
+                logprobs = self.logprobs(c.logprobs, len(prefix)) if self.want_logprobs else None
             choices.append(CompletionChoice(index=c.index, text=prefix + c.text, logprobs=logprobs,
                                             finish_reason=c.finish_reason, atv=steering_report(c.steering)))
         return CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
@@ -139,9 +139,9 @@ class ChatFormat(_Format):
         body = {"index": choice.index, "delta": delta, "logprobs": logprobs, **self._finish_fields(choice, out)}
         return self.envelope(self.chunk_object, [body])
 
-    def response(self, job: Job, want_logprobs: bool) -> ChatCompletionResponse:
+    def response(self, job: Job) -> ChatCompletionResponse:
         choices = [ChatChoice(index=c.index, message=AssistantMessage(content=c.text),
-                              logprobs=self.logprobs(c.logprobs) if want_logprobs else None,
+                              logprobs=self.logprobs(c.logprobs) if self.want_logprobs else None,
                               finish_reason=c.finish_reason, atv=steering_report(c.steering))
                    for c in job.choices]
         return ChatCompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,

@@ -74,17 +74,16 @@ def api_router(state: ServingState) -> APIRouter:
         engine, preset = state.admit(body.model)
         steering = steering_spec(body, engine, preset)
         choices = await completion_choices(body, engine, state)
-        fmt = CompletionFormat(f"cmpl-{uuid.uuid4().hex[:24]}", preset.id, body.echo, body.logprobs is not None)
-        return await respond(state, request, body, choices, steering, fmt, body.logprobs is not None, "completions",
-                             preset.id)
+        fmt = CompletionFormat(f"cmpl-{uuid.uuid4().hex[:24]}", preset.id, body.logprobs is not None, body.echo)
+        return await respond(state, request, body, choices, steering, fmt, "completions", preset.id)
 
     @router.post("/chat/completions", response_model=ChatCompletionResponse)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         engine, preset = state.admit(body.model)
         steering = steering_spec(body, engine, preset)
         choices = await chat_choices(body, engine, state, steering)
-        fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex[:24]}", preset.id)
-        return await respond(state, request, body, choices, steering, fmt, body.logprobs, "chat", preset.id)
+        fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex[:24]}", preset.id, body.logprobs)
+        return await respond(state, request, body, choices, steering, fmt, "chat", preset.id)
 
     return router
 
@@ -205,7 +204,7 @@ def steering_spec(body: SamplingFields, engine, preset: Preset) -> SteeringSpec:
 
 # ---- running and answering ----------------------------------------------------------------------
 async def respond(state: ServingState, request: Request, body: SamplingFields, choices: list[Choice],
-                  steering: SteeringSpec, fmt, want_logprobs: bool, endpoint: str, model_id: str):
+                  steering: SteeringSpec, fmt, endpoint: str, model_id: str):
     log_fields = {"endpoint": endpoint, "user": body.user, "model": model_id}
     if state.settings.log_prompts:
         log_fields["prompts"] = sorted({c.prompt_text for c in choices})
@@ -221,7 +220,7 @@ async def respond(state: ServingState, request: Request, body: SamplingFields, c
         return JobStreamingResponse(job, stream_events(job, fmt, include_usage, state.settings.request_timeout))
     try:
         await collect(job)
-        return Response(await asyncio.to_thread(render, fmt, job, want_logprobs), media_type="application/json")
+        return Response(await asyncio.to_thread(render, fmt, job), media_type="application/json")
     except JobStopped as stopped:
         if stopped.reason == "disconnect":
             return Response(status_code=499)  # nobody is listening; the status is for the metrics
@@ -230,9 +229,9 @@ async def respond(state: ServingState, request: Request, body: SamplingFields, c
         job.close()
 
 
-def render(fmt, job: Job, want_logprobs: bool) -> bytes:
+def render(fmt, job: Job) -> bytes:
     """The whole JSON body of a finished job (on a worker thread: large bodies take a while)."""
-    return fmt.response(job, want_logprobs).model_dump_json().encode()
+    return fmt.response(job).model_dump_json().encode()
 
 
 async def collect(job: Job) -> None:

@@ -118,12 +118,17 @@ def parse_settings(argv: list[str] | None) -> Settings:
                     " (atv serve --help lists the settings)\n")
 
 
+def pydantic_message(error: dict) -> str:
+    """The message of one pydantic error, without the "Value error, " prefix pydantic gives our own checks'."""
+    return str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+
+
 def _describe(error: dict, given: dict) -> str:
     """One pydantic error as `--flag: what is wrong (got value)`, or `ATV_FLAG: ...` when the value came from the
     environment."""
     if not error["loc"]:
-        return error["msg"].removeprefix("Value error, ")
+        return pydantic_message(error)
     name = str(error["loc"][0])
     source = f"--{name.replace('_', '-')}" if name in given else f"ATV_{name.upper()}"
     got = "" if name == "api_key" else f" (got {error.get('input')!r})"
-    return f"{source}: {error['msg'].removeprefix('Value error, ')}{got}"
+    return f"{source}: {pydantic_message(error)}{got}"

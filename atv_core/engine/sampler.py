@@ -79,14 +79,13 @@ def _draw_filtered(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tenso
     probs = _kept(values, lse, top_k, top_p)
     last_kept = values.gather(1, ((probs > 0).sum(-1, keepdim=True) - 1))              # kept tokens are a prefix
     exact = (values[:, -1:] < last_kept).squeeze(1) | (width == vocab)
+    tokens = ids.gather(1, _inverse_cdf(probs, u).unsqueeze(1)).squeeze(1)
     if not bool(exact.all()):
         rest = (~exact).nonzero().squeeze(1)
         full_values, full_ids = torch.sort(scaled[rest], dim=-1, descending=True, stable=True)   # ties by id
         full_probs = _kept(full_values, lse[rest], top_k[rest], top_p[rest])
-        tokens = ids.gather(1, _inverse_cdf(probs, u).unsqueeze(1)).squeeze(1)
         tokens[rest] = full_ids.gather(1, _inverse_cdf(full_probs, u[rest]).unsqueeze(1)).squeeze(1)
-        return tokens
-    return ids.gather(1, _inverse_cdf(probs, u).unsqueeze(1)).squeeze(1)
+    return tokens
 
 
 def _by_value_then_id(values: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
