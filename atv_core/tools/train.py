@@ -147,8 +147,7 @@ def training_items(tasks: list[Task], split: str, seed: int, max_per_task: int |
     rng = random.Random(seed)
     items = []
     for task in tasks:
-        examples = task.required(split) if split == "train" else task.examples(split)
-        examples = examples[:max_per_task] if max_per_task else examples
+        examples = task.examples(split)[:max_per_task] if max_per_task else task.examples(split)
         for i, ex in enumerate(examples):
             chosen = range(len(task.templates)) if all_templates else \
                 [(i + rng.randrange(len(task.templates))) % len(task.templates)]
@@ -431,9 +430,13 @@ def init_bank(generator: ATVGenerator, path: str, names: list[str]) -> None:
 
 
 def select_tasks(cfg: TrainConfig) -> list[Task]:
-    """cfg.tasks names suite tasks; None = every seen task; () = none (only cfg.task_files)."""
+    """cfg.tasks names suite tasks; None = every seen task; () = none (only cfg.task_files). Refuses two tasks
+    of one name, and a task without training items."""
     tasks = load_suite(names=cfg.tasks) if cfg.tasks else load_suite(seen=True) if cfg.tasks is None else []
-    return unique_names(tasks + [load_task_file(p) for p in cfg.task_files])
+    tasks = unique_names(tasks + [load_task_file(p) for p in cfg.task_files])
+    for task in tasks:
+        task.required("train")
+    return tasks
 
 
 def param_groups(cfg: TrainConfig, generator: ATVGenerator, shared: SharedVector | None) -> list[dict]:
@@ -465,8 +468,6 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> tuple[ATVGenerator, S
     random.seed(cfg.seed)
     device = select_device(cfg.device)
     tasks = select_tasks(cfg)   # before loading anything: a bad task file is refused at once
-    for task in tasks:
-        task.required("train")
     if model is None:
         model, tokenizer = load_target(cfg.target, cfg.device, "float32")
     model.requires_grad_(False).eval()
