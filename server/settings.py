@@ -47,7 +47,7 @@ class Settings(BaseSettings):
                                           "request); default: on for accelerators, off on CPU")
     generator_threads: int = Field(1, ge=1, description="torch threads of that generator thread (when the engine "
                                    "has nothing to step it makes the vectors itself with all its threads)")
-    cpu_decode_kernel: bool = Field(True, description="fp32 on CPU: attend decodes with the C++ paged kernel, "
+    cpu_decode_kernel: bool = Field(True, description="fp32 or bf16 on CPU: attend decodes with the C++ paged kernel, "
                                     "compiled on first start (g++; ~25 s, then cached); off or unbuildable: torch")
     kv_cache_gib: float | None = Field(None, gt=0, description="KV cache memory budget in GiB; default on CPU "
                                        "min(2, a quarter of the available RAM), on CUDA --kv-cache-fraction")

@@ -19,7 +19,7 @@ a mask; one that is decodes of equal length runs without a mask. Padding never r
 padded keys repeat their request's first slot and padded queries repeat the chunk's last query; both are
 masked or dropped.
 
-Decodes in fp32 on CPU skip the gather where the C++ kernel (cpu_kernel.py, csrc/paged_decode.cpp) is built:
+Decodes in fp32 or bf16 on CPU skip the gather where the C++ kernel (cpu_kernel.py, csrc/paged_decode.cpp) is built:
 it reads each request's keys and values in place through the same slots (Bucket.attend_kernel). A lone prompt
 chunk after earlier ones (fp32, CPU) runs without a mask: prefix and causal self-attention merged by their
 log-sum-exps (Bucket.attend_continued).
@@ -96,10 +96,11 @@ class Bucket:
                scaling: float | None, kernel=None) -> torch.Tensor:
         """q [N, H, D], pools [S, H_kv, D] -> outputs of this bucket's real queries [n, H, D]. `kernel`: the
         compiled CPU decode kernel (cpu_kernel.py) or None."""
-        if self.q_index.shape[1] == 1 and q.device.type == "cpu" and q.dtype == torch.float32:
-            if kernel is not None:
+        if self.q_index.shape[1] == 1 and q.device.type == "cpu":
+            if kernel is not None and q.dtype in (torch.float32, torch.bfloat16):
                 return self.attend_kernel(kernel, q, k_pool, v_pool, window, scaling)
-            return self.attend_decodes(q, k_pool, v_pool, window, scaling)
+            if q.dtype == torch.float32:
+                return self.attend_decodes(q, k_pool, v_pool, window, scaling)
         query = _gather(q, self.q_index).transpose(1, 2)                                # [B_b, H, Q_b, D]
         key = _gather(k_pool, self.kv_slot).transpose(1, 2)                             # [B_b, H_kv, K_b, D]
         value = _gather(v_pool, self.kv_slot).transpose(1, 2)
@@ -155,7 +156,7 @@ class Bucket:
 
     def attend_kernel(self, kernel, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, window: int,
                       scaling: float | None) -> torch.Tensor:
-        """One query per request, fp32 on CPU, through the C++ kernel (csrc/paged_decode.cpp): keys and values
+        """One query per request, fp32 or bf16 on CPU, through the C++ kernel (csrc/paged_decode.cpp): keys and values
         read in place from the pools via kv_slot, keys 0 .. q_pos (the last `window` of them on sliding-window
         layers) -> [B_b, H, D]. Same mask and softmax as attend_decodes, without the gathered copies."""
         if "kernel" not in self.masks:

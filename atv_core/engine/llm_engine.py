@@ -80,7 +80,7 @@ class EngineConfig:
     generator_worker: bool | None = None  # the generator on its own thread beside the steps (False: in the
                                           # step); default: True on accelerators, False on CPU (see above)
     generator_threads: int = 1          # torch intra-op threads of that thread (vector_worker.py's sizing note)
-    cpu_decode_kernel: bool = True      # fp32 on CPU: decode attention by the C++ kernel (cpu_kernel.py) where it builds
+    cpu_decode_kernel: bool = True      # fp32 or bf16 on CPU: decode attention by the C++ kernel (cpu_kernel.py) where it builds
 
     def __post_init__(self):
         if not 0 < self.kv_cache_fraction <= 1:

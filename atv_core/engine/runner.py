@@ -53,8 +53,8 @@ class ModelRunner:
         hidden = model.config.hidden_size
         self.table = torch.zeros(len(self.steer_layers), max_slots + 1, hidden, device=self.device, dtype=self.dtype)
         self.free_slots = list(range(max_slots, 0, -1))
-        cpu_fp32 = self.device.type == "cpu" and self.dtype == torch.float32
-        self.kernel = cpu_kernel.load() if cpu_decode_kernel and cpu_fp32 else None   # decode attention (attention.py)
+        supported = self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16)
+        self.kernel = cpu_kernel.load() if cpu_decode_kernel and supported else None   # decode attention (attention.py)
 
     @property
     def rows(self) -> list[Request]:
