@@ -3,12 +3,16 @@ parity tests (test_paged_engine, test_injection, test_engine) on tiny models, wi
 
 The tolerance, and why: bf16 keeps 8 significant bits, so rounding a value moves it by up to 2^-8 of its
 magnitude (one 'ulp' step is 2^-7 relative). The engine and the plain forward compute the same logits in
-other summation orders (packed steps, chunked keys, other batch shapes); every layer's output is rounded
-to bf16, so the two disagree by a few such steps. Measured on these models: up to 1.5 steps (0.047 at
-|logit| 4.75). We allow 4 steps of the largest logit, 2^-6 * max|logit| (~0.08 here), and no relative term.
-That is not below the bf16-vs-fp32 difference itself (0.03-0.12 here), so these tests do not check bf16
-against fp32; they check the engine's machinery in bf16, where a wrong KV block, position, mask or vector
-moves logits by O(1) (the steered-vs-unsteered check below measures that scale).
+other summation orders (packed steps, chunked keys, other batch shapes), and its CPU decode kernel rounds
+attention once where the plain forward's SDPA rounds per block; every layer's output is rounded to bf16, so
+the two disagree by a few such steps, and the disagreement compounds over decode steps. Measured on these
+models: up to 1.5 steps (0.047 at |logit| 4.75) on the torch path, up to 5.4 (0.086 at 4.06) with the
+kernel, while each of the three (kernel, torch path, plain bf16 forward) is 0.02-0.11 from an fp32 forward
+of the same bf16 weights, the kernel no farther than the others. We allow 8 steps of the largest logit,
+2^-5 * max|logit| (~0.13 here), and no relative term. That is not below the bf16-vs-fp32 difference itself,
+so these tests do not check bf16 against fp32; they check the engine's machinery in bf16, where a wrong KV
+block, position, mask or vector moves logits by O(1) (the steered-vs-unsteered check below measures that
+scale).
 """
 import logging
 import random
@@ -33,8 +37,8 @@ CPU = torch.device("cpu")
 
 
 def assert_close_bf16(got: torch.Tensor, want: torch.Tensor, msg: str = "") -> None:
-    """Within 4 bf16 rounding steps of the largest value (see the module docstring)."""
-    atol = 2 ** -6 * float(want.float().abs().max())
+    """Within 8 bf16 rounding steps of the largest value (see the module docstring)."""
+    atol = 2 ** -5 * float(want.float().abs().max())
     torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=0, msg=msg)
 
 
@@ -142,3 +146,22 @@ def test_bf16_steered_requests_joining_mid_flight_match_their_solo_runs(tmp_path
     for rid, want in solo.items():
         for step, (got, ref) in enumerate(zip(seen[rid], want)):
             assert_close_bf16(got, ref, f"{rid} step {step}")
+
+
+def test_a_generator_loaded_for_a_bf16_target_encodes_in_bf16_with_fp32_heads(tmp_path):
+    """The backbone follows a bf16 target; the expansion and gate stay fp32 and read fp32 pooled states, so
+    the vectors stay within bf16 rounding of the fp32 generator's (a relative error, not O(1))."""
+    folder = make_tiny_generator_dir(tmp_path / "gen")
+    fp32 = load_generator(folder, target=make_model("llama"))
+    bf16 = load_generator(folder, target=_bf16_model("llama"))
+    assert next(fp32.backbone.parameters()).dtype == torch.float32
+    assert {p.dtype for p in bf16.backbone.parameters()} == {torch.bfloat16}
+    assert bf16.expansion.weight.dtype == torch.float32
+    prompts = ["a query", "Word: cold\nAntonym:", "an altogether longer prompt, with more words in it"]
+    with torch.no_grad():
+        want, got = fp32(prompts), bf16(prompts)
+    assert got.vectors.dtype == got.pooled.dtype == torch.float32
+    relative = (got.vectors - want.vectors).norm(dim=(1, 2)) / want.vectors.norm(dim=(1, 2))
+    assert float(relative.max()) < 0.05
+    assert not torch.equal(got.vectors, want.vectors)          # it did compute in bf16
+    torch.testing.assert_close(got.gates, want.gates, atol=0.02, rtol=0)

@@ -71,6 +71,7 @@ def _load_generator(name: str | Path | None, target, device, model: str):
     if Path(cfg.target).name.lower() != Path(model).name.lower():   # a path or an id of the same name is no news
         log.warning("generator %s was trained for %s, served on %s (shapes match; loading it anyway)", path,
                     cfg.target, model)
-    log.info("generator %s loaded: backbone %s, rank %s, %d steered layers, position %s, gate %s", path,
-             cfg.backbone, cfg.rank, len(cfg.selected_layers), cfg.position, cfg.gate)
+    log.info("generator %s loaded: backbone %s (%s), rank %s, %d steered layers, position %s, gate %s", path,
+             cfg.backbone, str(next(generator.backbone.parameters()).dtype).removeprefix("torch."), cfg.rank,
+             len(cfg.selected_layers), cfg.position, cfg.gate)
     return generator

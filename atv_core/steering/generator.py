@@ -323,6 +323,7 @@ class ATVGenerator(nn.Module):
                 self.packed_attention = False
         if hidden is None:
             hidden = self._masked_forward(input_ids, segment, positions)
+        hidden = hidden.float()                          # pooled in fp32 where the backbone computes in bf16
         mode = self.config.pooling_mode
         if mode == "mean":
             sums = hidden.new_zeros(len(rows), hidden.shape[-1]).index_add(0, segment, hidden)
