@@ -40,7 +40,9 @@ def assets(tmp_path_factory):
 
 def _engine(model, generator, vectors) -> AsyncEngine:
     config = EngineConfig(max_running=4, max_waiting=4)
-    return AsyncEngine(build_engine(str(model), generator, device="cpu", config=config, vectors=vectors))
+    # fp32: the echo test compares with an fp32 forward, and dtype auto is bf16 on CPUs with AVX512-BF16/AMX
+    return AsyncEngine(build_engine(str(model), generator, device="cpu", dtype="float32", config=config,
+                                    vectors=vectors))
 
 
 @pytest.fixture(scope="module")
