@@ -3,16 +3,17 @@ parity tests (test_paged_engine, test_injection, test_engine) on tiny models, wi
 
 The tolerance, and why: bf16 keeps 8 significant bits, so rounding a value moves it by up to 2^-8 of its
 magnitude (one 'ulp' step is 2^-7 relative). The engine and the plain forward compute the same logits in
-other summation orders (packed steps, chunked keys, other batch shapes), and its CPU decode kernel rounds
-attention once where the plain forward's SDPA rounds per block; every layer's output is rounded to bf16, so
-the two disagree by a few such steps, and the disagreement compounds over decode steps. Measured on these
-models: up to 1.5 steps (0.047 at |logit| 4.75) on the torch path, up to 5.4 (0.086 at 4.06) with the
-kernel, while each of the three (kernel, torch path, plain bf16 forward) is 0.02-0.11 from an fp32 forward
-of the same bf16 weights, the kernel no farther than the others. We allow 8 steps of the largest logit,
-2^-5 * max|logit| (~0.13 here), and no relative term. That is not below the bf16-vs-fp32 difference itself,
-so these tests do not check bf16 against fp32; they check the engine's machinery in bf16, where a wrong KV
-block, position, mask or vector moves logits by O(1) (the steered-vs-unsteered check below measures that
-scale).
+other summation orders (packed steps, chunked keys, other batch shapes); every layer's output is rounded
+to bf16, so the two disagree by a few such steps. Measured on these models: up to 1.5 steps (0.047 at
+|logit| 4.75). We allow 4 steps of the largest logit, 2^-6 * max|logit| (~0.08 here), and no relative term.
+That is not below the bf16-vs-fp32 difference itself (0.03-0.12 here), so these tests do not check bf16
+against fp32; they check the engine's machinery in bf16, where a wrong KV block, position, mask or vector
+moves logits by O(1) (the steered-vs-unsteered check below measures that scale).
+
+The exception is the chunked-prefill run, whose decodes go through the CPU decode kernel: it rounds attention
+once where the plain forward's SDPA rounds per block, and over 8 decode steps the two drifted up to 5.4 steps
+apart (0.086 at |logit| 4.06), though each was as far from fp32 as the other. That test compares both with an
+fp32 forward of the same bf16 weights instead.
 """
 import logging
 import random
@@ -37,8 +38,8 @@ CPU = torch.device("cpu")
 
 
 def assert_close_bf16(got: torch.Tensor, want: torch.Tensor, msg: str = "") -> None:
-    """Within 8 bf16 rounding steps of the largest value (see the module docstring)."""
-    atol = 2 ** -5 * float(want.float().abs().max())
+    """Within 4 bf16 rounding steps of the largest value (see the module docstring)."""
+    atol = 2 ** -6 * float(want.float().abs().max())
     torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=0, msg=msg)
 
 
@@ -89,11 +90,18 @@ def test_the_real_probe_agrees_with_proc_cpuinfo():
 
 # ---- parity in bf16 ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ARCHS)
-def test_bf16_logits_match_a_plain_bf16_forward_through_chunked_prefill_and_decode(arch):
+def test_bf16_chunked_prefill_and_decode_are_as_close_to_fp32_as_a_plain_bf16_forward(arch):
     model = _bf16_model(arch)
     assert LLMEngine(model, make_tokenizer(), None, EngineConfig(**CHUNKY)).runner.dtype is torch.bfloat16
-    for request_id, got, want in chunked_run_against_a_plain_forward(model):
-        assert_close_bf16(got, want, f"{arch} {request_id}")
+    fp32 = _bf16_model(arch).float()                       # the same bf16 weights, computed in fp32
+    for request_id, got, want, ids in chunked_run_against_a_plain_forward(model, reference=fp32):
+        with torch.no_grad():
+            plain = model(torch.tensor([ids[:-1]])).logits[0, -len(got):].float()    # a plain bf16 forward
+        engine_error, plain_error = (float((x.float() - want).abs().max()) for x in (got, plain))
+        # the engine is no farther from fp32 than twice the plain bf16 forward (measured 0.8-1.4x), and a
+        # wrong block, position or mask would be off by the logits' own scale
+        assert engine_error <= 2 * plain_error + 2 ** -8 * float(want.abs().max()), f"{arch} {request_id}"
+        assert engine_error < 2 ** -4 * float(want.abs().max()), f"{arch} {request_id}: {engine_error}"
 
 
 @pytest.mark.parametrize("arch", ARCHS)

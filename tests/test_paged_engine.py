@@ -27,10 +27,11 @@ def _ids(n, seed):
     return random.Random(seed).choices(range(10, 200), k=n)
 
 
-def chunked_run_against_a_plain_forward(model) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+def chunked_run_against_a_plain_forward(model, reference=None) -> list[tuple[str, torch.Tensor, torch.Tensor, list[int]]]:
     """Three requests through chunked prefill beside decodes (one arriving first, two joining it) ->
-    (request id, the engine's logits [T, V], a plain forward's [T, V]) per request; no block left in use.
-    Shared by the fp32 test below and its bf16 twin (test_bf16.py), which differ only in tolerance."""
+    (request id, the engine's logits [T, V], a plain forward's [T, V] by `reference` (default: the model itself),
+    the request's prompt + output ids) per request; no block left in use. Shared by the fp32 test below and its
+    bf16 twin (test_bf16.py)."""
     engine = LLMEngine(model, make_tokenizer(), None, EngineConfig(**CHUNKY))
     seen = record_logits(engine)
     reqs = [Request("short", _ids(3, 0), GREEDY, SteeringSpec("off")),
@@ -46,14 +47,15 @@ def chunked_run_against_a_plain_forward(model) -> list[tuple[str, torch.Tensor, 
     pairs = []
     for r in reqs:
         with torch.no_grad():
-            reference = model(torch.tensor([r.prompt_ids + r.output_ids[:-1]])).logits[0]    # [T, V]
-        pairs.append((r.request_id, torch.stack(seen[r.request_id]), reference[r.num_prompt_tokens - 1:]))
+            plain = (reference or model)(torch.tensor([r.prompt_ids + r.output_ids[:-1]])).logits[0]    # [T, V]
+        pairs.append((r.request_id, torch.stack(seen[r.request_id]), plain[r.num_prompt_tokens - 1:],
+                      r.prompt_ids + r.output_ids))
     return pairs
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_logits_match_a_plain_forward_through_chunked_prefill_and_decode(arch):
-    for request_id, got, want in chunked_run_against_a_plain_forward(make_model(arch)):
+    for request_id, got, want, _ in chunked_run_against_a_plain_forward(make_model(arch)):
         # fp32, other summation order (packed steps, chunked keys): last-bit differences only
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5, msg=f"{arch} {request_id}")
 

@@ -307,8 +307,8 @@ def test_preemptions_are_counted_in_metrics(assets):
     model = assets[0]
     config = EngineConfig(max_running=4, block_size=4,
                           kv_cache_bytes=kv_budget(AutoModelForCausalLM.from_pretrained(model), 20))
-    engine = AsyncEngine(build_engine(str(model), None, device="cpu", config=config))
-    prompts = ["the first prompt, 23 b.", "twelve bytes", "and the third one, 25 b.."]
+    engine = AsyncEngine(build_engine(str(model), None, device="cpu", dtype="float32", config=config))  # the
+    prompts = ["the first prompt, 23 b.", "twelve bytes", "and the third one, 25 b.."]   # budget is fp32 blocks
     with serving(engine, make_settings(vllm_metrics=True)) as s:
         def complete(prompt):
             return httpx.post(s.url + "/v1/completions", json={"model": "tiny:off", "prompt": prompt,

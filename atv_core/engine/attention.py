@@ -97,7 +97,7 @@ class Bucket:
         """q [N, H, D], pools [S, H_kv, D] -> outputs of this bucket's real queries [n, H, D]. `kernel`: the
         compiled CPU decode kernel (cpu_kernel.py) or None."""
         if self.q_index.shape[1] == 1 and q.device.type == "cpu":
-            if kernel is not None and q.dtype in (torch.float32, torch.bfloat16):
+            if kernel is not None and q.dtype in (torch.float32, torch.bfloat16) and k_pool.dtype == q.dtype:
                 return self.attend_kernel(kernel, q, k_pool, v_pool, window, scaling)
             if q.dtype == torch.float32:
                 return self.attend_decodes(q, k_pool, v_pool, window, scaling)
@@ -141,7 +141,8 @@ class Bucket:
         batched matmul of contiguous matrices. Same arithmetic as SDPA's math: softmax(q k^T * scale + mask) v.
         On the 2-core CPU VM (B_b 32, 160 keys, 3 K/V heads of 64, GQA 3) this took 0.67 ms per layer, against
         1.11 ms for per-head matmuls on the [B_b, K_b, H_kv, D] gather and about 0.6-0.8 ms for SDPA's CPU
-        kernel after that gather. (bf16 stays on SDPA, whose kernel keeps scores and sums in fp32.)"""
+        kernel after that gather. (bf16 without the C++ kernel stays on SDPA, whose kernel keeps scores and sums
+        in fp32.)"""
         batch, heads_kv, head_dim = self.kv_slot.shape[0], k_pool.shape[1], k_pool.shape[2]
         rows = self.head_rows(heads_kv)                                                # [B_b * H_kv * K_b]
         keys = k_pool.view(-1, head_dim).index_select(0, rows).view(batch * heads_kv, -1, head_dim)

@@ -68,7 +68,7 @@ def load_generator(path: str | Path, target=None, device: torch.device | str = "
     """Load a checkpoint folder for inference. `target` (an HF causal LM), when given, is checked for a matching
     L and d, and sets the backbone's dtype: bf16 where the target computes in bf16 (its vectors then differ from
     fp32's by ~0.3 % relative, far below what bf16 does to the target itself), else fp32. The heads (expansion,
-    gate) stay fp32; pooled states are widened to fp32 before them."""
+    gate) stay fp32; pooled states are widened to fp32 before them. A `backbone` passed in is cast in place."""
     config = read_config(path)
     if target is not None:
         from atv_core.steering.layers import find_decoder_layers
@@ -88,5 +88,6 @@ def load_generator(path: str | Path, target=None, device: torch.device | str = "
     except (KeyError, RuntimeError) as exc:   # a weight the config does not describe, or of another shape
         raise ValueError(f"checkpoint {path}: its weights do not match its {CONFIG_FILE} ({exc})") from exc
     if target is not None and target.dtype == torch.bfloat16:
-        generator.backbone.to(torch.bfloat16)
+        for param in generator.backbone.parameters():   # parameters only: float buffers (a RoPE's inv_freq)
+            param.data = param.data.to(torch.bfloat16)   # stay fp32, as from_pretrained(dtype=bf16) keeps them
     return generator.to(device).eval()
