@@ -21,6 +21,14 @@ EMBEDDED_TARGET = "embedded:smollm2-135m-instruct"
 EMBEDDED_BACKBONE = "embedded:all-minilm-l6-v2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_GENERATOR_DIR = Path(__file__).resolve().parent / "default_generator"  # the shipped generator
+# dtype names accepted besides "auto" (--dtype, ATV_DTYPE, atv eval / bench)
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def generator_dir(name: str | Path) -> Path:
+    """A --generator value as a checkpoint folder: "default" is the shipped one."""
+    return DEFAULT_GENERATOR_DIR if str(name) == "default" else Path(name)
 
 
 def cache_dir() -> Path:
@@ -94,11 +102,9 @@ def select_dtype(dtype: str, device: torch.device) -> torch.dtype:
         log.info("dtype auto on CPU -> %s: %s (force one with --dtype float32 or bfloat16)",
                  str(chosen).removeprefix("torch."), reason)
         return chosen
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in table:
-        raise ValueError(f"dtype must be auto or one of {sorted(table)}, got {dtype!r}")
-    return table[dtype]
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
 
 
 def cpu_bf16_support() -> tuple[bool, str]:

@@ -13,7 +13,9 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from atv_core.models import EMBEDDED_TARGET
+from atv_core.models import DTYPES, EMBEDDED_TARGET
+
+DtypeName = Literal[("auto", *DTYPES)]   # the names atv_core.models.select_dtype takes
 
 
 class Settings(BaseSettings):
@@ -28,7 +30,7 @@ class Settings(BaseSettings):
                                "label, for vLLM dashboards, alerts and autoscalers")
     served_model_name: str | None = Field(None, description="model id in the API (default: --model)")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
-    dtype: Literal["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"] = Field("auto", description="auto (CUDA: bf16, else fp16; CPU: bf16 where the processor has "
+    dtype: DtypeName = Field("auto", description="auto (CUDA: bf16, else fp16; CPU: bf16 where the processor has "
                                            "AVX512-BF16 or AMX, else fp32; logged at start), float32, bfloat16, float16")
     device_map: str | None = Field(None, description="e.g. auto: spread a large target over the visible GPUs")
     host: str = Field("127.0.0.1", description="address to listen on")

@@ -178,16 +178,7 @@ def test_a_generator_loaded_for_a_bf16_target_encodes_in_bf16_with_fp32_heads(tm
 def test_a_decoder_backbone_cast_for_a_bf16_target_keeps_its_rope_buffers_fp32(tmp_path):
     """Only parameters are cast: a RoPE's inv_freq stays fp32, as from_pretrained(dtype=bf16) keeps it (a bf16
     inv_freq puts the rotary angles of later positions off)."""
-    from atv_core.steering.checkpoint import save_generator
-    from atv_core.steering.generator import ATVGenerator, GeneratorConfig
-    from atv_core.models import load_backbone
-    from tests.tiny import make_config, make_tiny_model_dir
-
-    backbone_dir = make_tiny_model_dir(tmp_path / "backbone", "llama")
-    target = make_config("llama")
-    config = GeneratorConfig(backbone=str(backbone_dir), backbone_kind="decoder", target="tiny-llama",
-                             target_layers=target.num_hidden_layers, target_hidden=target.hidden_size, rank=8)
-    folder = save_generator(ATVGenerator(config, *load_backbone(str(backbone_dir))), tmp_path / "gen")
+    folder = make_tiny_generator_dir(tmp_path / "gen", backbone_arch="llama")
     generator = load_generator(folder, target=_bf16_model("llama"))
     buffers = {name: b.dtype for name, b in generator.backbone.named_buffers() if b.is_floating_point()}
     assert any("inv_freq" in name for name in buffers) and set(buffers.values()) == {torch.float32}

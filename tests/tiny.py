@@ -77,16 +77,19 @@ def make_tiny_model_dir(path: str | Path, arch: str = "llama", seed: int = 0, **
     return path
 
 
-def make_tiny_generator_dir(path: str | Path, target_arch: str = "llama", seed: int = 0, **config) -> Path:
-    """A generator checkpoint (tiny BERT backbone, random expansion) that fits make_model(target_arch)."""
+def make_tiny_generator_dir(path: str | Path, target_arch: str = "llama", seed: int = 0, backbone_arch: str = "bert",
+                            **config) -> Path:
+    """A generator checkpoint (tiny backbone, BERT by default, else a decoder of that layout; random expansion)
+    that fits make_model(target_arch)."""
     from atv_core.steering.checkpoint import save_generator
     from atv_core.steering.generator import ATVGenerator, GeneratorConfig
     from atv_core.models import load_backbone
 
     path = Path(path)
-    backbone_dir = make_tiny_model_dir(path.parent / (path.name + "-backbone"), "bert", seed)
+    backbone_dir = make_tiny_model_dir(path.parent / (path.name + "-backbone"), backbone_arch, seed)
     target = make_config(target_arch)
-    cfg = GeneratorConfig(backbone=str(backbone_dir), target=f"tiny-{target_arch}",
+    kind = "encoder" if backbone_arch == "bert" else "decoder"
+    cfg = GeneratorConfig(backbone=str(backbone_dir), backbone_kind=kind, target=f"tiny-{target_arch}",
                           target_layers=target.num_hidden_layers, target_hidden=target.hidden_size, rank=8, **config)
     backbone, tokenizer = load_backbone(str(backbone_dir))
     generator = ATVGenerator(cfg, backbone, tokenizer)

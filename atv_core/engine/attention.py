@@ -39,6 +39,7 @@ import torch
 from torch.nn import functional as F
 from transformers import AttentionInterface
 
+from atv_core.engine import cpu_kernel
 from atv_core.engine.kv_cache import KVLayout, LayerKV, PagedKVCache
 
 PAGED = "atv_paged"
@@ -97,7 +98,7 @@ class Bucket:
         """q [N, H, D], pools [S, H_kv, D] -> outputs of this bucket's real queries [n, H, D]. `kernel`: the
         compiled CPU decode kernel (cpu_kernel.py) or None."""
         if self.q_index.shape[1] == 1 and q.device.type == "cpu":
-            if kernel is not None and q.dtype in (torch.float32, torch.bfloat16) and k_pool.dtype == q.dtype:
+            if kernel is not None and q.dtype in cpu_kernel.DTYPES and k_pool.dtype == q.dtype:
                 return self.attend_kernel(kernel, q, k_pool, v_pool, window, scaling)
             if q.dtype == torch.float32:
                 return self.attend_decodes(q, k_pool, v_pool, window, scaling)

@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 from atv_core.engine.llm_engine import EngineConfig, LLMEngine
-from atv_core.models import DEFAULT_GENERATOR_DIR, load_target
+from atv_core.models import generator_dir, load_target
 from atv_core.steering.checkpoint import load_generator
 from atv_core.steering.vectors import VectorLayout, VectorStore
 
@@ -59,7 +59,7 @@ def _load_generator(name: str | Path | None, target, device, model: str):
         log.info("generator: none (requests are served unsteered; atv.mode 'atv' is refused)")
         return None
     explicit = str(name) != "default"
-    path = Path(name) if explicit else DEFAULT_GENERATOR_DIR
+    path = generator_dir(name)
     try:
         generator = load_generator(path, target=target, device=device)
     except ValueError as exc:

@@ -23,8 +23,11 @@ import time
 from functools import lru_cache
 from pathlib import Path
 
+import torch
+
 log = logging.getLogger("atv.engine")
 SOURCE = Path(__file__).parent / "csrc" / "paged_decode.cpp"
+DTYPES = (torch.float32, torch.bfloat16)   # what the kernel computes (its q and pools share one of them)
 STALE_LOCK_S = 600                    # a build lock older than this was left by a process killed mid-build
 
 

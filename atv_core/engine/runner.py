@@ -53,7 +53,7 @@ class ModelRunner:
         hidden = model.config.hidden_size
         self.table = torch.zeros(len(self.steer_layers), max_slots + 1, hidden, device=self.device, dtype=self.dtype)
         self.free_slots = list(range(max_slots, 0, -1))
-        supported = self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16)
+        supported = self.device.type == "cpu" and self.dtype in cpu_kernel.DTYPES
         self.kernel = cpu_kernel.load() if cpu_decode_kernel and supported else None   # decode attention (attention.py)
 
     @property

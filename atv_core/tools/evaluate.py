@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from atv_core.steering.checkpoint import load_generator
 from atv_core.engine.llm_engine import EngineConfig, LLMEngine
-from atv_core.models import DEFAULT_GENERATOR_DIR, load_target
+from atv_core.models import generator_dir, load_target
 from atv_core.engine.request import Request, SamplingParams, SteeringSpec
 from atv_core.tools.tasks import Task, default_data_dir, load_suite, load_task_file, unique_names
 from atv_core.tools.train import (PRESETS, TrainConfig, answer_loss, chat_prompt, control_file, encode,
@@ -262,7 +262,7 @@ def evaluate_seed(seed: int, args, model, tokenizer, tasks: list[Task], cached: 
         return json.loads((out / "results.json").read_text())
     cfg = replace(recipe(args), seed=seed, epochs=args.epochs, max_per_task=args.max_per_task, out=str(out / "atv"))
     if args.generator and seed == args.seeds[0]:
-        atv_dir = DEFAULT_GENERATOR_DIR if args.generator == "default" else Path(args.generator)
+        atv_dir = generator_dir(args.generator)
     else:
         atv_dir = out / "atv" / "generator"
         if not (out / "atv" / "DONE").exists():

@@ -15,7 +15,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from atv_core.models import DEFAULT_GENERATOR_DIR, EMBEDDED_TARGET
+from atv_core.models import EMBEDDED_TARGET, generator_dir
 from atv_core.steering.vectors import check_name, read_vector
 
 log = logging.getLogger("atv.vectors")
@@ -54,8 +54,7 @@ def build(args) -> Path:
     task = load_task(args.task, args.task_file, args.template)
     task.required("train")   # refused before the model loads
     model, _ = load_target(args.model, args.device, "float32")
-    generator_dir = DEFAULT_GENERATOR_DIR if args.generator == "default" else Path(args.generator)
-    generator = load_generator(generator_dir, target=model, device=model.get_input_embeddings().weight.device)
+    generator = load_generator(generator_dir(args.generator), target=model, device=model.get_input_embeddings().weight.device)
     vector, count = build_vector(task, generator, args.examples, args.seed)
     built_from = {"recipe": "generator_mean" if not args.examples else "generator_mean_examples",
                   "generator": str(args.generator), "generator_target": generator.config.target,
