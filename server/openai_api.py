@@ -18,7 +18,7 @@ from fastapi.responses import Response, StreamingResponse
 from atv_core.engine.async_engine import PromptTooLong
 from atv_core.engine.request import Example, SamplingParams, SteeringSpec
 
-from .errors import APIError, error_body
+from .errors import APIError
 from .formatting import DONE, ChatFormat, CompletionFormat, sse
 from .jobs import Choice, Job, JobStopped, stopped_error
 from .schemas import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
@@ -238,7 +238,15 @@ async def collect(job: Job) -> None:
     async for choice, out in job.events():
         if out.finish_reason == "error":
             job.stop("failed")
-            raise APIError(500, f"generation failed: {out.error}", code="generation_failed")
+            raise failed_error(out)
+
+
+def failed_error(out) -> APIError:
+    """A choice the engine ended with an error: 400 on the field at fault when the request itself could not be
+    served (a named vector removed by a reload after it was accepted), else a 500."""
+    if out.error_field is not None:
+        return APIError(400, out.error, f"atv.{out.error_field}")
+    return APIError(500, f"generation failed: {out.error}", code="generation_failed")
 
 
 async def stream_events(job: Job, fmt, include_usage: bool, timeout_s: float):
@@ -250,7 +258,7 @@ async def stream_events(job: Job, fmt, include_usage: bool, timeout_s: float):
         async for choice, out in job.events():
             if out.finish_reason == "error":
                 job.stop("failed")
-                yield sse(error_body(500, f"generation failed: {out.error}", code="generation_failed"))
+                yield sse(failed_error(out).body())
                 break
             if (chunk := fmt.chunk(choice, out)) is not None:
                 yield sse(chunk)

@@ -127,6 +127,16 @@ def test_engine_refusals_name_the_field(served):
     assert_error(_complete(served, BASE, prompt=[0] * 3 + [10**6]), 400, "prompt")
 
 
+def test_a_request_failed_on_its_own_field_is_400_and_a_failed_generation_500():
+    from atv_core.engine.request import RequestOutput
+    from server.openai_api import failed_error
+
+    removed = failed_error(RequestOutput("r", "", [], None, True, "error", "named vector 'beta' was removed", "vector"))
+    assert (removed.status, removed.param, removed.message) == (400, "atv.vector", "named vector 'beta' was removed")
+    broken = failed_error(RequestOutput("r", "", [], None, True, "error", "the steering vector is non-finite"))
+    assert (broken.status, broken.code) == (500, "generation_failed") and "non-finite" in broken.message
+
+
 @pytest.mark.parametrize("model", ["embedded", f"{BASE}:", f"{BASE}:vector/nope", f"{BASE}:vector", "tiny:off",
                                    f"{BASE}:off:off"])
 def test_unknown_model_ids_are_404(served, model):

@@ -234,6 +234,7 @@ def test_a_vector_removed_by_a_reload_fails_only_its_request(parts, tmp_path):
     store.reload()
     drain(engine)
     assert doomed.finish_reason == "error" and "'beta' was removed" in doomed.error
+    assert doomed.error_field == "vector" and kept.error_field is None   # the request's own fault: HTTP 400
     assert kept.finish_reason == "length" and len(kept.output_ids) == GREEDY.max_tokens
     assert engine.runner.slots_used == 0
 

@@ -347,7 +347,8 @@ class LLMEngine:
         found = self.vectors.get(request.steering.vector) if self.vectors is not None else None
         if found is None:
             request.finish("error", f"named vector {request.steering.vector!r} was removed (the vectors folder "
-                                    "was reloaded) before this request started")
+                                    "was reloaded) before this request started; GET /v1/models lists the current "
+                                    "ones (as <model>:vector/<name>)", "vector")
             return None
         return found.vector
 
@@ -472,7 +473,7 @@ class LLMEngine:
                 len(request.prompt_logprobs) == request.num_prompt_tokens:
             prompt_logprobs, request.prompt_logprobs_sent = request.prompt_logprobs, True
         out = RequestOutput(request.request_id, delta, token_ids, [logprob] if logprob else None, request.finished,
-                            request.finish_reason, request.error, request.num_prompt_tokens,
+                            request.finish_reason, request.error, request.error_field, request.num_prompt_tokens,
                             len(request.output_ids), request.steering_report, queue_time, prompt_logprobs)
         if request.on_output is not None:
             request.on_output(out)

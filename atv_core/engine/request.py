@@ -141,6 +141,8 @@ class RequestOutput:
     finished: bool
     finish_reason: FinishReason | None = None
     error: str | None = None
+    error_field: str | None = None    # with an error: the request's part at fault (as InvalidRequest.field), when
+                                      # the request itself was unservable (HTTP 400), else None (a server failure)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     steering: SteeringReport | None = None  # what was applied (set once the request reached a prefill)
@@ -163,6 +165,7 @@ class Request:
     output: OutputText | None = None  # the streamed text (detokenizer and stop strings), made by the engine
     finish_reason: FinishReason | None = None
     error: str | None = None
+    error_field: str | None = None    # see RequestOutput.error_field
     vector_slot: int = 0              # 0 = unsteered; kept while preempted, so recompute steers the same
     steering_key: bytes | None = None # digest of the delta in its slot (set with the slot): prefix-cache identity
     block_table: list[int] = field(default_factory=list)   # KV blocks: token p lives in block_table[p // size]
@@ -206,7 +209,7 @@ class Request:
     def finished(self) -> bool:
         return self.status is Status.FINISHED
 
-    def finish(self, reason: FinishReason, error: str | None = None) -> None:
+    def finish(self, reason: FinishReason, error: str | None = None, error_field: str | None = None) -> None:
         self.status = Status.FINISHED
         self.finish_reason = reason
-        self.error = error
+        self.error, self.error_field = error, error_field
