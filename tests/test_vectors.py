@@ -1,7 +1,9 @@
 """Named vectors on tiny models: folder loading and validation, reload, engine parity with `Request.vector`,
 the weighted sum with the generator's vector, and `atv vectors build|list` end to end."""
 import json
+import logging
 import threading
+from dataclasses import replace
 
 import pytest
 import torch
@@ -65,6 +67,21 @@ def test_store_loads_validates_and_reloads(tmp_path):
     (tmp_path / "beta.safetensors").unlink()
     (tmp_path / "beta.json").unlink()
     assert store.reload() == ["alpha"] and store.get("beta") is None
+
+
+def test_the_position_policy_is_recorded_and_a_mismatch_is_logged(parts, tmp_path, caplog):
+    model, _, gen = parts
+    layout = VectorLayout.for_target(model, gen)
+    assert layout.position == gen.config.position == "all" and VectorLayout.for_target(model).position == "all"
+    write_vector(tmp_path, "alpha", _vector(1), replace(layout, position="last"), {})
+    assert json.loads((tmp_path / "alpha.json").read_text())["position"] == "last"
+    with caplog.at_level(logging.WARNING, logger="atv.vectors"):
+        VectorStore(tmp_path, layout)
+    assert "built under position policy 'last'; this server adds vectors under 'all'" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="atv.vectors"):
+        VectorStore(tmp_path, replace(layout, position="last"))
+    assert "position policy" not in caplog.text
 
 
 def test_a_bad_file_fails_the_reload_and_keeps_the_old_set(tmp_path):

@@ -8,7 +8,8 @@ One vector is two files in the folder:
   all decoder layers when it has none. A vector must match them exactly (a [L, d] vector does not fit a
   server whose generator steers a subset, and is refused rather than silently truncated).
 - `<name>.json`: metadata: `target` (model id), `target_layers` (L), `hidden_size` (d), `layers` (the
-  steered layer indices, length L_sel), `built_from` (how it was made), `created` (UTC), `norm`.
+  steered layer indices, length L_sel), `position` (the position policy it was built under: the generator's,
+  "all" without one), `built_from` (how it was made), `created` (UTC), `norm`.
 
 Loading validates every file against the serving target (`VectorLayout`): shape, layers, finite values;
 errors name the file and the expected shape. Files are read with safetensors only (never unpickled).
@@ -46,6 +47,8 @@ class VectorLayout:
     layers: tuple[int, ...]
     hidden_size: int
     target: str | None = None          # model id, informational (a mismatch is logged, not refused)
+    position: str | None = None        # the position policy the rows are added under (the generator's; "all"
+                                       # without one); informational like `target`
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
@@ -59,7 +62,8 @@ class VectorLayout:
         """The layout an engine around `model` (and `generator`, if any) steers."""
         n_layers = len(find_decoder_layers(model))
         layers = generator.config.selected_layers if generator is not None else range(n_layers)
-        return cls(n_layers, tuple(layers), model.config.hidden_size, target)
+        position = generator.config.position if generator is not None else "all"
+        return cls(n_layers, tuple(layers), model.config.hidden_size, target, position)
 
     def describe(self) -> str:
         return (f"[{self.shape[0]}, {self.shape[1]}] (layers {_span(self.layers)} of a {self.target_layers}-layer "
@@ -147,6 +151,10 @@ def _check_layout(path: Path, vector: torch.Tensor, meta: dict, layout: VectorLa
     if layout.target and meta.get("target") and meta["target"] != layout.target:
         log.warning("%s was built for %s, served on %s (shapes match; loading it anyway)", path, meta["target"],
                     layout.target)
+    if layout.position and meta.get("position") and meta["position"] != layout.position:
+        log.warning("%s was built under position policy %r; this server adds vectors under %r, so it steers "
+                    "other positions than it was made for (loading it anyway; rebuild it with this server's "
+                    "generator to match)", path, meta["position"], layout.position)
 
 
 def read_folder(folder: Path, layout: VectorLayout | None) -> dict[str, NamedVector]:
@@ -210,7 +218,7 @@ def vector_metadata(name: str, vector: torch.Tensor, layout: VectorLayout, built
         raise ValueError(f"vector {name!r} holds NaN or infinite values; not saved")
     return {"format_version": FORMAT_VERSION, "name": name, "target": layout.target,
             "target_layers": layout.target_layers, "hidden_size": layout.hidden_size, "layers": list(layout.layers),
-            "built_from": built_from, "norm": norm,
+            "position": layout.position, "built_from": built_from, "norm": norm,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
