@@ -9,7 +9,7 @@ name, with a fresh cache volume, and checks: /ready, a steered and a plain compl
 server process, the HEALTHCHECK turning healthy (short interval given at `docker run`), Prometheus (with
 deploy/prometheus/ mounted) reading back a request counter this test raised, `docker stop` letting an
 in-flight stream of 200 tokens finish and the server exit 0, a second container on the same volume not
-converting the model again, and that no layer of the final image holds the build's CA bundle, pip
+converting the model again, the C++ decode kernel compiled at the first start into that volume, and that no layer of the final image holds the build's CA bundle, pip
 configuration or wheelhouse.
 
 Deliberate differences from compose: the ATV container gets OMP_NUM_THREADS=1 and a wider drain window
@@ -61,6 +61,7 @@ STOP_TIMEOUT_S = 270
 TEST_ENV = {"ATV_DRAIN_TIMEOUT": str(DRAIN_TIMEOUT_S), "OMP_NUM_THREADS": "1"}
 PLAIN_REQUESTS = 3
 CONVERSION_LOG = re.compile(r"converting .*gguf", re.IGNORECASE)
+KERNEL_LOG = re.compile(r"decode attention: C\+\+ paged kernel")   # atv_core/engine/cpu_kernel.py, once loaded
 MAX_IMAGE_BYTES = 2_000_000_000
 TIMINGS: dict[str, float] = {}
 TIMINGS_FILE = ROOT / "build" / "container-test-timings.json"  # git- and docker-ignored
@@ -539,3 +540,15 @@ def test_restart_on_the_same_volume_skips_the_conversion(stack, images, drained_
     assert not CONVERSION_LOG.search(logs(name)), logs(name)[-3000:]
     res = post(url + "/v1/completions", {"prompt": "Hello", "max_tokens": 2, "ignore_eos": True})
     assert res["usage"]["completion_tokens"] == 2
+
+
+def test_the_decode_kernel_is_compiled_into_the_cache_volume(stack, images, drained_stop):
+    """The image carries a compiler (CPU_KERNEL=1): the first start builds the C++ decode kernel for this CPU into
+    /cache/torch_extensions, and the restart on the same volume serves with it too."""
+    restarted = f"{stack.run_id}-atv-restarted"
+    if restarted not in stack.containers:
+        pytest.skip("needs the restart test's container")
+    for text in (drained_stop.logs, logs(restarted)):
+        assert KERNEL_LOG.search(text), text[-3000:]
+    built = docker("exec", restarted, "sh", "-c", "ls -d /cache/torch_extensions/*/atv_paged_decode_*").stdout
+    assert built.strip(), "no kernel build folder in the cache volume"
