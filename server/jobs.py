@@ -53,6 +53,8 @@ class Choice:
     first_token_at: float | None = None
     last_token_at: float | None = None
     queue_time_s: float | None = None  # arrival in the engine -> admission into a prefill
+    spec: SteeringSpec | None = None   # this choice's steering where it is not the job's (default steering of a
+                                       # prompt the generator has no text to read: off)
 
     @property
     def finished(self) -> bool:
@@ -112,7 +114,7 @@ class Job:
         self.registry.add(self)
         for choice in self.choices:
             try:
-                self.engine.submit(choice.prompt_ids, choice.params, self.steering,
+                self.engine.submit(choice.prompt_ids, choice.params, choice.spec or self.steering,
                                    functools.partial(self._on_output, choice), prompt_text=choice.prompt_text,
                                    request_id=self.request_id(choice))
             except Exception as exc:  # QueueFull, PromptTooLong, ValueError, EngineDead: its HTTP status
@@ -123,7 +125,8 @@ class Job:
         for choice in self.choices:
             first = choice.prompt_index not in counted
             counted.add(choice.prompt_index)
-            self.metrics.count_admitted(self.model_id, self.steering.mode, len(choice.prompt_ids) if first else 0)
+            self.metrics.count_admitted(self.model_id, (choice.spec or self.steering).mode,
+                                        len(choice.prompt_ids) if first else 0)
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(max(0.0, self.arrival + self.timeout_s - time.monotonic()), self.stop, "timeout")
         if http_request is not None:

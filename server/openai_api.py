@@ -74,6 +74,8 @@ def api_router(state: ServingState) -> APIRouter:
         engine, preset = state.admit(body.model)
         steering = steering_spec(body, engine, preset)
         choices = await completion_choices(body, engine, state)
+        if _default_steering(body, preset, steering):
+            unsteer_unreadable(choices)
         fmt = CompletionFormat(f"cmpl-{uuid.uuid4().hex[:24]}", preset.id, body.logprobs is not None, body.echo)
         return await respond(state, request, body, choices, steering, fmt, "completions", preset.id)
 
@@ -81,7 +83,7 @@ def api_router(state: ServingState) -> APIRouter:
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         engine, preset = state.admit(body.model)
         steering = steering_spec(body, engine, preset)
-        choices = await chat_choices(body, engine, state, steering)
+        choices = await chat_choices(body, engine, state, steering, _default_steering(body, preset, steering))
         fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex[:24]}", preset.id, body.logprobs)
         return await respond(state, request, body, choices, steering, fmt, "chat", preset.id)
 
@@ -108,17 +110,34 @@ async def completion_choices(body: CompletionRequest, engine, state: ServingStat
     return choices
 
 
-async def chat_choices(body: ChatCompletionRequest, engine, state: ServingState,
-                       steering: SteeringSpec) -> list[Choice]:
+async def chat_choices(body: ChatCompletionRequest, engine, state: ServingState, steering: SteeringSpec,
+                       default_steering: bool = False) -> list[Choice]:
     _check_choice_count(body.n, engine)
     user_text = "\n".join(m.text for m in body.messages if m.role == "user")  # what the generator reads
-    if steering.mode == "atv" and not user_text:
+    if steering.mode == "atv" and not user_text and not default_steering:
         raise APIError(400, "atv steering reads the user messages, and they are empty; send user content "
                        "or atv.mode 'off'", "messages")
     ids = await encoded(engine.encode_chat([{"role": m.role, "content": m.text} for m in body.messages]), "messages")
     max_tokens = _max_tokens(body.max_new_tokens, len(ids), engine, state, "messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    return _choices(body, 0, ids, user_text, max_tokens, logprobs, 0)
+    choices = _choices(body, 0, ids, user_text, max_tokens, logprobs, 0)
+    if default_steering:
+        unsteer_unreadable(choices)
+    return choices
+
+
+def _default_steering(body: SamplingFields, preset: Preset, steering: SteeringSpec) -> bool:
+    """Whether the request gets the server's default generator steering without asking for it (no `atv` field,
+    the base model id)."""
+    return body.atv is None and preset.mode is None and steering.mode == "atv"
+
+
+def unsteer_unreadable(choices: list[Choice]) -> None:
+    """Default steering, prompts with no text for the generator (blank, or a chat without user content): served
+    unsteered (their `atv.mode` reads "off") instead of refused; a request that asks for atv gets the 400."""
+    for choice in choices:
+        if not choice.prompt_text.strip():
+            choice.spec = SteeringSpec("off")
 
 
 async def prompt_ids(prompt: str | list[int], engine) -> tuple[list[int], str]:

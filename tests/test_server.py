@@ -307,6 +307,16 @@ def test_default_mode_follows_the_generator(main, plain):
     assert_error(plain.post("/v1/completions", {"prompt": "x", "atv": {"mode": "atv"}}), 400, "atv.mode")
 
 
+def test_default_steering_serves_a_prompt_without_text_unsteered_and_asked_for_atv_refuses_it(main):
+    both = completion(main, prompt=["Hello there", "  \n "], temperature=0)["choices"]
+    assert [c["atv"]["mode"] for c in both] == ["atv", "off"] and all(c["finish_reason"] for c in both)
+    assert_error(main.post("/v1/completions", {"prompt": "  ", "atv": {"mode": "atv"}}), 400, "prompt")
+    system_only = {"messages": [{"role": "system", "content": "Be brief."}], "max_tokens": 2}
+    r = main.post("/v1/chat/completions", system_only)
+    assert r.status_code == 200 and r.json()["choices"][0]["atv"]["mode"] == "off", r.text
+    assert_error(main.post("/v1/chat/completions", {**system_only, "atv": {"mode": "atv"}}), 400, "messages")
+
+
 # ---- errors -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("body, param", [
     ({"prompt": "x", "top_k": 1.5}, "top_k"),
