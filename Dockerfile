@@ -17,6 +17,8 @@
 #   CUDA_IMAGE   base of the CUDA stages.
 #   TORCH_FROM   where torch comes from: a package index URL, or `wheelhouse` for the wheel(s) in
 #                deploy/build-inputs/wheelhouse/.
+#   CPU_KERNEL   1 (default): the CPU image carries g++ and Python's headers for the C++ decode kernel,
+#                compiled at first start into the /cache volume; 0: it does not (torch path).
 # deploy/build-inputs/ (see its README) reaches the *-build stages only: the wheelhouse, and a pip
 # configuration (index mirror, CA bundle) in deploy/build-inputs/pip/. The runtime stages copy
 # nothing but the virtualenv /opt/atv from their build stage.
@@ -82,9 +84,11 @@ LABEL atv.image=cpu
 # CPU_KERNEL=0: neither, and decode attention takes the torch path (~10 % longer decode steps, the same
 # outputs to rounding).
 ARG CPU_KERNEL=1
-# Debian's g++ and headers follow the base image's security updates; pinning their revisions would break the build.
+# g++ and the headers come from the base's own apt sources; pinning their Debian revisions would break the build
+# at every point release.
 # hadolint ignore=DL3008
-RUN if [ "${CPU_KERNEL}" = 1 ]; then \
+RUN case "${CPU_KERNEL}" in 0|1) ;; *) echo "CPU_KERNEL must be 0 or 1, got '${CPU_KERNEL}'" >&2; exit 1 ;; esac; \
+    if [ "${CPU_KERNEL}" = 1 ]; then \
       headers=; \
       python3 -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
         || headers=libpython3-dev; \

@@ -107,6 +107,10 @@ class Job:
     def request_id(self, choice: Choice) -> str:
         return f"{self.id}-{choice.index}"
 
+    def spec_for(self, choice: Choice) -> SteeringSpec:
+        """The steering a choice is served with: its own where set (Choice.spec), else the job's."""
+        return choice.spec or self.steering
+
     # ---- start ----------------------------------------------------------------------------------
     def start(self, http_request=None, prompt_param: str = "prompt") -> None:
         """Submit every choice. Raises APIError when the engine refuses one (then call close()); a refused
@@ -114,7 +118,7 @@ class Job:
         self.registry.add(self)
         for choice in self.choices:
             try:
-                self.engine.submit(choice.prompt_ids, choice.params, choice.spec or self.steering,
+                self.engine.submit(choice.prompt_ids, choice.params, self.spec_for(choice),
                                    functools.partial(self._on_output, choice), prompt_text=choice.prompt_text,
                                    request_id=self.request_id(choice))
             except Exception as exc:  # QueueFull, PromptTooLong, ValueError, EngineDead: its HTTP status
@@ -125,8 +129,7 @@ class Job:
         for choice in self.choices:
             first = choice.prompt_index not in counted
             counted.add(choice.prompt_index)
-            self.metrics.count_admitted(self.model_id, (choice.spec or self.steering).mode,
-                                        len(choice.prompt_ids) if first else 0)
+            self.metrics.count_admitted(self.model_id, self.spec_for(choice).mode, len(choice.prompt_ids) if first else 0)
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(max(0.0, self.arrival + self.timeout_s - time.monotonic()), self.stop, "timeout")
         if http_request is not None:
@@ -211,7 +214,8 @@ class Job:
     def summary(self, now: float) -> dict:
         """The request's log line: ids, token counts, latencies, steering (prompt text only if asked)."""
         first = [c.first_token_at for c in self.choices if c.first_token_at is not None]
-        steering = dataclasses.asdict(self.choices[0].steering or SteeringReport(self.steering.mode, self.steering.scale))
+        spec = self.spec_for(self.choices[0])
+        steering = dataclasses.asdict(self.choices[0].steering or SteeringReport(spec.mode, spec.scale))
         return {
             "id": self.id,
             "outcome": self.stopped or ("refused" if not self.admitted else "finished"),

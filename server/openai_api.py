@@ -16,9 +16,10 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 
 from atv_core.engine.async_engine import PromptTooLong
-from atv_core.engine.request import Example, SamplingParams, SteeringSpec
+from atv_core.engine.llm_engine import InvalidRequest
+from atv_core.engine.request import Example, RequestOutput, SamplingParams, SteeringSpec
 
-from .errors import APIError
+from .errors import APIError, from_engine_error
 from .formatting import DONE, ChatFormat, CompletionFormat, sse
 from .jobs import Choice, Job, JobStopped, stopped_error
 from .schemas import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
@@ -83,7 +84,12 @@ def api_router(state: ServingState) -> APIRouter:
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         engine, preset = state.admit(body.model)
         steering = steering_spec(body, engine, preset)
-        choices = await chat_choices(body, engine, state, steering, _default_steering(body, preset, steering))
+        choices = await chat_choices(body, engine, state)
+        if _default_steering(body, preset, steering):
+            unsteer_unreadable(choices)
+        elif steering.mode == "atv" and not choices[0].prompt_text.strip():
+            raise APIError(400, "atv steering reads the user messages, and they are empty; send user content "
+                           "or atv.mode 'off'", "messages")
         fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex[:24]}", preset.id, body.logprobs)
         return await respond(state, request, body, choices, steering, fmt, "chat", preset.id)
 
@@ -110,25 +116,18 @@ async def completion_choices(body: CompletionRequest, engine, state: ServingStat
     return choices
 
 
-async def chat_choices(body: ChatCompletionRequest, engine, state: ServingState, steering: SteeringSpec,
-                       default_steering: bool = False) -> list[Choice]:
+async def chat_choices(body: ChatCompletionRequest, engine, state: ServingState) -> list[Choice]:
     _check_choice_count(body.n, engine)
     user_text = "\n".join(m.text for m in body.messages if m.role == "user")  # what the generator reads
-    if steering.mode == "atv" and not user_text and not default_steering:
-        raise APIError(400, "atv steering reads the user messages, and they are empty; send user content "
-                       "or atv.mode 'off'", "messages")
     ids = await encoded(engine.encode_chat([{"role": m.role, "content": m.text} for m in body.messages]), "messages")
     max_tokens = _max_tokens(body.max_new_tokens, len(ids), engine, state, "messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    choices = _choices(body, 0, ids, user_text, max_tokens, logprobs, 0)
-    if default_steering:
-        unsteer_unreadable(choices)
-    return choices
+    return _choices(body, 0, ids, user_text, max_tokens, logprobs, 0)
 
 
 def _default_steering(body: SamplingFields, preset: Preset, steering: SteeringSpec) -> bool:
     """Whether the request gets the server's default generator steering without asking for it (no `atv` field,
-    the base model id)."""
+    the base model id; an `atv` field, even `{}`, or the `:atv` id asks for it)."""
     return body.atv is None and preset.mode is None and steering.mode == "atv"
 
 
@@ -229,16 +228,18 @@ async def respond(state: ServingState, request: Request, body: SamplingFields, c
         log_fields["prompts"] = sorted({c.prompt_text for c in choices})
     job = Job(state.engine, state.metrics, choices, steering, fmt.id, state.settings.request_timeout, state.jobs,
               log_fields, model_id)
+    prompt_param = "messages" if endpoint == "chat" else "prompt"
     try:
-        job.start(request, "messages" if endpoint == "chat" else "prompt")
+        job.start(request, prompt_param)
     except BaseException:
         job.close()
         raise
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return JobStreamingResponse(job, stream_events(job, fmt, include_usage, state.settings.request_timeout))
+        return JobStreamingResponse(job, stream_events(job, fmt, include_usage, state.settings.request_timeout,
+                                                       prompt_param))
     try:
-        await collect(job)
+        await collect(job, prompt_param)
         return Response(await asyncio.to_thread(render, fmt, job), media_type="application/json")
     except JobStopped as stopped:
         if stopped.reason == "disconnect":
@@ -253,22 +254,22 @@ def render(fmt, job: Job) -> bytes:
     return fmt.response(job).model_dump_json().encode()
 
 
-async def collect(job: Job) -> None:
+async def collect(job: Job, prompt_param: str) -> None:
     async for choice, out in job.events():
         if out.finish_reason == "error":
             job.stop("failed")
-            raise failed_error(out)
+            raise failed_error(out, prompt_param)
 
 
-def failed_error(out) -> APIError:
-    """A choice the engine ended with an error: 400 on the field at fault when the request itself could not be
-    served (a named vector removed by a reload after it was accepted), else a 500."""
+def failed_error(out: RequestOutput, prompt_param: str = "prompt") -> APIError:
+    """A choice the engine ended with an error: a refusal on the field at fault when the request itself could not
+    be served (a named vector removed by a reload after it was accepted: 400 on atv.vector), else a 500."""
     if out.error_field is not None:
-        return APIError(400, out.error, f"atv.{out.error_field}")
+        return from_engine_error(InvalidRequest(out.error, out.error_field), prompt_param)
     return APIError(500, f"generation failed: {out.error}", code="generation_failed")
 
 
-async def stream_events(job: Job, fmt, include_usage: bool, timeout_s: float):
+async def stream_events(job: Job, fmt, include_usage: bool, timeout_s: float, prompt_param: str):
     """SSE text: openings, one chunk per output, usage, [DONE]; a failure mid-stream is an error event."""
     try:
         for choice in job.choices:
@@ -277,7 +278,7 @@ async def stream_events(job: Job, fmt, include_usage: bool, timeout_s: float):
         async for choice, out in job.events():
             if out.finish_reason == "error":
                 job.stop("failed")
-                yield sse(failed_error(out).body())
+                yield sse(failed_error(out, prompt_param).body())
                 break
             if (chunk := fmt.chunk(choice, out)) is not None:
                 yield sse(chunk)

@@ -9,7 +9,8 @@ name, with a fresh cache volume, and checks: /ready, a steered and a plain compl
 server process, the HEALTHCHECK turning healthy (short interval given at `docker run`), Prometheus (with
 deploy/prometheus/ mounted) reading back a request counter this test raised, `docker stop` letting an
 in-flight stream of 200 tokens finish and the server exit 0, a second container on the same volume not
-converting the model again, the C++ decode kernel compiled at the first start into that volume, and that no layer of the final image holds the build's CA bundle, pip
+converting the model again, the C++ decode kernel compiled at the first start into that volume and loaded
+from it by the second, and that no layer of the final image holds the build's CA bundle, pip
 configuration or wheelhouse.
 
 Deliberate differences from compose: the ATV container gets OMP_NUM_THREADS=1 and a wider drain window
@@ -23,6 +24,7 @@ What it measured (build, first start, restart, stop, image size) goes to build/c
 """
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
@@ -550,5 +552,9 @@ def test_the_decode_kernel_is_compiled_into_the_cache_volume(stack, images, drai
         pytest.skip("needs the restart test's container")
     for text in (drained_stop.logs, logs(restarted)):
         assert KERNEL_LOG.search(text), text[-3000:]
-    built = docker("exec", restarted, "sh", "-c", "ls -d /cache/torch_extensions/*/atv_paged_decode_*").stdout
-    assert built.strip(), "no kernel build folder in the cache volume"
+    # torch builds into $TORCH_EXTENSIONS_DIR/<name>/<name>.so; loaded, not rebuilt: older than the restart
+    found = docker("exec", restarted, "sh", "-c", "stat -c %Y /cache/torch_extensions/atv_paged_decode_*/"
+                   "atv_paged_decode_*.so", check=False)
+    assert found.returncode == 0 and found.stdout.strip(), f"no built kernel in the cache volume: {found.stderr}"
+    started = datetime.datetime.fromisoformat(inspect(restarted, "{{.State.StartedAt}}")[:26].rstrip("Z") + "+00:00")
+    assert max(map(int, found.stdout.split())) < started.timestamp(), "the restart rebuilt the kernel"

@@ -308,13 +308,28 @@ def test_default_mode_follows_the_generator(main, plain):
 
 
 def test_default_steering_serves_a_prompt_without_text_unsteered_and_asked_for_atv_refuses_it(main):
+    before = scrape(main.url)
     both = completion(main, prompt=["Hello there", "  \n "], temperature=0)["choices"]
     assert [c["atv"]["mode"] for c in both] == ["atv", "off"] and all(c["finish_reason"] for c in both)
-    assert_error(main.post("/v1/completions", {"prompt": "  ", "atv": {"mode": "atv"}}), 400, "prompt")
+    after = scrape(main.url)
+    for mode in ("atv", "off"):
+        assert metric(after, "atv_requests_steering_total", mode=mode) - \
+            metric(before, "atv_requests_steering_total", mode=mode) == 1
+    with httpx.stream("POST", main.url + "/v1/completions", json={"prompt": " ", "max_tokens": 2, "stream": True},
+                      timeout=60) as response:
+        last = sse_events(response)[-1]["choices"][0]
+    assert last["finish_reason"] and last["atv"]["mode"] == "off", last
     system_only = {"messages": [{"role": "system", "content": "Be brief."}], "max_tokens": 2}
     r = main.post("/v1/chat/completions", system_only)
     assert r.status_code == 200 and r.json()["choices"][0]["atv"]["mode"] == "off", r.text
-    assert_error(main.post("/v1/chat/completions", {**system_only, "atv": {"mode": "atv"}}), 400, "messages")
+    models = httpx.get(main.url + "/v1/models", timeout=10).json()["data"]
+    atv_id = next(m["id"] for m in models if m["id"].endswith(":atv"))
+    for asked in ({"atv": {"mode": "atv"}}, {"atv": {}}, {"model": atv_id}):   # asked for atv: refused
+        assert_error(main.post("/v1/completions", {"prompt": "  ", **asked}), 400, "prompt")
+        assert_error(main.post("/v1/chat/completions", {**system_only, **asked}), 400, "messages")
+    blank_user = {"messages": [{"role": "user", "content": " \n"}], "max_tokens": 2, "atv": {"mode": "atv"}}
+    error = assert_error(main.post("/v1/chat/completions", blank_user), 400, "messages")
+    assert "reads the user messages, and they are empty" in error["message"], error
 
 
 # ---- errors -------------------------------------------------------------------------------------

@@ -133,6 +133,8 @@ def test_a_request_failed_on_its_own_field_is_400_and_a_failed_generation_500():
 
     removed = failed_error(RequestOutput("r", "", [], None, True, "error", "named vector 'beta' was removed", "vector"))
     assert (removed.status, removed.param, removed.message) == (400, "atv.vector", "named vector 'beta' was removed")
+    prompt = failed_error(RequestOutput("r", "", [], None, True, "error", "no", error_field="prompt"), "messages")
+    assert (prompt.status, prompt.param) == (400, "messages")
     broken = failed_error(RequestOutput("r", "", [], None, True, "error", "the steering vector is non-finite"))
     assert (broken.status, broken.code) == (500, "generation_failed") and "non-finite" in broken.message
 

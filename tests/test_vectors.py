@@ -73,14 +73,17 @@ def test_the_position_policy_is_recorded_and_a_mismatch_is_logged(parts, tmp_pat
     model, _, gen = parts
     layout = VectorLayout.for_target(model, gen)
     assert layout.position == gen.config.position == "all" and VectorLayout.for_target(model).position == "all"
-    write_vector(tmp_path, "alpha", _vector(1), replace(layout, position="last"), {})
-    assert json.loads((tmp_path / "alpha.json").read_text())["position"] == "last"
+    last = load_generator(make_tiny_generator_dir(tmp_path / "last", position="last"), target=model)
+    assert VectorLayout.for_target(model, last).position == "last" == LLMEngine(model, parts[1], last).runner.position
+    folder = tmp_path / "vectors"
+    write_vector(folder, "alpha", _vector(1), replace(layout, position="last"), {})
+    assert json.loads((folder / "alpha.json").read_text())["position"] == "last"
     with caplog.at_level(logging.WARNING, logger="atv.vectors"):
-        VectorStore(tmp_path, layout)
+        VectorStore(folder, layout)
     assert "built under position policy 'last'; this server adds vectors under 'all'" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="atv.vectors"):
-        VectorStore(tmp_path, replace(layout, position="last"))
+        VectorStore(folder, replace(layout, position="last"))
     assert "position policy" not in caplog.text
 
 
@@ -244,6 +247,8 @@ def test_a_vector_removed_by_a_reload_fails_only_its_request(parts, tmp_path):
     engine = LLMEngine(model, tok, gen, EngineConfig(max_running=4), vectors=store)
     doomed = _request(tok, "d", SteeringSpec("vector", vector="beta"))
     kept = _request(tok, "k", SteeringSpec("vector", vector="alpha"))
+    outputs = []
+    doomed.on_output = outputs.append
     engine.add_request(doomed)
     engine.add_request(kept)
     (tmp_path / "beta.safetensors").unlink()
@@ -251,7 +256,10 @@ def test_a_vector_removed_by_a_reload_fails_only_its_request(parts, tmp_path):
     store.reload()
     drain(engine)
     assert doomed.finish_reason == "error" and "'beta' was removed" in doomed.error
-    assert doomed.error_field == "vector" and kept.error_field is None   # the request's own fault: HTTP 400
+    assert outputs[-1].finished and outputs[-1].error_field == "vector" and kept.error_field is None
+    from server.openai_api import failed_error   # the request's own fault: a 400 on atv.vector
+    refusal = failed_error(outputs[-1])
+    assert (refusal.status, refusal.param) == (400, "atv.vector") and "'beta' was removed" in refusal.message
     assert kept.finish_reason == "length" and len(kept.output_ids) == GREEDY.max_tokens
     assert engine.runner.slots_used == 0
 

@@ -116,12 +116,12 @@ class LLMEngine:
     def __init__(self, model, tokenizer, generator=None, config: EngineConfig = EngineConfig(),
                  vectors: VectorStore | None = None):
         self.model, self.tokenizer, self._generator, self.config = model, tokenizer, generator, config
-        gen_cfg = generator.config if generator is not None else None
+        self.steering_layout = VectorLayout.for_target(model, generator)   # steered layers, position policy
         device = model.get_input_embeddings().weight.device
         budget = config.kv_cache_bytes or default_budget(device, config.kv_cache_fraction)
-        self.runner = ModelRunner(model, config.max_running, gen_cfg.selected_layers if gen_cfg else None,
-                                  gen_cfg.position if gen_cfg else "all", block_size=config.block_size,
-                                  kv_budget_bytes=budget, cpu_decode_kernel=config.cpu_decode_kernel)
+        self.runner = ModelRunner(model, config.max_running, self.steering_layout.layers, self.steering_layout.position,
+                                  block_size=config.block_size, kv_budget_bytes=budget,
+                                  cpu_decode_kernel=config.cpu_decode_kernel)
         if self.runner.cache.max_blocks < 1:
             raise ValueError(f"the KV cache budget of {budget} bytes holds no block of {config.block_size} tokens "
                              f"({self.runner.layout.bytes_per_token} bytes per token); raise it (kv_cache_bytes, "
@@ -142,7 +142,7 @@ class LLMEngine:
         self.step_listeners: list[Callable[[StepStats], None]] = []
         self.vectors = vectors
         if vectors is not None:
-            _check_vector_layout(vectors.layout, VectorLayout.for_target(model, generator))
+            _check_vector_layout(vectors.layout, self.steering_layout)
         self.vector_worker = _vector_worker(generator, config, device)
         if self.vector_worker is not None:   # its thread ends with the engine (close() ends it earlier)
             weakref.finalize(self, self.vector_worker.close, None)
@@ -473,8 +473,9 @@ class LLMEngine:
                 len(request.prompt_logprobs) == request.num_prompt_tokens:
             prompt_logprobs, request.prompt_logprobs_sent = request.prompt_logprobs, True
         out = RequestOutput(request.request_id, delta, token_ids, [logprob] if logprob else None, request.finished,
-                            request.finish_reason, request.error, request.error_field, request.num_prompt_tokens,
-                            len(request.output_ids), request.steering_report, queue_time, prompt_logprobs)
+                            finish_reason=request.finish_reason, error=request.error, error_field=request.error_field,
+                            prompt_tokens=request.num_prompt_tokens, completion_tokens=len(request.output_ids),
+                            steering=request.steering_report, queue_time_s=queue_time, prompt_logprobs=prompt_logprobs)
         if request.on_output is not None:
             request.on_output(out)
         return out

@@ -153,8 +153,9 @@ def _check_layout(path: Path, vector: torch.Tensor, meta: dict, layout: VectorLa
                     layout.target)
     if layout.position and meta.get("position") and meta["position"] != layout.position:
         log.warning("%s was built under position policy %r; this server adds vectors under %r, so it steers "
-                    "other positions than it was made for (loading it anyway; rebuild it with this server's "
-                    "generator to match)", path, meta["position"], layout.position)
+                    "other positions than it was made for (loading it anyway; rebuild it for this server's "
+                    "generator, or serve it with one of policy %r)", path, meta["position"], layout.position,
+                    meta["position"])
 
 
 def read_folder(folder: Path, layout: VectorLayout | None) -> dict[str, NamedVector]:
