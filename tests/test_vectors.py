@@ -304,6 +304,7 @@ def test_build_and_list_end_to_end(tmp_path, capsys):
     assert atv_main(["vectors", "list", str(out)]) == 0
     listing = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in listing] == ["colours", "few"] and "[3, 32]" in listing[0]
+    assert "position all" in listing[0]
     (out / "broken.safetensors").write_bytes(b"not a tensor file")
     (out / "broken.json").write_text(json.dumps(meta))
     assert atv_main(["vectors", "list", str(out)]) == 1

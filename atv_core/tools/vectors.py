@@ -107,7 +107,8 @@ def list_rows(folder: Path) -> tuple[list[str], int]:
             continue
         source = v.meta.get("built_from") or {}
         rows.append(f"{v.name:24s} [{v.vector.shape[0]}, {v.vector.shape[1]}]  norm {v.norm:<9.4g} "
-                    f"target {v.meta.get('target')}  {source.get('recipe', '?')} of {source.get('task', '?')} "
+                    f"target {v.meta.get('target')}  position {v.meta.get('position') or '?'}  "
+                    f"{source.get('recipe', '?')} of {source.get('task', '?')} "
                     f"({source.get('queries', '?')} queries)  {v.meta.get('created', '')}")
     return rows, bad
 
