@@ -29,6 +29,7 @@ from .state import Preset, ServingState
 log = logging.getLogger("atv.server")
 
 MAX_CHOICES = 128
+COMPLETION_DEFAULT_MAX_TOKENS = 16   # OpenAI's default for /v1/completions (chat: what the context leaves)
 # Below this a temperature means greedy and a top_p keeps only the top token (vLLM's convention). Smaller
 # values underflow to 0 in float32, and the engine's sampler then indexes token -1, killing the engine loop.
 SAMPLING_EPS = 1e-5
@@ -107,8 +108,7 @@ async def completion_choices(body: CompletionRequest, engine, state: ServingStat
     choices = []
     for p, prompt in enumerate(body.prompts):
         ids, text = await prompt_ids(prompt, engine)
-        requested = body.max_tokens if body.max_tokens is not None else min(16, state.settings.max_tokens)
-        max_tokens = _max_tokens(requested, len(ids), engine, state, "prompt")
+        max_tokens = _max_tokens(body.max_tokens, len(ids), engine, state, "prompt", COMPLETION_DEFAULT_MAX_TOKENS)
         # echo gives the prompt as sent; a token-id prompt's every token, special ones too, as its logprobs do
         echo = "" if not body.echo else prompt if isinstance(prompt, str) else \
             await engine.decode(prompt, skip_special_tokens=False)
@@ -168,14 +168,17 @@ def _check_choice_count(count: int, engine) -> None:
                        f"{min(MAX_CHOICES, queue)} (its waiting queue holds {queue})", "n")
 
 
-def _max_tokens(requested: int | None, prompt_len: int, engine, state: ServingState, prompt_param: str) -> int:
+def _max_tokens(requested: int | None, prompt_len: int, engine, state: ServingState, prompt_param: str,
+                default: int | None = None) -> int:
+    """The request's max_tokens, checked; unset: `default` (completions: 16, as OpenAI), or as many as the
+    server allows, either way clamped to the room the prompt leaves in the context (as vLLM)."""
     limit, prompt_limit = state.settings.max_tokens, state.settings.max_prompt_tokens
     if prompt_limit is not None and prompt_len > prompt_limit:
         raise APIError(413, f"prompt has {prompt_len} tokens; this server accepts at most {prompt_limit}",
                        prompt_param, "context_length_exceeded")
     context = engine.limits.max_model_len
-    if requested is None:  # as much as the context and the server limit allow
-        requested = min(limit, context - prompt_len)
+    if requested is None:
+        requested = min(limit, context - prompt_len, default or limit)
         if requested < 1:
             raise APIError(413, f"prompt has {prompt_len} tokens, which fills the context of {context}",
                            prompt_param, "context_length_exceeded")

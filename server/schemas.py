@@ -129,6 +129,13 @@ class SamplingFields(BaseModel):
     guided_choice: Annotated[object, neutral_only()] = None
     guided_grammar: Annotated[object, neutral_only()] = None
 
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, value, info):
+        if value is not None and info.data.get("stream") is False:   # (a bad stream: its own error)
+            raise ValueError("only allowed with stream true (as vLLM); leave it out or send stream true")
+        return value
+
     @property
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -141,7 +148,8 @@ class CompletionRequest(SamplingFields):
              | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]) = Field(
         description="one string, a list of strings, one list of token ids, or a list of such lists (n choices each)")
     max_tokens: Annotated[StrictInt, Field(ge=0, le=INT64_MAX)] | None = Field(
-        None, description="omitted or null: 16 (the server's limit if lower); 0 only with echo: the prompt back, "
+        None, description="omitted or null: 16 (the server's limit if lower), at most what the context leaves after "
+        "the prompt; 0 only with echo: the prompt back, "
         "scored with logprobs, nothing sampled")
     logprobs: Annotated[StrictInt, Field(ge=0, le=5)] | None = None
     echo: StrictBool = Field(False, description="prepend the prompt; with logprobs, also the prompt tokens' logprobs "

@@ -351,6 +351,7 @@ def test_empty_prompt_text_is_refused_for_atv_and_a_bad_prompt_fails_alone(parts
     engine = _engine(parts)
     with pytest.raises(ValueError, match="prompt text"):
         engine.add_request(Request("x", [5, 6], GREEDY, SteeringSpec("atv"), "  "))
+    engine.validate(Request("z", [5, 6], GREEDY, SteeringSpec("atv", scale=0.0), "  "))   # scale 0: nothing to read
     real = engine.generator.forward
 
     def fragile(prompts, use_gate=True):

@@ -349,6 +349,7 @@ def test_default_steering_serves_a_prompt_without_text_unsteered_and_asked_for_a
     ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
     ({"prompt": "x", "max_tokens": 65}, "max_tokens"),          # over the server's limit (64)
     ({"prompt": "x", "stream": "yes"}, "stream"),
+    ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),   # without stream (vLLM: 400)
     ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"prompt": "x", "max_tokens": 0, "logprobs": 1}, "max_tokens"),   # 0 samples nothing: only with echo
     # OpenAI fields not implemented here: a non-neutral value is refused, never silently dropped
@@ -432,6 +433,13 @@ def test_prompt_too_long_is_413(main, monkeypatch):
                  "messages")
     fits_alone = {"messages": [{"role": "user", "content": "x" * 490}], "max_tokens": 30}   # refused at submit
     assert_error(main.post("/v1/chat/completions", fits_alone), 413, "messages")
+    # no max_tokens: OpenAI's 16, clamped to the room the prompt leaves (as vLLM) instead of refused
+    near = main.post("/v1/completions", {"prompt": "x" * 500, "ignore_eos": True})
+    assert near.status_code == 200, near.text
+    usage = near.json()["usage"]
+    assert usage["prompt_tokens"] + usage["completion_tokens"] == 512 and usage["completion_tokens"] < 16, usage
+    assert completion(main, prompt="x" * 5, max_tokens=None, ignore_eos=True)["usage"]["completion_tokens"] == 16
+    assert_error(main.post("/v1/completions", {"prompt": "x" * 512}), 413, "prompt")   # no room left at all
     monkeypatch.setattr(main.state.settings, "max_prompt_tokens", 10)
     assert_error(main.post("/v1/completions", {"prompt": "x" * 11}), 413, "prompt")
     assert completion(main, prompt="x" * 10)["choices"]

@@ -193,7 +193,7 @@ class LLMEngine:
                 self.generator.format_input(request.prompt_text, request.steering.examples)
             except ValueError as exc:   # examples this generator cannot read, with the fix
                 raise InvalidRequest(str(exc), "examples") from None
-            if not request.prompt_text.strip() and not request.steering.examples:
+            if not request.prompt_text.strip() and not request.steering.examples and request.steering.scale != 0:
                 raise InvalidRequest("steering mode 'atv' needs prompt text for the generator to read; "
                                      "send a non-empty prompt or use mode 'off'")
 

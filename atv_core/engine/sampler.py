@@ -6,10 +6,13 @@ sampling, vectorised over rows: over the vocabulary in its own order for plain t
 sort: a full sort of [64, 49152] logits took ~140 ms on the project's CPU, as long as a decode step), and
 over the top candidates, sorted, for top-k / top-p.
 
-The logits themselves are not batch-invariant: packed with other requests, fp32 matmuls round differently
-(~1e-6), and a draw that lands that close to the boundary between two tokens' cumulative mass picks the
-other one. So a seeded request repeats exactly in the same batch composition and almost always, not always,
-in another (a probe found 1 of 13 seeds differ in a 20-token sample, at a token of logprob -14.7), as in vLLM.
+The logits themselves are not batch-invariant: packed with other requests, matmuls round differently. In
+fp32 that is ~1e-6, and only a draw that lands that close to the boundary between two tokens' cumulative mass
+picks the other one: a seeded request repeats exactly in the same batch composition and almost always, not
+always, in another (a probe found 1 of 13 seeds differ in a 20-token sample, at a token of logprob -14.7). In
+bf16 (`dtype auto` on CUDA and on CPUs with AMX) logits move by up to ~0.1 with the batch, so seeded and greedy
+requests alike often diverge after some tokens in another batch composition (a probe on the AMX VM: 0 of 8 of
+each repeated their solo 20-token output beside 8 other requests). As in vLLM; serve in fp32 for repeatability.
 """
 from __future__ import annotations
 
