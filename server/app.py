@@ -1,7 +1,8 @@
 """The HTTP server: `create_app(async_engine, settings, metrics)` builds the FastAPI app (no import-time
 side effects, nothing global: tests build their own), and `cli(argv)` is `atv serve`.
 
-Routes: /v1/* (server/openai_api.py; behind the API key when one is set), and the open probes
+Routes: /v1/* (server/openai_api.py) and vLLM's POST /tokenize and /detokenize (server/tokenize_api.py), behind
+the API key when one is set, and the open probes
 GET /health (liveness: 503 once the engine loop died), GET /ready (200 only when loaded, warmed and not
 draining), GET /metrics (Prometheus), GET /version. Two pure ASGI middlewares: the outer counts /v1 responses by status
 and the in-flight requests that a SIGTERM drain waits for; the inner refuses a body over max_body_bytes
@@ -23,6 +24,7 @@ from .metrics import Metrics
 from .openai_api import api_router
 from .settings import Settings, parse_settings
 from .state import ServingState
+from .tokenize_api import tokenize_router
 
 log = logging.getLogger("atv.server")
 
@@ -46,6 +48,7 @@ def create_app(async_engine=None, settings: Settings | None = None, metrics: Met
     app.add_middleware(APIAccounting, state=state)  # added last: the outer one, so it counts the 413s too
     app.include_router(probe_router(state))
     app.include_router(api_router(state))
+    app.include_router(tokenize_router(state))
     if async_engine is not None:
         state.attach(async_engine)
     return app

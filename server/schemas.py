@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator,
+                      model_validator)
 
 INT64_MAX = 2**63 - 1
 MAX_PROMPTS = 64
@@ -220,6 +221,38 @@ class ChatCompletionRequest(SamplingFields):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
+class TokenizeRequest(BaseModel):
+    """vLLM's POST /tokenize: a prompt, or chat messages (through the chat template, ending with the assistant's
+    turn), tokenized exactly as generation tokenizes them."""
+    model: Text | None = None
+    prompt: Text | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    return_token_strs: StrictBool = Field(False, description="also each token decoded alone")
+    # vLLM's options, at the values generation uses (a prompt: special tokens added; messages: the template's own)
+    add_special_tokens: StrictBool | None = None
+    add_generation_prompt: Annotated[object, neutral_only(True)] = None
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("send either prompt or messages (exactly one)")
+        return self
+
+    @field_validator("add_special_tokens")
+    @classmethod
+    def _as_generation(cls, value, info):
+        chat = info.data.get("messages") is not None
+        if value is not None and value == chat:   # a prompt: true; messages: false
+            raise ValueError(f"only {str(not chat).lower()} here, as generation tokenizes "
+                             f"{'messages' if chat else 'a prompt'}; leave it out")
+        return value
+
+
+class DetokenizeRequest(BaseModel):
+    model: Text | None = None
+    tokens: Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(max_length=1 << 20)]
+
+
 # ---- responses ----------------------------------------------------------------------------------
 class SteeringReport(BaseModel):
     """What was applied to a request: mode, scale and the named vector; for an applied delta also its norm,
@@ -321,3 +354,14 @@ class ModelList(BaseModel):
 class VectorList(BaseModel):
     object: Literal["list"] = "list"
     data: list[str] = Field(description="names of the named vectors now served")
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

@@ -332,6 +332,31 @@ def test_default_steering_serves_a_prompt_without_text_unsteered_and_asked_for_a
     assert "reads the user messages, and they are empty" in error["message"], error
 
 
+def test_tokenize_counts_what_generation_counts_and_detokenize_inverts_it(main):
+    from tests.tiny import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    got = main.post("/tokenize", {"prompt": "Hello there", "return_token_strs": True}).json()
+    assert got["tokens"] == tokenizer("Hello there").input_ids and got["count"] == len(got["tokens"])
+    assert got["max_model_len"] == 512 and got["token_strs"] == [tokenizer.decode([t]) for t in got["tokens"]]
+    assert completion(main, prompt="Hello there")["usage"]["prompt_tokens"] == got["count"]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    chat = main.post("/tokenize", {"messages": messages}).json()
+    used = main.post("/v1/chat/completions", {"messages": messages, "max_tokens": 1}).json()["usage"]["prompt_tokens"]
+    assert chat["count"] == used and chat["token_strs"] is None
+    back = main.post("/detokenize", {"tokens": chat["tokens"]}).json()["prompt"]
+    assert tokenizer(back, add_special_tokens=False).input_ids == chat["tokens"]
+    assert main.post("/detokenize", {"tokens": got["tokens"]}).json()["prompt"] == tokenizer.decode(got["tokens"])
+    for body, param in (({"prompt": "a", "messages": messages}, None), ({}, None),
+                        ({"prompt": "a", "add_special_tokens": False}, "add_special_tokens"),
+                        ({"messages": messages, "add_special_tokens": True}, "add_special_tokens"),
+                        ({"messages": messages, "add_generation_prompt": False}, "add_generation_prompt")):
+        assert_error(main.post("/tokenize", body), 400, param)
+    assert main.post("/tokenize", {"prompt": "a", "add_special_tokens": True}).status_code == 200
+    assert_error(main.post("/detokenize", {"tokens": [0, 10**6]}), 400, "tokens")
+    assert_error(main.post("/tokenize", {"prompt": "a", "model": "nope"}), 404, "model")
+
+
 # ---- errors -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("body, param", [
     ({"prompt": "x", "top_k": 1.5}, "top_k"),
@@ -478,6 +503,9 @@ def test_api_key(main, monkeypatch):
     assert_error(main.post("/v1/completions", body, headers={"Authorization": "Bearer wrong"}), 401)
     assert_error(httpx.get(main.url + "/v1/models"), 401)
     assert main.post("/v1/completions", body, headers={"Authorization": "Bearer sekret"}).status_code == 200
+    for path, tokenizer_body in (("/tokenize", {"prompt": "x"}), ("/detokenize", {"tokens": [1]})):
+        assert_error(main.post(path, tokenizer_body), 401)
+        assert main.post(path, tokenizer_body, headers={"Authorization": "Bearer sekret"}).status_code == 200
     for open_path in ("/health", "/ready", "/metrics", "/version"):
         assert httpx.get(main.url + open_path).status_code == 200
     import tomllib
