@@ -14,6 +14,7 @@ routes run it, and its JSON encoding, off the event loop (large bodies take a wh
 """
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
 import time
@@ -67,17 +68,13 @@ class CompletionFormat(_Format):
     def __init__(self, response_id: str, model: str, logprobs: bool, echo: bool):
         super().__init__(response_id, model, logprobs)
         self.echo = echo
-        self._offsets: dict[int, int] = {}   # choice index -> text offset of its next token (streaming)
+        self._offsets: dict[int, TextOffsets] = {}   # choice index -> offsets of its tokens so far (streaming)
 
-    def logprobs(self, entries: list[TokenLogprob], offset: int) -> CompletionLogprobs:
+    def logprobs(self, entries: list[TokenLogprob], offsets: "TextOffsets") -> CompletionLogprobs:
         """tokens, token_logprobs, top_logprobs, text_offset (a prompt's first token: logprob and top null).
         Each top_logprobs entry holds the `logprobs` most likely tokens and the chosen one (as vLLM)."""
-        tokens = [e.text for e in entries]
-        offsets = []
-        for token in tokens:
-            offsets.append(offset)
-            offset += len(token)
-        return CompletionLogprobs(tokens=tokens, token_logprobs=[e.logprob for e in entries], text_offset=offsets,
+        return CompletionLogprobs(tokens=[e.text for e in entries], token_logprobs=[e.logprob for e in entries],
+                                  text_offset=[offsets.take(e.raw) for e in entries],
                                   top_logprobs=[None if e.logprob is None else
                                                 {text: lp for text, (_, lp) in zip(e.top_text, e.top)} |
                                                 {e.text: e.logprob} for e in entries])
@@ -93,10 +90,10 @@ class CompletionFormat(_Format):
             return None
         logprobs = None
         if self.want_logprobs and (out.logprobs or out.prompt_logprobs):   # prompt logprobs: once, with the first output
-            start = 0 if out.prompt_logprobs else self._offsets.get(choice.index,
-                                                                    len(choice.echo_text) if self.echo else 0)
-            logprobs = self.logprobs((out.prompt_logprobs or []) + (out.logprobs or []), start)
-            self._offsets[choice.index] = start + sum(len(t) for t in logprobs.tokens)
+            if out.prompt_logprobs or choice.index not in self._offsets:
+                self._offsets[choice.index] = TextOffsets(0 if out.prompt_logprobs or not self.echo
+                                                          else len(choice.echo_text))
+            logprobs = self.logprobs((out.prompt_logprobs or []) + (out.logprobs or []), self._offsets[choice.index])
         body = {"index": choice.index, "text": out.text_delta,
                 "logprobs": logprobs.model_dump() if logprobs else None, **self._finish_fields(choice, out)}
         return self.envelope(self.chunk_object, [body])
@@ -106,13 +103,29 @@ class CompletionFormat(_Format):
         for c in job.choices:
             prefix = c.echo_text if self.echo else ""
             if self.want_logprobs and c.prompt_logprobs:   # echo: prompt tokens, then the completion's
-                logprobs = self.logprobs(c.prompt_logprobs + c.logprobs, 0)
+                logprobs = self.logprobs(c.prompt_logprobs + c.logprobs, TextOffsets(0))
             else:
-                logprobs = self.logprobs(c.logprobs, len(prefix)) if self.want_logprobs else None
+                logprobs = self.logprobs(c.logprobs, TextOffsets(len(prefix))) if self.want_logprobs else None
             choices.append(CompletionChoice(index=c.index, text=prefix + c.text, logprobs=logprobs,
                                             finish_reason=c.finish_reason, atv=steering_report(c.steering)))
         return CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
                                   usage=usage(job), atv=choices[0].atv)
+
+
+class TextOffsets:
+    """`text_offset` of consecutive tokens: where each starts in the text, in characters. Counted from the tokens'
+    bytes, so that a token holding part of a UTF-8 character (its text alone: U+FFFD) adds nothing until the
+    token that completes the character, and the offsets stay those of the text (as OpenAI's)."""
+
+    def __init__(self, start: int):
+        self.next = start
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def take(self, raw: bytes) -> int:
+        """The offset of a token with these bytes; advances past it."""
+        offset = self.next
+        self.next += len(self._utf8.decode(raw))
+        return offset
 
 
 class ChatFormat(_Format):

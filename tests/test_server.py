@@ -277,6 +277,20 @@ def test_underflowing_temperature_and_top_p_are_served(main):
     assert main.engine.is_alive
 
 
+def test_text_offsets_index_the_text_where_tokens_split_a_character(main):
+    """One token per byte in the tiny vocabulary: "é" and "日" are 2 and 3 tokens whose texts alone are U+FFFD.
+    Their offsets are those of the text (the pieces of a character share its index), streamed and not."""
+    body = {"prompt": "aé日b", "echo": True, "logprobs": 1, "max_tokens": 2, "temperature": 0, "ignore_eos": True}
+    lp = completion(main, **body)["choices"][0]["logprobs"]
+    assert lp["text_offset"][:7] == [0, 1, 1, 2, 2, 2, 3] and lp["tokens"][0] == "a" and lp["tokens"][6] == "b"
+    with httpx.stream("POST", main.url + "/v1/completions", json={**body, "stream": True}, timeout=60) as response:
+        events = sse_events(response)
+    streamed = [o for e in events if e["choices"][0]["logprobs"] for o in e["choices"][0]["logprobs"]["text_offset"]]
+    assert streamed == lp["text_offset"]
+    text = "".join(e["choices"][0]["text"] for e in events)
+    assert all(o <= len(text) for o in streamed) and lp["text_offset"] == sorted(lp["text_offset"])
+
+
 def test_chat_logprobs_and_content_parts(main):
     body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}], "max_tokens": 3,
             "logprobs": True, "top_logprobs": 2, "ignore_eos": True}
