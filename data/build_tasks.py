@@ -653,11 +653,18 @@ def write_suite(specs: list[TaskSpec], out: Path) -> list[dict]:
     return entries
 
 
+HAND_WRITTEN = ("generic",)   # folders of data/tasks this script does not build: kept across a rebuild
+
+
 def replace_dir(staging: Path, out: Path) -> None:
-    """Move the freshly built suite into place; refuse to delete a folder that is not a suite."""
+    """Move the freshly built suite into place, keeping the hand-written folders (HAND_WRITTEN) of the old one;
+    refuse to delete a folder that is not a suite."""
     if out.exists():
         if any(out.iterdir()) and not (out / "suite.json").exists():
             raise ValueError(f"{out} exists and holds no suite.json; pass an empty or suite folder as --out")
+        for name in HAND_WRITTEN:
+            if (out / name).is_dir() and not (staging / name).exists():
+                shutil.copytree(out / name, staging / name)
         shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(staging), str(out))

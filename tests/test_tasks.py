@@ -1,10 +1,13 @@
 """Tests of the committed task suite (data/tasks) and of atv_core.tools.tasks; no model, no download."""
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
 from atv_core.tools.tasks import (Example, Task, default_data_dir, load_suite, load_task_file, split_of)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SPLITS = ("train", "valid", "test")
 
@@ -181,3 +184,22 @@ def test_a_task_file_that_is_not_utf8_is_named(tmp_path):
     path.write_bytes('{"input": "caf\u00e9", "output": "y"}\n'.encode("latin-1"))
     with pytest.raises(ValueError, match=r"latin.jsonl: not UTF-8 text .*save it as UTF-8"):
         load_task_file(path)
+
+
+def test_a_rebuild_replaces_the_suite_and_keeps_the_hand_written_generic_prompts(tmp_path, monkeypatch):
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("build_tasks", ROOT / "data" / "build_tasks.py")
+    build = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "build_tasks", build)   # its dataclasses look their module up there
+    spec.loader.exec_module(build)
+    out, staging = tmp_path / "tasks", tmp_path / "staging"
+    for folder in (out / "generic", out / "stale", staging / "fresh"):
+        folder.mkdir(parents=True)
+    (out / "suite.json").write_text("old")
+    (out / "generic" / "eval.jsonl").write_text('{"prompt": "hi"}\n')
+    (staging / "suite.json").write_text("new")
+    build.replace_dir(staging, out)
+    assert (out / "suite.json").read_text() == "new" and (out / "fresh").is_dir() and not (out / "stale").exists()
+    assert (out / "generic" / "eval.jsonl").read_text() == '{"prompt": "hi"}\n'
