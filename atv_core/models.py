@@ -95,8 +95,8 @@ def select_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """auto: bf16 on CUDA where supported (else fp16); on CPU bf16 where the processor computes it natively
     (AVX512-BF16 or AMX-BF16), else fp32. The choice and its reason are logged."""
     if dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cuda":   # native bf16 from Ampere (8.0) on; is_bf16_supported() also counts emulation
+            return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
         native, reason = cpu_bf16_support()
         chosen = torch.bfloat16 if native else torch.float32
         log.info("dtype auto on CPU -> %s: %s (force one with --dtype float32 or bfloat16)",

@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-bench}"
+mkdir -p "$OUT"
 PY="${PY:-.venv/bin/python}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 "$PY" -m atv_core.cli bench engine --device cuda --json "$OUT/engine_cuda.json"

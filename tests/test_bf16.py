@@ -72,6 +72,15 @@ def test_auto_picks_bf16_only_where_the_cpu_has_it_and_logs_why(monkeypatch, cap
     assert ("no AVX512-BF16 or AMX-BF16" in message) == (want is torch.float32)
 
 
+@pytest.mark.parametrize("capability, want", [((7, 0), torch.float16), ((7, 5), torch.float16),    # V100, T4
+                                               ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])  # A100, H100
+def test_auto_on_cuda_picks_bf16_only_where_the_gpu_computes_it(monkeypatch, capability, want):
+    # torch.cuda.is_bf16_supported() is True on V100/T4 too (it counts emulation): the capability decides
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert models.select_dtype("auto", torch.device("cuda:1")) is want
+
+
 def test_an_explicit_dtype_is_kept_whatever_the_cpu(monkeypatch):
     _cpu(monkeypatch, {"avx512_bf16": True}, {"avx512_bf16"})
     assert models.select_dtype("float32", CPU) is torch.float32

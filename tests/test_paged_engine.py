@@ -212,6 +212,20 @@ def test_accelerator_pools_grow_by_doubling_up_to_the_budget_and_keep_their_cont
     assert cache.k[1].shape == (1200, 2, 4) and cache.high_water == 299
 
 
+def test_the_default_gpu_budget_is_bounded_by_the_gpu_that_fills_first(monkeypatch):
+    """device_map: 2 layers on cuda:0 (10 GB free), 1 on cuda:1 (4 GB free), the same K/V size each. At 80 %,
+    cuda:1's 3.2 GB hold its third of the cache, so the whole budget is 9.6 GB (cuda:0 alone would allow 12)."""
+    from atv_core.engine.kv_cache import KVLayout, LayerKV, default_budget
+    spec = dict(heads=2, head_dim=4, dtype=torch.float32)
+    gpu0, gpu1 = torch.device("cuda:0"), torch.device("cuda:1")
+    layout = KVLayout({0: LayerKV(device=gpu0, **spec), 1: LayerKV(device=gpu0, **spec), 2: LayerKV(device=gpu1, **spec)})
+    free = {0: 10 * 10**9, 1: 4 * 10**9}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free[device.index], 80 * 10**9))
+    assert default_budget(layout, 0.8) == pytest.approx(9.6e9, rel=1e-9)
+    one_gpu = KVLayout({i: LayerKV(device=gpu0, **spec) for i in range(3)})
+    assert default_budget(one_gpu, 0.8) == 8 * 10**9                    # one GPU: 80 % of its free memory
+
+
 def test_a_continued_prompt_chunk_attends_without_a_mask_like_the_masked_path(monkeypatch):
     """A lone prompt chunk after earlier ones (start > 0) runs as prefix attention + causal self-attention
     merged by log-sum-exp (Bucket.attend_continued); the masked SDPA call gives the same outputs."""

@@ -46,12 +46,17 @@ class KVLayout:
         return sum(2 * l.heads * l.head_dim * l.dtype.itemsize for l in self.layers.values())
 
 
-def default_budget(device: torch.device, cuda_fraction: float) -> int:
-    """Bytes for the KV cache when none is set: on CUDA a fraction of the free memory now, elsewhere
-    min(2 GiB, a quarter of the memory available now)."""
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free * cuda_fraction)
+def default_budget(layout: KVLayout, cuda_fraction: float) -> int:
+    """Bytes for the KV cache (all layers) when none is set: on CUDA, `cuda_fraction` of each GPU's free memory
+    now for the layers it holds (a target spread by device_map: the GPU that fills first bounds the whole
+    budget); elsewhere min(2 GiB, a quarter of the memory available now)."""
+    per_device: dict[torch.device, int] = {}
+    for spec in layout.layers.values():
+        per_device[spec.device] = per_device.get(spec.device, 0) + 2 * spec.heads * spec.head_dim * spec.dtype.itemsize
+    gpus = [device for device in per_device if device.type == "cuda"]
+    if gpus:
+        return min(int(torch.cuda.mem_get_info(device)[0] * cuda_fraction * layout.bytes_per_token / per_device[device])
+                   for device in gpus)
     return min(CPU_BUDGET_CAP, int(_available_ram() * CPU_BUDGET_SHARE))
 
 

@@ -36,7 +36,6 @@ from typing import Callable
 import torch
 
 from atv_core.engine.detokenizer import OutputText, token_bytes
-from atv_core.engine.kv_cache import default_budget
 from atv_core.engine.request import Request, RequestOutput, SteeringReport, Status, TokenLogprob
 from atv_core.engine.runner import ModelRunner
 from atv_core.engine.sampler import make_generator, sample, token_logprobs
@@ -118,10 +117,10 @@ class LLMEngine:
         self.model, self.tokenizer, self._generator, self.config = model, tokenizer, generator, config
         self.steering_layout = VectorLayout.for_target(model, generator)   # steered layers, position policy
         device = model.get_input_embeddings().weight.device
-        budget = config.kv_cache_bytes or default_budget(device, config.kv_cache_fraction)
         self.runner = ModelRunner(model, config.max_running, self.steering_layout.layers, self.steering_layout.position,
-                                  block_size=config.block_size, kv_budget_bytes=budget,
-                                  cpu_decode_kernel=config.cpu_decode_kernel)
+                                  block_size=config.block_size, kv_budget_bytes=config.kv_cache_bytes,
+                                  cpu_decode_kernel=config.cpu_decode_kernel, kv_cache_fraction=config.kv_cache_fraction)
+        budget = self.runner.kv_budget_bytes
         if self.runner.cache.max_blocks < 1:
             raise ValueError(f"the KV cache budget of {budget} bytes holds no block of {config.block_size} tokens "
                              f"({self.runner.layout.bytes_per_token} bytes per token); raise it (kv_cache_bytes, "

@@ -25,7 +25,7 @@ import torch
 
 from atv_core.engine import cpu_kernel
 from atv_core.engine.attention import Segment, paged_step, plan_step, probe_layout, register
-from atv_core.engine.kv_cache import KVLayout, PagedKVCache
+from atv_core.engine.kv_cache import KVLayout, PagedKVCache, default_budget
 from atv_core.engine.request import Request
 from atv_core.engine.scheduler import Chunk
 from atv_core.steering.injection import POSITION_POLICIES, steering
@@ -35,7 +35,7 @@ from atv_core.steering.layers import find_decoder_layers
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, max_slots: int, steer_layers: Sequence[int] | None = None,
                  position: str = "all", layers_path: str | None = None, block_size: int = 16,
-                 kv_budget_bytes: int = 1 << 30, cpu_decode_kernel: bool = True):
+                 kv_budget_bytes: int | None = None, cpu_decode_kernel: bool = True, kv_cache_fraction: float = 0.8):
         if position not in POSITION_POLICIES:
             raise ValueError(f"position policy must be one of {POSITION_POLICIES}, got {position!r}")
         register()
@@ -47,7 +47,8 @@ class ModelRunner:
         self.steer_layers = tuple(range(n_layers)) if steer_layers is None else tuple(steer_layers)
         self.position = position
         self.layout: KVLayout = probe_layout(model)
-        max_blocks = kv_budget_bytes // (block_size * self.layout.bytes_per_token)
+        self.kv_budget_bytes = kv_budget_bytes or default_budget(self.layout, kv_cache_fraction)   # over all layers
+        max_blocks = self.kv_budget_bytes // (block_size * self.layout.bytes_per_token)
         self.cache = PagedKVCache(self.layout, block_size, max_blocks)
         self.held: dict[int, Request] = {}      # id(request) -> request with state here (slot, or run once)
         hidden = model.config.hidden_size
@@ -107,7 +108,7 @@ class ModelRunner:
         plan = plan_step(segments, self.cache, self.device, self.kernel)
         ids = torch.tensor(ids, dtype=torch.long).view(1, -1)
         logits = self._forward(ids, torch.tensor(positions).view(1, -1), torch.tensor(slots).view(1, -1), plan,
-                               torch.tensor(keep, dtype=torch.long))                   # [K, V]
+                               keep)                                                    # [K, V]
         sampled = logits if len(sample_rows) == logits.shape[0] else logits[sample_rows]   # usually every row:
         return sampled, {i: logits[a:b] for i, (a, b) in spans.items()}                   # no [k, V] copy
 
@@ -119,12 +120,14 @@ class ModelRunner:
         first = chunk.request.num_prompt_tokens - 1          # policy last: the last prompt token and after
         return [slot if p >= first else 0 for p in range(chunk.start, chunk.end)]
 
-    def _forward(self, ids, positions, slots: torch.Tensor, plan, keep: torch.Tensor) -> torch.Tensor:
+    def _forward(self, ids, positions, slots: torch.Tensor, plan, keep: list[int]) -> torch.Tensor:
+        """keep: the packed positions whose logits are wanted, as a plain list: under device_map, accelerate
+        moves tensor arguments to the first GPU, while the final hidden states it indexes sit on the last."""
         table = self.table if bool(slots.any()) else None
         with paged_step(self.model, plan), steering(self.model, table, slots.to(self.device), self.steer_layers,
                                                     self.layers_path):
             out = self.model(input_ids=ids.to(self.device), position_ids=positions.to(self.device),
-                             use_cache=False, logits_to_keep=keep.to(self.device))
+                             use_cache=False, logits_to_keep=keep)
         return out.logits[0].float()                                        # [k, V]
 
     @torch.no_grad()

@@ -125,8 +125,6 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top_n: int) -> li
     logp = torch.log_softmax(logits.float(), dim=-1)
     chosen = logp.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
     top_values, top_ids = logp.topk(max(top_n, 1), dim=-1)
-    out = []
-    for i, token in enumerate(tokens.tolist()):
-        top = list(zip(top_ids[i, :top_n].tolist(), top_values[i, :top_n].tolist()))
-        out.append(TokenLogprob(token_id=token, logprob=chosen[i], top=top))
-    return out
+    top_ids, top_values = top_ids[:, :top_n].tolist(), top_values[:, :top_n].tolist()   # one copy each, not per row
+    return [TokenLogprob(token_id=token, logprob=chosen[i], top=list(zip(top_ids[i], top_values[i])))
+            for i, token in enumerate(tokens.tolist())]

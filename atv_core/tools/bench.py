@@ -139,12 +139,19 @@ def _timed_step(engine: LLMEngine, batch, slots: dict[int, int], steered: bool) 
     for chunk in batch.chunks:
         chunk.request.vector_slot = slots[id(chunk.request)] if steered else 0
     try:
+        _sync(engine.runner.device)
         start = time.perf_counter()
         engine.runner.run(batch.chunks)
+        _sync(engine.runner.device)   # on CUDA the step's kernels, not only their launches
         return (time.perf_counter() - start) * 1000
     finally:
         for chunk in batch.chunks:   # the runner frees slots by request.vector_slot on release
             chunk.request.vector_slot = slots[id(chunk.request)]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # ---- the closed-batch baseline ------------------------------------------------------------------------

@@ -137,7 +137,7 @@ def train_lora(cfg: TrainConfig, model, tokenizer, rank: int, out: Path):
         random.Random(cfg.seed * 1000 + epoch).shuffle(items)
         for i in tqdm(range(0, len(items), cfg.batch_size), desc=f"lora epoch {epoch + 1}", leave=False):
             chunk = items[i: i + cfg.batch_size]
-            batch = encode(tokenizer, [x.prompt for x in chunk], [x.target for x in chunk], "cpu")
+            batch = encode(tokenizer, [x.prompt for x in chunk], [x.target for x in chunk], model.device)
             loss = answer_loss(peft_model.get_base_model(), batch, None, None, None)  # LoRA layers sit inside it
             loss.backward()
             optimizer.step()
