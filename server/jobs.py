@@ -129,7 +129,8 @@ class Job:
         for choice in self.choices:
             first = choice.prompt_index not in counted
             counted.add(choice.prompt_index)
-            self.metrics.count_admitted(self.model_id, self.spec_for(choice).mode, len(choice.prompt_ids) if first else 0)
+            tokens = len(choice.prompt_ids) if first else 0
+            self.metrics.count_admitted(self.model_id, self.spec_for(choice).mode, tokens)
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(max(0.0, self.arrival + self.timeout_s - time.monotonic()), self.stop, "timeout")
         if http_request is not None:

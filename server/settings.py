@@ -65,7 +65,8 @@ class Settings(BaseSettings):
                                 "refused before it is read")
     request_timeout: float = Field(600.0, gt=0, description="seconds before a request is aborted (HTTP 504)")
     drain_timeout: float = Field(30.0, ge=0, description="seconds SIGTERM waits for in-flight requests")
-    api_key: SecretStr | None = Field(None, description="when set, /v1/*, /tokenize and /detokenize need 'Authorization: Bearer KEY'")
+    api_key: SecretStr | None = Field(None, description="when set, /v1/*, /tokenize and /detokenize need "
+                                                        "'Authorization: Bearer KEY'")
     log_prompts: bool = Field(False, description="put prompt text in the per-request log line")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

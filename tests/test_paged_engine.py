@@ -226,6 +226,22 @@ def test_the_default_gpu_budget_is_bounded_by_the_gpu_that_fills_first(monkeypat
     assert default_budget(one_gpu, 0.8) == 8 * 10**9                    # one GPU: 80 % of its free memory
 
 
+@pytest.mark.parametrize("queries", [1, 5])
+def test_masked_gqa_folds_the_groups_instead_of_repeating_kv(queries):
+    """The accelerator path of masked grouped-query attention (attention.masked_gqa) equals SDPA over K/V repeated
+    per query head, as transformers' repeat_kv orders them (query head h reads K/V head h // G)."""
+    import torch.nn.functional as F
+    from atv_core.engine.attention import masked_gqa
+    g = torch.Generator().manual_seed(queries)
+    shapes = ((3, 6, queries, 8), (3, 2, 11, 8), (3, 2, 11, 8))   # 6 query heads, 2 K/V heads
+    query, key, value = (torch.randn(shape, generator=g) for shape in shapes)
+    mask = torch.rand(3, 1, queries, 11, generator=g) > 0.4
+    mask[..., 0] = True                                                  # every query sees a key
+    want = F.scaled_dot_product_attention(query, key.repeat_interleave(3, 1), value.repeat_interleave(3, 1),
+                                          attn_mask=mask, scale=0.3)
+    torch.testing.assert_close(masked_gqa(query, key, value, mask, 0.3), want, rtol=1e-5, atol=1e-6)
+
+
 def test_a_continued_prompt_chunk_attends_without_a_mask_like_the_masked_path(monkeypatch):
     """A lone prompt chunk after earlier ones (start > 0) runs as prefix attention + causal self-attention
     merged by log-sum-exp (Bucket.attend_continued); the masked SDPA call gives the same outputs."""

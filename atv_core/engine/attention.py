@@ -111,11 +111,11 @@ class Bucket:
         else:
             mask = self.mask(window)
             causal = mask is None and self.causal and query.shape[2] > 1
-            groups = query.shape[1] // key.shape[1]
-            if groups > 1 and query.device.type != "cpu" and mask is not None:
-                key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)  # masked GQA
-            out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=causal, scale=scaling,
-                                                 enable_gqa=query.shape[1] != key.shape[1])
+            if query.shape[1] != key.shape[1] and query.device.type != "cpu" and mask is not None:
+                out = masked_gqa(query, key, value, mask, scaling)
+            else:
+                out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=causal,
+                                                     scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
         return out.transpose(1, 2).reshape(-1, *q.shape[1:]).index_select(0, self.out_rows)
 
     def attend_continued(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -320,6 +320,20 @@ def paged_step(model: torch.nn.Module, plan: StepPlan):
 
 
 @torch.no_grad()
+def masked_gqa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+               scaling: float | None) -> torch.Tensor:
+    """Grouped-query attention with a mask, without copying K/V per query head: query [B, H, Q, D] with
+    H = G * H_kv (query head h reads K/V head h // G, as transformers' repeat_kv) is folded to [B, H_kv, G * Q, D]
+    and the mask [B, 1, Q, K] repeated G times along the queries. SDPA's accelerator kernels take no masked
+    `enable_gqa`, and repeating K/V instead reads and writes G copies of every gathered key per layer."""
+    b, h, q, d = query.shape
+    groups = h // key.shape[1]
+    folded = query.reshape(b, key.shape[1], groups * q, d)
+    mask = mask if q == 1 else mask.repeat(1, 1, groups, 1)
+    out = F.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=scaling)
+    return out.reshape(b, h, q, d)
+
+
 def probe_layout(model: torch.nn.Module) -> KVLayout:
     """Each attention layer's K/V heads, head size, dtype and device, read from one one-token forward."""
     seen: dict[int, LayerKV] = {}

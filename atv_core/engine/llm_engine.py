@@ -117,9 +117,10 @@ class LLMEngine:
         self.model, self.tokenizer, self._generator, self.config = model, tokenizer, generator, config
         self.steering_layout = VectorLayout.for_target(model, generator)   # steered layers, position policy
         device = model.get_input_embeddings().weight.device
-        self.runner = ModelRunner(model, config.max_running, self.steering_layout.layers, self.steering_layout.position,
+        layout = self.steering_layout
+        self.runner = ModelRunner(model, config.max_running, layout.layers, layout.position,
                                   block_size=config.block_size, kv_budget_bytes=config.kv_cache_bytes,
-                                  cpu_decode_kernel=config.cpu_decode_kernel, kv_cache_fraction=config.kv_cache_fraction)
+                                  kv_cache_fraction=config.kv_cache_fraction, cpu_decode_kernel=config.cpu_decode_kernel)
         budget = self.runner.kv_budget_bytes
         if self.runner.cache.max_blocks < 1:
             raise ValueError(f"the KV cache budget of {budget} bytes holds no block of {config.block_size} tokens "

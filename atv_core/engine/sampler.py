@@ -10,9 +10,10 @@ The logits themselves are not batch-invariant: packed with other requests, matmu
 fp32 that is ~1e-6, and only a draw that lands that close to the boundary between two tokens' cumulative mass
 picks the other one: a seeded request repeats exactly in the same batch composition and almost always, not
 always, in another (a probe found 1 of 13 seeds differ in a 20-token sample, at a token of logprob -14.7). In
-bf16 (`dtype auto` on CUDA and on CPUs with AVX512-BF16 or AMX) logits move by up to ~0.1 with the batch, so seeded and greedy
-requests alike often diverge after some tokens in another batch composition (a probe on the AMX VM: 0 of 8 of
-each repeated their solo 20-token output beside 8 other requests). As in vLLM; serve in fp32 for repeatability.
+bf16 (`dtype auto` on CUDA and on CPUs with AVX512-BF16 or AMX) logits move by up to ~0.1 with the batch, so
+seeded and greedy requests alike often diverge after some tokens in another batch composition (a probe on the
+AMX VM: 0 of 8 of each repeated their solo 20-token output beside 8 other requests). As in vLLM; serve in fp32
+for repeatability.
 """
 from __future__ import annotations
 
