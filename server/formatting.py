@@ -70,11 +70,18 @@ class CompletionFormat(_Format):
         self.echo = echo
         self._offsets: dict[int, TextOffsets] = {}   # choice index -> offsets of its tokens so far (streaming)
 
-    def logprobs(self, entries: list[TokenLogprob], offsets: "TextOffsets") -> CompletionLogprobs:
-        """tokens, token_logprobs, top_logprobs, text_offset (a prompt's first token: logprob and top null).
-        Each top_logprobs entry holds the `logprobs` most likely tokens and the chosen one (as vLLM)."""
+    def logprobs(self, entries: list[TokenLogprob], offsets: "TextOffsets",
+                 prompt: list[TokenLogprob] = ()) -> CompletionLogprobs:
+        """tokens, token_logprobs, top_logprobs, text_offset of the (echoed) `prompt` tokens, then of `entries`
+        (a prompt's first token: logprob and top null). Each top_logprobs entry holds the `logprobs` most likely
+        tokens and the chosen one (as vLLM)."""
+        text_offset = [offsets.take(e.raw) for e in prompt]
+        if prompt:
+            offsets.boundary()      # the echo and the completion are decoded apart
+        text_offset += [offsets.take(e.raw) for e in entries]
+        entries = [*prompt, *entries]
         return CompletionLogprobs(tokens=[e.text for e in entries], token_logprobs=[e.logprob for e in entries],
-                                  text_offset=[offsets.take(e.raw) for e in entries],
+                                  text_offset=text_offset,
                                   top_logprobs=[None if e.logprob is None else
                                                 {text: lp for text, (_, lp) in zip(e.top_text, e.top)} |
                                                 {e.text: e.logprob} for e in entries])
@@ -93,7 +100,7 @@ class CompletionFormat(_Format):
             if out.prompt_logprobs or choice.index not in self._offsets:
                 self._offsets[choice.index] = TextOffsets(0 if out.prompt_logprobs or not self.echo
                                                           else len(choice.echo_text))
-            logprobs = self.logprobs((out.prompt_logprobs or []) + (out.logprobs or []), self._offsets[choice.index])
+            logprobs = self.logprobs(out.logprobs or [], self._offsets[choice.index], out.prompt_logprobs or [])
         body = {"index": choice.index, "text": out.text_delta,
                 "logprobs": logprobs.model_dump() if logprobs else None, **self._finish_fields(choice, out)}
         return self.envelope(self.chunk_object, [body])
@@ -103,7 +110,7 @@ class CompletionFormat(_Format):
         for c in job.choices:
             prefix = c.echo_text if self.echo else ""
             if self.want_logprobs and c.prompt_logprobs:   # echo: prompt tokens, then the completion's
-                logprobs = self.logprobs(c.prompt_logprobs + c.logprobs, TextOffsets(0))
+                logprobs = self.logprobs(c.logprobs, TextOffsets(0), c.prompt_logprobs)
             else:
                 logprobs = self.logprobs(c.logprobs, TextOffsets(len(prefix))) if self.want_logprobs else None
             choices.append(CompletionChoice(index=c.index, text=prefix + c.text, logprobs=logprobs,
@@ -124,8 +131,24 @@ class TextOffsets:
     def take(self, raw: bytes) -> int:
         """The offset of a token with these bytes; advances past it."""
         offset = self.next
+        held = self._utf8.getstate()[0]
+        if held and raw and not _continues(held, raw[:1]):
+            offset += 1             # the held bytes end as one U+FFFD before this token
         self.next += len(self._utf8.decode(raw))
         return offset
+
+    def boundary(self) -> None:
+        """End of a separately decoded text (the echo): bytes held become one U+FFFD, and decoding restarts."""
+        self.next += len(self._utf8.decode(b"", final=True))
+        self._utf8.reset()
+
+
+def _continues(held: bytes, byte: bytes) -> bool:
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(held + byte)
+        return True
+    except UnicodeDecodeError:
+        return False
 
 
 class ChatFormat(_Format):

@@ -88,7 +88,7 @@ def api_router(state: ServingState) -> APIRouter:
         choices = await chat_choices(body, engine, state)
         if _default_steering(body, preset, steering):
             unsteer_unreadable(choices)
-        elif steering.mode == "atv" and not choices[0].prompt_text.strip():
+        elif steering.mode == "atv" and steering.scale != 0 and not choices[0].prompt_text.strip():
             raise APIError(400, "atv steering reads the user messages, and they are empty; send user content "
                            "or atv.mode 'off'", "messages")
         fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex[:24]}", preset.id, body.logprobs)

@@ -133,7 +133,7 @@ class SamplingFields(BaseModel):
     @field_validator("stream_options")
     @classmethod
     def _only_when_streaming(cls, value, info):
-        if value is not None and info.data.get("stream") is False:   # (a bad stream: its own error)
+        if value is not None and value.model_fields_set and info.data.get("stream") is False:   # {}: as vLLM
             raise ValueError("only allowed with stream true (as vLLM); leave it out or send stream true")
         return value
 
@@ -231,6 +231,10 @@ class TokenizeRequest(BaseModel):
     # vLLM's options, at the values generation uses (a prompt: special tokens added; messages: the template's own)
     add_special_tokens: StrictBool | None = None
     add_generation_prompt: Annotated[object, neutral_only(True)] = None
+    continue_final_message: Annotated[object, neutral_only(False)] = None   # vLLM's, not implemented here
+    chat_template: Annotated[object, neutral_only()] = None
+    chat_template_kwargs: Annotated[object, neutral_only({})] = None
+    tools: Annotated[object, neutral_only([])] = None
 
     @model_validator(mode="after")
     def _one_input(self):

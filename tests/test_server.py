@@ -291,6 +291,21 @@ def test_text_offsets_index_the_text_where_tokens_split_a_character(main):
     assert all(o <= len(text) for o in streamed) and lp["text_offset"] == sorted(lp["text_offset"])
 
 
+@pytest.mark.parametrize("prompt, parts, want", [
+    ([], [b"a", b"\xc3", b"\xa9", b"\xe6", b"\x97", b"\xa5", b"b"], [0, 1, 1, 2, 2, 2, 3]),   # "a\u00e9\u65e5b"
+    ([], [b"x", b"\xe6", b"a"], [0, 1, 2]),                    # a cut character: one U+FFFD before "a"
+    ([], [b"\xe6", b"\xe6", b"\x97", b"\xa5"], [0, 1, 1, 1]),   # U+FFFD then \u65e5
+    ([b"a", b"\xe6"], [b"\x97", b"\xa5", b"b"], [0, 1, 2, 3, 4]),  # echo, completion decoded apart: "a" 3 x U+FFFD "b"
+])
+def test_text_offsets_follow_the_utf8_decoding_of_each_text(prompt, parts, want):
+    from server.formatting import TextOffsets
+    offsets = TextOffsets(0)
+    got = [offsets.take(raw) for raw in prompt]
+    if prompt:
+        offsets.boundary()
+    assert got + [offsets.take(raw) for raw in parts] == want
+
+
 def test_chat_logprobs_and_content_parts(main):
     body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}], "max_tokens": 3,
             "logprobs": True, "top_logprobs": 2, "ignore_eos": True}
@@ -344,6 +359,9 @@ def test_default_steering_serves_a_prompt_without_text_unsteered_and_asked_for_a
     blank_user = {"messages": [{"role": "user", "content": " \n"}], "max_tokens": 2, "atv": {"mode": "atv"}}
     error = assert_error(main.post("/v1/chat/completions", blank_user), 400, "messages")
     assert "reads the user messages, and they are empty" in error["message"], error
+    for path, body in (("/v1/chat/completions", blank_user), ("/v1/completions", {"prompt": " ", "max_tokens": 2})):
+        nothing = main.post(path, {**body, "atv": {"mode": "atv", "scale": 0.0}})   # scale 0: nothing to read
+        assert nothing.status_code == 200, nothing.text
 
 
 def test_tokenize_counts_what_generation_counts_and_detokenize_inverts_it(main):
@@ -367,6 +385,9 @@ def test_tokenize_counts_what_generation_counts_and_detokenize_inverts_it(main):
                         ({"messages": messages, "add_generation_prompt": False}, "add_generation_prompt")):
         assert_error(main.post("/tokenize", body), 400, param)
     assert main.post("/tokenize", {"prompt": "a", "add_special_tokens": True}).status_code == 200
+    assert completion(main, stream_options={})["choices"]   # an empty stream_options without stream: as vLLM
+    assert_error(main.post("/tokenize", {"messages": messages, "continue_final_message": True}), 400,
+                 "continue_final_message")   # vLLM's options not implemented here: refused, not dropped
     assert_error(main.post("/detokenize", {"tokens": [0, 10**6]}), 400, "tokens")
     assert_error(main.post("/tokenize", {"prompt": "a", "model": "nope"}), 404, "model")
 
@@ -388,7 +409,8 @@ def test_tokenize_counts_what_generation_counts_and_detokenize_inverts_it(main):
     ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
     ({"prompt": "x", "max_tokens": 65}, "max_tokens"),          # over the server's limit (64)
     ({"prompt": "x", "stream": "yes"}, "stream"),
-    ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),   # without stream (vLLM: 400)
+    ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),   # without stream (vLLM: 400;
+    # an empty {} passes, as there)
     ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"prompt": "x", "max_tokens": 0, "logprobs": 1}, "max_tokens"),   # 0 samples nothing: only with echo
     # OpenAI fields not implemented here: a non-neutral value is refused, never silently dropped

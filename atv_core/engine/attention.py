@@ -319,7 +319,6 @@ def paged_step(model: torch.nn.Module, plan: StepPlan):
     return _attention(model, PAGED, _PLAN, plan)
 
 
-@torch.no_grad()
 def masked_gqa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
                scaling: float | None) -> torch.Tensor:
     """Grouped-query attention with a mask, without copying K/V per query head: query [B, H, Q, D] with
@@ -334,6 +333,7 @@ def masked_gqa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask
     return out.reshape(b, h, q, d)
 
 
+@torch.no_grad()
 def probe_layout(model: torch.nn.Module) -> KVLayout:
     """Each attention layer's K/V heads, head size, dtype and device, read from one one-token forward."""
     seen: dict[int, LayerKV] = {}

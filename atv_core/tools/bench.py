@@ -139,19 +139,21 @@ def _timed_step(engine: LLMEngine, batch, slots: dict[int, int], steered: bool) 
     for chunk in batch.chunks:
         chunk.request.vector_slot = slots[id(chunk.request)] if steered else 0
     try:
-        _sync(engine.runner.device)
+        _sync(engine.runner)
         start = time.perf_counter()
         engine.runner.run(batch.chunks)
-        _sync(engine.runner.device)   # on CUDA the step's kernels, not only their launches
+        _sync(engine.runner)   # on CUDA the step's kernels, not only their launches
         return (time.perf_counter() - start) * 1000
     finally:
         for chunk in batch.chunks:   # the runner frees slots by request.vector_slot on release
             chunk.request.vector_slot = slots[id(chunk.request)]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _sync(runner) -> None:
+    """Wait for every GPU the target's layers run on (device_map may spread them)."""
+    for device in {spec.device for spec in runner.layout.layers.values()} | {runner.device}:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
 
 # ---- the closed-batch baseline ------------------------------------------------------------------------
