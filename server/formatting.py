@@ -86,6 +86,10 @@ class CompletionFormat(_Format):
                                                 {text: lp for text, (_, lp) in zip(e.top_text, e.top)} |
                                                 {e.text: e.logprob} for e in entries])
 
+    def _first_offset(self, choice: Choice, with_prompt: bool) -> "TextOffsets":
+        """Offsets from the text's start when the prompt's tokens are listed too, else after the echoed prompt."""
+        return TextOffsets(len(choice.echo_text) if self.echo and not with_prompt else 0)
+
     def opening(self, choice: Choice) -> dict | None:
         if not self.echo:
             return None
@@ -98,8 +102,7 @@ class CompletionFormat(_Format):
         logprobs = None
         if self.want_logprobs and (out.logprobs or out.prompt_logprobs):   # prompt logprobs: once, with the first output
             if out.prompt_logprobs or choice.index not in self._offsets:
-                self._offsets[choice.index] = TextOffsets(0 if out.prompt_logprobs or not self.echo
-                                                          else len(choice.echo_text))
+                self._offsets[choice.index] = self._first_offset(choice, bool(out.prompt_logprobs))
             logprobs = self.logprobs(out.logprobs or [], self._offsets[choice.index], out.prompt_logprobs or [])
         body = {"index": choice.index, "text": out.text_delta,
                 "logprobs": logprobs.model_dump() if logprobs else None, **self._finish_fields(choice, out)}
@@ -109,10 +112,9 @@ class CompletionFormat(_Format):
         choices = []
         for c in job.choices:
             prefix = c.echo_text if self.echo else ""
-            if self.want_logprobs and c.prompt_logprobs:   # echo: prompt tokens, then the completion's
-                logprobs = self.logprobs(c.logprobs, TextOffsets(0), c.prompt_logprobs)
-            else:
-                logprobs = self.logprobs(c.logprobs, TextOffsets(len(prefix))) if self.want_logprobs else None
+            logprobs = None
+            if self.want_logprobs:   # echo: prompt tokens, then the completion's
+                logprobs = self.logprobs(c.logprobs, self._first_offset(c, bool(c.prompt_logprobs)), c.prompt_logprobs)
             choices.append(CompletionChoice(index=c.index, text=prefix + c.text, logprobs=logprobs,
                                             finish_reason=c.finish_reason, atv=steering_report(c.steering)))
         return CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,

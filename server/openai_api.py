@@ -22,7 +22,7 @@ from atv_core.engine.request import Example, RequestOutput, SamplingParams, Stee
 from .errors import APIError, from_engine_error
 from .formatting import DONE, ChatFormat, CompletionFormat, sse
 from .jobs import Choice, Job, JobStopped, stopped_error
-from .schemas import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
+from .schemas import (ChatCompletionRequest, ChatCompletionResponse, ChatMessage, CompletionRequest, CompletionResponse,
                       ModelCard, ModelList, SamplingFields, VectorList)
 from .state import Preset, ServingState
 
@@ -119,7 +119,7 @@ async def completion_choices(body: CompletionRequest, engine, state: ServingStat
 async def chat_choices(body: ChatCompletionRequest, engine, state: ServingState) -> list[Choice]:
     _check_choice_count(body.n, engine)
     user_text = "\n".join(m.text for m in body.messages if m.role == "user")  # what the generator reads
-    ids = await encoded(engine.encode_chat([{"role": m.role, "content": m.text} for m in body.messages]), "messages")
+    ids = await chat_ids(body.messages, engine)
     max_tokens = _max_tokens(body.max_new_tokens, len(ids), engine, state, "messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     return _choices(body, 0, ids, user_text, max_tokens, logprobs, 0)
@@ -143,10 +143,19 @@ async def prompt_ids(prompt: str | list[int], engine) -> tuple[list[int], str]:
     """(token ids, text the generator reads) of a text prompt or a token-id prompt (checked against the vocab)."""
     if isinstance(prompt, str):
         return await encoded(engine.encode(prompt), "prompt"), prompt
-    bad = [t for t in prompt if t >= engine.vocab_size]
-    if bad:
-        raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{engine.vocab_size - 1})", "prompt")
+    check_vocabulary(prompt, engine, "prompt")
     return list(prompt), await engine.decode(prompt)
+
+
+async def chat_ids(messages: list[ChatMessage], engine) -> list[int]:
+    """A conversation's token ids through the model's chat template (as generation reads it)."""
+    return await encoded(engine.encode_chat([{"role": m.role, "content": m.text} for m in messages]), "messages")
+
+
+def check_vocabulary(ids: list[int], engine, param: str) -> None:
+    bad = [t for t in ids if t >= engine.vocab_size]
+    if bad:
+        raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{engine.vocab_size - 1})", param)
 
 
 async def encoded(tokenization, param: str) -> list[int]:

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
-from .errors import APIError
-from .openai_api import encoded
+from .openai_api import chat_ids, check_vocabulary, encoded
 from .schemas import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from .state import ServingState
 
@@ -23,8 +22,7 @@ def tokenize_router(state: ServingState) -> APIRouter:
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
         engine, _ = state.admit(body.model)
         if body.messages is not None:
-            messages = [{"role": m.role, "content": m.text} for m in body.messages]
-            ids = await encoded(engine.encode_chat(messages), "messages")
+            ids = await chat_ids(body.messages, engine)
         else:
             ids = await encoded(engine.encode(body.prompt), "prompt")
         strs = await engine.token_texts(ids) if body.return_token_strs else None
@@ -34,9 +32,7 @@ def tokenize_router(state: ServingState) -> APIRouter:
     @router.post("/detokenize", response_model=DetokenizeResponse)
     async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
         engine, _ = state.admit(body.model)
-        bad = [t for t in body.tokens if t >= engine.vocab_size]
-        if bad:
-            raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{engine.vocab_size - 1})", "tokens")
+        check_vocabulary(body.tokens, engine, "tokens")
         return DetokenizeResponse(prompt=await engine.decode(body.tokens, skip_special_tokens=False))
 
     return router

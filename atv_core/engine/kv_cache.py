@@ -36,6 +36,10 @@ class LayerKV:
     dtype: torch.dtype
     device: torch.device
 
+    @property
+    def bytes_per_token(self) -> int:
+        return 2 * self.heads * self.head_dim * self.dtype.itemsize   # K and V
+
 
 @dataclass(frozen=True)
 class KVLayout:
@@ -43,7 +47,7 @@ class KVLayout:
 
     @property
     def bytes_per_token(self) -> int:
-        return sum(2 * l.heads * l.head_dim * l.dtype.itemsize for l in self.layers.values())
+        return sum(l.bytes_per_token for l in self.layers.values())
 
 
 def default_budget(layout: KVLayout, cuda_fraction: float) -> int:
@@ -52,7 +56,7 @@ def default_budget(layout: KVLayout, cuda_fraction: float) -> int:
     budget); elsewhere min(2 GiB, a quarter of the memory available now)."""
     per_device: dict[torch.device, int] = {}
     for spec in layout.layers.values():
-        per_device[spec.device] = per_device.get(spec.device, 0) + 2 * spec.heads * spec.head_dim * spec.dtype.itemsize
+        per_device[spec.device] = per_device.get(spec.device, 0) + spec.bytes_per_token
     gpus = [device for device in per_device if device.type == "cuda"]
     if gpus:
         return min(int(torch.cuda.mem_get_info(device)[0] * cuda_fraction * layout.bytes_per_token / per_device[device])
