@@ -105,6 +105,7 @@ async def completion_choices(body: CompletionRequest, engine, state: ServingStat
     # echo with max_tokens 0 is the prompt back (OpenAI); the engine runs it as a prompt scoring, logprobs or not
     prompt_logprobs = body.prompt_logprobs if body.prompt_logprobs is not None or body.max_tokens != 0 else 0
     _check_choice_count(len(body.prompts) * body.n, engine)
+    check_vocabulary([t for t, _ in body.bias], engine, "logit_bias")
     choices = []
     for p, prompt in enumerate(body.prompts):
         ids, text = await prompt_ids(prompt, engine)
@@ -118,6 +119,7 @@ async def completion_choices(body: CompletionRequest, engine, state: ServingStat
 
 async def chat_choices(body: ChatCompletionRequest, engine, state: ServingState) -> list[Choice]:
     _check_choice_count(body.n, engine)
+    check_vocabulary([t for t, _ in body.bias], engine, "logit_bias")
     user_text = "\n".join(m.text for m in body.messages if m.role == "user")  # what the generator reads
     ids = await chat_ids(body.messages, engine)
     max_tokens = _max_tokens(body.max_new_tokens, len(ids), engine, state, "messages")
@@ -207,7 +209,10 @@ def _choices(body: SamplingFields, prompt_index: int, ids: list[int], prompt_tex
                                     temperature=body.temperature if body.temperature >= SAMPLING_EPS else 0.0,
                                     top_p=max(body.top_p, SAMPLING_EPS), stop=body.stop_strings,
                                     stop_token_ids=tuple(body.stop_token_ids or ()),
-                                    ignore_eos=body.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+                                    ignore_eos=body.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                                    logit_bias=body.bias, repetition_penalty=body.repetition_penalty or 1.0,
+                                    frequency_penalty=body.frequency_penalty or 0.0,
+                                    presence_penalty=body.presence_penalty or 0.0, min_p=body.min_p or 0.0)
         except ValueError as exc:
             raise APIError(400, str(exc)) from exc
         choices.append(Choice(first_index + j, prompt_index, ids, prompt_text, params, echo_text))

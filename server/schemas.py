@@ -5,9 +5,9 @@ Bad input is refused by the schema itself (bounds, Literal, strict types: a floa
 `temperature` is a 400), never by hand-written checks; the only checks left to the routes are the ones
 that depend on the loaded model or the settings (model name, prompt length, max_tokens limit). Unknown
 fields are ignored, as OpenAI clients send fields this server does not use; OpenAI fields it does not implement
-(penalties, logit_bias, best_of, suffix, response_format, tools, tool_choice, functions, function_call) and
-vLLM's sampling extensions it does not implement (min_tokens, repetition_penalty, min_p, guided_*, ...) pass
-only with their neutral values, and anything else is a 400 rather than silently dropped. Streaming chunks are plain
+(best_of, suffix, response_format, tools, tool_choice, functions, function_call) and vLLM's sampling extensions
+it does not implement (min_tokens, guided_*, ...) pass only with their neutral values, and anything else is a
+400 rather than silently dropped. Streaming chunks are plain
 dicts built in server/formatting.py, in OpenAI's chunk shape.
 """
 from __future__ import annotations
@@ -25,6 +25,8 @@ MAX_PROMPTS = 64
 Scale = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-100.0, le=100.0)]
 Temperature = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0.0, le=2.0)]
 TopP = Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0.0, le=1.0)]
+Penalty = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-2.0, le=2.0)]
+Bias = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-100.0, le=100.0)]
 
 
 def valid_unicode(text: str) -> str:
@@ -53,11 +55,11 @@ def neutral_only(*neutral):
     return AfterValidator(check)
 
 
-def zero_bias(value):
-    """logit_bias: only biases of 0 (`{}`, or token ids mapped to 0) are neutral; anything else is refused."""
-    if value is None or (isinstance(value, dict) and all(type(b) in (int, float) and b == 0 for b in value.values())):
-        return value
-    raise ValueError("not supported by this server; leave it out or send {} (or biases of 0)")
+def token_id_key(key: str) -> str:
+    """logit_bias keys are token ids written as JSON strings ("50256"), as OpenAI's."""
+    if not (key.isascii() and key.isdigit()):
+        raise ValueError(f"keys are token ids, e.g. \"42\"; got {key!r}")
+    return key
 
 
 TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
@@ -113,14 +115,21 @@ class SamplingFields(BaseModel):
     stop_token_ids: Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(max_length=64)] | None = Field(
         None, description="vLLM's extension: token ids that end the completion (not part of the text)")
     atv: SteeringOptions | None = None
-    # OpenAI fields not implemented here: only their neutral values are accepted
-    frequency_penalty: Annotated[object, neutral_only(0, 0.0)] = None
-    presence_penalty: Annotated[object, neutral_only(0, 0.0)] = None
-    logit_bias: Annotated[object, AfterValidator(zero_bias)] = None
-    # vLLM's sampling extensions not implemented here: neutral values only, as above
+    # logit processing (atv_core/engine/logits_processors.py; min_p in the sampler); null: none
+    frequency_penalty: Penalty | None = Field(None, description="subtracted from a token's logit per occurrence in "
+                                              "the output so far")
+    presence_penalty: Penalty | None = Field(None, description="subtracted once from the logit of a token that "
+                                             "is in the output so far")
+    logit_bias: dict[Annotated[str, AfterValidator(token_id_key)], Bias] | None = Field(
+        None, description="token id (a JSON string key) -> bias added to its logit, -100..100")
+    repetition_penalty: Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0.0, le=100.0)] | None = Field(
+        None, description="vLLM's extension: a logit of a token in the prompt or the output is divided by it when "
+        "positive, multiplied when negative (1: none)")
+    min_p: Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0.0, le=1.0)] | None = Field(
+        None, description="vLLM's extension: after the temperature, drop tokens less likely than min_p times the "
+        "most likely one")
+    # vLLM's sampling extensions not implemented here: only their neutral values are accepted
     min_tokens: Annotated[object, neutral_only(0)] = None
-    repetition_penalty: Annotated[object, neutral_only(1, 1.0)] = None
-    min_p: Annotated[object, neutral_only(0, 0.0)] = None
     include_stop_str_in_output: Annotated[object, neutral_only(False)] = None
     skip_special_tokens: Annotated[object, neutral_only(True)] = None
     spaces_between_special_tokens: Annotated[object, neutral_only(True)] = None
@@ -136,6 +145,10 @@ class SamplingFields(BaseModel):
         if value is not None and value.model_fields_set and info.data.get("stream") is False:   # {}: as vLLM
             raise ValueError("only allowed with stream true (as vLLM); leave it out or send stream true")
         return value
+
+    @property
+    def bias(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(k), v) for k, v in (self.logit_bias or {}).items())
 
     @property
     def stop_strings(self) -> tuple[str, ...]:

@@ -290,6 +290,9 @@ def _reference_draw(row: torch.Tensor, params: SamplingParams, u: float) -> int:
     """One row the plain way: top-k / top-p over a full stable sort (ties by id), else the vocabulary's order;
     then the first token whose cumulative mass exceeds u * total."""
     x = row / params.temperature
+    if params.min_p > 0:
+        probs = torch.softmax(x, -1)
+        x = x.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
     if params.top_k > 0 or params.top_p < 1:
         values, ids = torch.sort(x, descending=True, stable=True)
         if params.top_k > 0:
@@ -313,7 +316,8 @@ def test_sampling_equals_a_full_sort_and_ignores_the_neighbours_settings(monkeyp
         logits = logits.to(torch.bfloat16).float()
     settings = [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=5),
                 SamplingParams(temperature=1.0, top_k=40, top_p=0.8), SamplingParams(temperature=0.7, top_p=0.9),
-                SamplingParams(temperature=1.5, top_p=0.99), SamplingParams(temperature=1.0, top_k=300)]
+                SamplingParams(temperature=1.5, top_p=0.99), SamplingParams(temperature=1.0, top_k=300),
+                SamplingParams(temperature=1.0, min_p=0.02), SamplingParams(temperature=0.9, top_p=0.95, min_p=0.1)]
     params = [settings[i % len(settings)] for i in range(12)]
     want = [_reference_draw(logits[i], params[i], float(torch.rand(1, generator=sampler.make_generator(i))))
             for i in range(12)]
@@ -411,3 +415,91 @@ def test_examples_are_refused_with_the_fix_when_the_generator_cannot_read_them(p
     too_many = Request("y", tok("a")["input_ids"], GREEDY, SteeringSpec("atv", examples=(Example("a", "b"),) * 3), "a")
     with pytest.raises(ValueError, match="reads at most 2"):
         LLMEngine(model, tok, _generator_reading_examples(parts), EngineConfig(max_running=2)).validate(too_many)
+
+
+# ---- logit bias, penalties, min_p ---------------------------------------------------------------
+def test_logit_processing_is_the_documented_expression():
+    from atv_core.engine.logits_processors import process
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, 0.0, 1.0]])
+    plain = Request("p", [0, 1], SamplingParams(), SteeringSpec("off"))
+    request = Request("r", [0, 1, 1], SamplingParams(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25,
+                                                     logit_bias={4: 10.0, 5: -1.5}), SteeringSpec("off"))
+    request.output_ids = [3, 3, 5]
+    out = process(logits.repeat(2, 1), [plain, request])
+    # bias: 4 +10, 5 -1.5; repetition over prompt + output {0, 1, 3, 5}: positive / 2, negative * 2;
+    # frequency and presence over the output: 3 twice (-1 - 0.25), 5 once (-0.5 - 0.25)
+    assert torch.equal(out[1], torch.tensor([1.0, -2.0, 0.5, 1.5 - 1.25, 10.0, (1.0 - 1.5) * 2 - 0.75]))
+    assert torch.equal(out[0], logits[0])                         # a row that asks for nothing is untouched
+    assert process(logits, [plain]) is logits                     # and no copy when no row asks
+    assert torch.equal(logits, torch.tensor([[2.0, -1.0, 0.5, 3.0, 0.0, 1.0]]))   # the input is never changed
+
+
+@pytest.mark.parametrize("options, hf", [
+    ({"repetition_penalty": 1.8}, {"repetition_penalty": 1.8}),
+    ({"logit_bias": {7: 3.0, 11: -2.0, 40: 1.5}}, {"sequence_bias": {(7,): 3.0, (11,): -2.0, (40,): 1.5}}),
+])
+def test_greedy_bias_and_repetition_penalty_match_transformers_generate(parts, options, hf):
+    model, tok, _ = parts
+    engine = _engine(parts)
+    requests = [Request(f"r{i}", tok(text)["input_ids"], SamplingParams(max_tokens=12, temperature=0.0,
+                                                                        ignore_eos=True, **options), SteeringSpec("off"))
+                for i, text in enumerate(["the same words the same words", "hi", "a b c d e f"])]
+    requests.append(_request(tok, "plain", "the same words the same words", mode="off"))   # a neighbour without
+    for request in requests:
+        engine.add_request(request)
+    _drain(engine)
+    for request in requests[:-1]:
+        ids = torch.tensor([request.prompt_ids])
+        want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                              eos_token_id=None, pad_token_id=0, **hf)[0, ids.shape[1]:].tolist()
+        assert request.output_ids == want, (options, request.request_id)
+    ids = torch.tensor([requests[-1].prompt_ids])
+    plain = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:].tolist()
+    assert requests[-1].output_ids == plain              # the neighbour without the option: the plain model's
+    assert requests[0].output_ids != plain               # the same prompt with it: changed
+
+
+def test_frequency_and_presence_penalties_steer_greedy_tokens_and_logprobs_stay_raw(parts):
+    """Each greedy token is the argmax of the raw logits minus the penalties of the output so far; the logprobs
+    reported are the model's own (vLLM's default), not the processed ones."""
+    tok = parts[1]
+    engine = _engine(parts)
+    logits = _record(engine)
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, frequency_penalty=1.5,
+                            presence_penalty=0.5, logprobs=1)
+    request = _request(tok, "f", "again and again and again", params, mode="off")
+    engine.add_request(request)
+    outputs = []
+    request.on_output = outputs.append
+    _drain(engine)
+    counts = torch.zeros(logits["f"][0].shape[-1])
+    for step, raw in enumerate(logits["f"]):
+        want = int((raw - 1.5 * counts - 0.5 * (counts > 0)).argmax())
+        assert request.output_ids[step] == want, step
+        counts[want] += 1
+    assert len(set(request.output_ids)) > 1
+    unpenalised = [int(raw.argmax()) for raw in logits["f"]]
+    assert unpenalised != request.output_ids                       # the penalties decided some step
+    reported = [lp for out in outputs for lp in out.logprobs]
+    for raw, lp in zip(logits["f"], reported):
+        assert lp.logprob == pytest.approx(float(torch.log_softmax(raw, -1)[lp.token_id]), abs=1e-5)
+
+
+def test_a_large_logit_bias_forces_its_token_and_min_p_keeps_the_likely_ones():
+    from atv_core.engine.logits_processors import process
+    from atv_core.engine.sampler import make_generator, sample
+    n, logits = 6000, torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -200.0])
+    probs = torch.softmax(logits, -1)
+    params = SamplingParams(temperature=1.0, min_p=0.3)           # keeps p >= 0.3 * p_max: tokens 0, 1 and 2
+    tokens = sample(logits.expand(n, -1).clone(), [params] * n, [make_generator(i) for i in range(n)])
+    freq = torch.bincount(tokens, minlength=8).float() / n
+    want = torch.zeros(8)
+    want[:3] = probs[:3] / probs[:3].sum()
+    assert freq[3:].sum() == 0 and (freq - want).abs().max() < 0.03, freq
+    hot = [SamplingParams(temperature=2.0, min_p=0.3)] * n        # after the temperature: 0.5 is kept at T=2
+    assert int(sample(logits.expand(n, -1).clone(), hot, [make_generator(i) for i in range(n)]).max()) == 4
+    forced = SamplingParams(temperature=1.0, logit_bias={6: 100.0})
+    request = Request("b", [1], forced, SteeringSpec("off"))
+    row = process(logits.view(1, -1), [request])
+    assert int(sample(row, [forced], [make_generator(0)])) == 6

@@ -413,16 +413,22 @@ def test_tokenize_counts_what_generation_counts_and_detokenize_inverts_it(main):
     # an empty {} passes, as there)
     ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"prompt": "x", "max_tokens": 0, "logprobs": 1}, "max_tokens"),   # 0 samples nothing: only with echo
+    # logit processing out of its ranges (OpenAI's for the penalties and biases, vLLM's for the others)
+    ({"prompt": "x", "frequency_penalty": 2.5}, "frequency_penalty"),
+    ({"prompt": "x", "presence_penalty": -3}, "presence_penalty"),
+    ({"prompt": "x", "frequency_penalty": False}, "frequency_penalty"),   # strict: false is not 0
+    ({"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
+    ({"prompt": "x", "min_p": 1.5}, "min_p"),
+    ({"prompt": "x", "logit_bias": {"5": 101}}, "logit_bias.5"),
+    ({"prompt": "x", "logit_bias": {"5": False}}, "logit_bias.5"),
+    ({"prompt": "x", "logit_bias": {"five": 1}}, "logit_bias.five"),
+    ({"prompt": "x", "logit_bias": {"-5": 1}}, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"5": 1, "100000000": 1}}, "logit_bias"),   # outside the vocabulary
+    ({"prompt": "x", "logit_bias": [5, 1]}, "logit_bias"),
     # OpenAI fields not implemented here: a non-neutral value is refused, never silently dropped
-    ({"prompt": "x", "frequency_penalty": 0.5}, "frequency_penalty"),
-    ({"prompt": "x", "presence_penalty": -1}, "presence_penalty"),
-    ({"prompt": "x", "logit_bias": {"5": 100}}, "logit_bias"),
     ({"prompt": "x", "best_of": 3}, "best_of"),
     ({"prompt": "x", "n": 2, "best_of": 3}, "best_of"),                 # only best_of == n is neutral
-    ({"prompt": "x", "logit_bias": {"5": 0, "7": -0.5}}, "logit_bias"),
-    ({"prompt": "x", "logit_bias": {"5": False}}, "logit_bias"),
     ({"prompt": "x", "suffix": "tail"}, "suffix"),
-    ({"prompt": "x", "frequency_penalty": False}, "frequency_penalty"),   # strict: false is not 0
 ])
 def test_invalid_fields_are_400(main, body, param):
     assert_error(main.post("/v1/completions", body), 400, param)
@@ -473,14 +479,43 @@ def test_invalid_json_and_chat_fields_are_400(main):
                "tools": [], "tool_choice": "auto", "max_tokens": 2}   # what some clients send by default
     assert main.post("/v1/chat/completions", {"messages": user, **neutral}).status_code == 200
     assert completion(main, best_of=1, suffix="", frequency_penalty=0, max_tokens=2)["choices"]
-    for field, value in (("min_tokens", 3), ("repetition_penalty", 1.2), ("min_p", 0.1), ("guided_choice", ["a"]),
+    for field, value in (("min_tokens", 3), ("guided_choice", ["a"]),
                          ("include_stop_str_in_output", True)):   # vLLM's extensions not implemented here
         assert_error(main.post("/v1/completions", {"prompt": "x", field: value}), 400, field)
     vllm_neutral = {"min_tokens": 0, "repetition_penalty": 1.0, "min_p": 0, "include_stop_str_in_output": False,
                     "skip_special_tokens": True, "use_beam_search": False, "guided_json": None}
     assert completion(main, max_tokens=2, **vllm_neutral)["choices"]
-    # also neutral: best_of equal to n (every candidate returned), biases of 0
+    # also neutral: best_of equal to n (every candidate returned), biases of 0, null logit processing
     assert len(completion(main, n=2, best_of=2, logit_bias={"5": 0, "7": 0.0}, max_tokens=2)["choices"]) == 2
+    nulls = {"logit_bias": None, "frequency_penalty": None, "presence_penalty": None, "repetition_penalty": None,
+             "min_p": None}
+    assert completion(main, max_tokens=2, **nulls)["choices"]
+
+
+def test_logit_bias_penalties_and_min_p_reach_the_sampler(main):
+    """A bias of +100 makes its token every greedy token (completions and chat), while the logprobs reported stay
+    the model's own; the penalties and min_p are accepted and applied (their arithmetic: tests/test_engine.py)."""
+    token = main.post("/detokenize", {"tokens": [7]}).json()["prompt"]
+    assert token
+    forced = completion(main, temperature=0, logit_bias={"7": 100}, logprobs=1, atv={"mode": "off"})["choices"][0]
+    assert forced["logprobs"]["tokens"] == [token] * 4 and forced["text"] == token * 4
+    assert all(lp > -100 and lp < 0 for lp in forced["logprobs"]["token_logprobs"])   # raw: no +100 in them
+    plain = completion(main, temperature=0, logprobs=1, atv={"mode": "off"})["choices"][0]
+    assert plain["logprobs"]["tokens"] != [token] * 4
+    chat = main.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+                                              "temperature": 0, "logit_bias": {"7": 100}, "atv": {"mode": "off"}})
+    assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["content"] == token * 3
+    greedy = dict(temperature=0, max_tokens=8, logprobs=0, atv={"mode": "off"})
+    plain = completion(main, **greedy)["choices"][0]["logprobs"]["tokens"]
+    # negative penalties reward what the output already holds: the first token, ever more
+    rewarded = completion(main, **greedy, frequency_penalty=-2, presence_penalty=-2)["choices"][0]["logprobs"]["tokens"]
+    assert len(set(plain)) > 1 and rewarded == [plain[0]] * 8, (plain, rewarded)
+    assert completion(main, **greedy, repetition_penalty=0.01)["choices"][0]["logprobs"]["tokens"] != plain
+    # min_p 1 keeps only the most likely token: sampling at temperature 1 becomes greedy
+    sampled = [completion(main, **{**greedy, "temperature": 1.0}, seed=s, min_p=1.0)["choices"][0]["logprobs"]["tokens"]
+               for s in range(3)]
+    assert sampled == [plain] * 3
+    assert completion(main, **{**greedy, "temperature": 1.0}, seed=0)["choices"][0]["logprobs"]["tokens"] != plain
 
 
 def test_unknown_model_and_path_are_404(main):
@@ -778,8 +813,8 @@ def test_schemathesis_finds_no_server_errors(main, monkeypatch):
     eventually(lambda: idle(main))
 
 
-NOT_IMPLEMENTED = ("frequency_penalty", "presence_penalty", "logit_bias", "best_of", "suffix", "response_format",
-                   "tools", "tool_choice", "functions", "function_call", "min_tokens", "repetition_penalty", "min_p",
+NOT_IMPLEMENTED = ("logit_bias", "best_of", "suffix", "response_format",   # logit_bias: ids may be out of vocabulary
+                   "tools", "tool_choice", "functions", "function_call", "min_tokens",
                    "include_stop_str_in_output", "skip_special_tokens", "spaces_between_special_tokens",
                    "use_beam_search", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
 

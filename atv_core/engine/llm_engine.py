@@ -9,7 +9,7 @@
        (run_scored: also every position of the chunks of requests that asked for prompt logprobs, scored
        chunk by chunk: log_softmax, gather, top-N; never a [prompt length, V] matrix for a whole long prompt)
                                                            │
-                         sampler.sample(logits) -> tokens -> _append(): stop / length / EOS
+       logits_processors.process (bias, penalties) -> sampler.sample -> tokens -> _append(): stop / length / EOS
                                                            │          (text: detokenizer.OutputText)
                          RequestOutput (text delta, SteeringReport) -> request.on_output(...)
 
@@ -38,6 +38,7 @@ import torch
 from atv_core.engine.detokenizer import OutputText, token_bytes
 from atv_core.engine.request import Request, RequestOutput, SteeringReport, Status, TokenLogprob
 from atv_core.engine.runner import ModelRunner
+from atv_core.engine.logits_processors import process
 from atv_core.engine.sampler import make_generator, sample, token_logprobs
 from atv_core.engine.scheduler import Scheduler, SchedulerConfig
 from atv_core.engine.vector_worker import VectorResult, VectorWorker, run_batch
@@ -423,7 +424,7 @@ class LLMEngine:
 
     def _sample_tokens(self, requests: list[Request], logits: torch.Tensor) -> list[RequestOutput]:
         params = [r.params for r in requests]
-        tokens = sample(logits, params, [self._generators[r.request_id] for r in requests])
+        tokens = sample(process(logits, requests), params, [self._generators[r.request_id] for r in requests])
         want = [i for i, p in enumerate(params) if p.logprobs is not None]
         logprobs = {}
         if want:

@@ -40,8 +40,16 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None       # number of top alternatives to report per token (0..20)
     prompt_logprobs: int | None = None  # also score the prompt: logprob of each prompt token + top alternatives
+    # logit processing (logits_processors.py), in vLLM's order and meaning: bias, then penalties, then min_p
+    logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, bias added to its logit) pairs; a dict is taken
+    repetition_penalty: float = 1.0   # > 1 discourages every token of prompt + output (divides a positive logit)
+    frequency_penalty: float = 0.0    # subtracted per occurrence in the output
+    presence_penalty: float = 0.0     # subtracted once if in the output
+    min_p: float = 0.0                # drop tokens below min_p x the most likely token's probability
 
     def __post_init__(self):
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias   # {id: bias} too
+        object.__setattr__(self, "logit_bias", tuple((t, b) for t, b in bias))
         checks = [
             (self.max_tokens >= 1 or (self.max_tokens == 0 and self.prompt_logprobs is not None),
              f"max_tokens must be >= 1 (0 only to score the prompt, with prompt_logprobs), got {self.max_tokens}"),
@@ -52,12 +60,25 @@ class SamplingParams:
             (isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be an int >= 0, got {self.top_k!r}"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+            (0 < self.repetition_penalty < float("inf"),
+             f"repetition_penalty must be > 0 (1 = none), got {self.repetition_penalty}"),
+            (-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
+            (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
+            (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
+            (all(isinstance(t, int) and t >= 0 and isinstance(b, (int, float)) and -100 <= b <= 100
+                 for t, b in self.logit_bias), "logit_bias must map token ids >= 0 to biases in [-100, 100]"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether the logits need bias or penalties before sampling (min_p is the sampler's)."""
+        return bool(self.logit_bias) or self.repetition_penalty != 1 or bool(self.frequency_penalty) \
+            or bool(self.presence_penalty)
 
     @property
     def greedy(self) -> bool:

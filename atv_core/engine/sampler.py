@@ -1,4 +1,5 @@
-"""Per-request sampling inside one batch: greedy, temperature, top-k, top-p, seeds, logprobs.
+"""Per-request sampling inside one batch: greedy, temperature, min-p, top-k, top-p, seeds, logprobs.
+(Logit bias and penalties come before, in logits_processors.py.)
 
 Each row is sampled from its own distribution with its own `torch.Generator`, so a seeded request draws
 the same numbers whatever its batch neighbours are. One uniform draw per sampled row, then inverse-CDF
@@ -16,6 +17,8 @@ AMX VM: 0 of 8 of each repeated their solo 20-token output beside 8 other reques
 for repeatability.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -51,6 +54,11 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         return tokens
     pick = lambda f, group: torch.tensor([f(params[rows[j]]) for j in group], device=device)  # noqa: E731
     scaled.div_(pick(lambda p: float(p.temperature), range(len(rows))).unsqueeze(1))
+    min_p = [j for j in range(len(rows)) if params[rows[j]].min_p > 0]
+    if min_p:        # after the temperature, as vLLM: p < min_p * p_max  <=>  x < x_max + log(min_p)
+        part = scaled[min_p]
+        floor = part.max(dim=-1, keepdim=True).values + pick(lambda p: math.log(p.min_p), min_p).unsqueeze(1)
+        scaled[min_p] = part.masked_fill_(part < floor, float("-inf"))
     u = torch.cat([torch.rand(1, generator=generators[i]) for i in rows]).to(device)           # one draw per row
     filtered = [params[i].top_k > 0 or params[i].top_p < 1 for i in rows]
     plain = [j for j, f in enumerate(filtered) if not f]
