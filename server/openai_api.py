@@ -201,6 +201,9 @@ def _max_tokens(requested: int | None, prompt_len: int, engine, state: ServingSt
 def _choices(body: SamplingFields, prompt_index: int, ids: list[int], prompt_text: str, max_tokens: int,
              logprobs: int | None, first_index: int, prompt_logprobs: int | None = None,
              echo_text: str = "") -> list[Choice]:
+    if (body.min_tokens or 0) > max_tokens:
+        raise APIError(400, f"min_tokens ({body.min_tokens}) is more than max_tokens ({max_tokens}); send at most "
+                       f"{max_tokens}", "min_tokens")
     choices = []
     for j in range(body.n):
         seed = None if body.seed is None else body.seed + j
@@ -212,7 +215,10 @@ def _choices(body: SamplingFields, prompt_index: int, ids: list[int], prompt_tex
                                     ignore_eos=body.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                                     logit_bias=body.bias, repetition_penalty=body.repetition_penalty or 1.0,
                                     frequency_penalty=body.frequency_penalty or 0.0,
-                                    presence_penalty=body.presence_penalty or 0.0, min_p=body.min_p or 0.0)
+                                    presence_penalty=body.presence_penalty or 0.0, min_p=body.min_p or 0.0,
+                                    min_tokens=body.min_tokens or 0,
+                                    include_stop_str_in_output=bool(body.include_stop_str_in_output),
+                                    skip_special_tokens=body.skip_special_tokens is not False)
         except ValueError as exc:
             raise APIError(400, str(exc)) from exc
         choices.append(Choice(first_index + j, prompt_index, ids, prompt_text, params, echo_text))

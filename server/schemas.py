@@ -6,7 +6,7 @@ Bad input is refused by the schema itself (bounds, Literal, strict types: a floa
 that depend on the loaded model or the settings (model name, prompt length, max_tokens limit). Unknown
 fields are ignored, as OpenAI clients send fields this server does not use; OpenAI fields it does not implement
 (best_of, suffix, response_format, tools, tool_choice, functions, function_call) and vLLM's sampling extensions
-it does not implement (min_tokens, guided_*, ...) pass only with their neutral values, and anything else is a
+it does not implement (guided_*, use_beam_search, ...) pass only with their neutral values, and anything else is a
 400 rather than silently dropped. Streaming chunks are plain
 dicts built in server/formatting.py, in OpenAI's chunk shape.
 """
@@ -128,10 +128,14 @@ class SamplingFields(BaseModel):
     min_p: Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0.0, le=1.0)] | None = Field(
         None, description="vLLM's extension: after the temperature, drop tokens less likely than min_p times the "
         "most likely one")
+    min_tokens: Annotated[StrictInt, Field(ge=0, le=INT64_MAX)] | None = Field(
+        None, description="vLLM's extension: before this many tokens, EOS and stop_token_ids cannot be sampled and "
+        "stop strings are not matched")
+    include_stop_str_in_output: StrictBool | None = Field(
+        None, description="vLLM's extension: the text ends with the stop string (or stop token) that ended it")
+    skip_special_tokens: StrictBool | None = Field(None, description="vLLM's extension: false keeps special "
+                                                   "tokens' text in the output")
     # vLLM's sampling extensions not implemented here: only their neutral values are accepted
-    min_tokens: Annotated[object, neutral_only(0)] = None
-    include_stop_str_in_output: Annotated[object, neutral_only(False)] = None
-    skip_special_tokens: Annotated[object, neutral_only(True)] = None
     spaces_between_special_tokens: Annotated[object, neutral_only(True)] = None
     use_beam_search: Annotated[object, neutral_only(False)] = None
     guided_json: Annotated[object, neutral_only()] = None

@@ -178,6 +178,40 @@ def test_stop_strings_unit():
     assert other.feed("xa") + other.feed("c") + other.flush() == "xac" and not other.matched
 
 
+def test_include_stop_str_in_output_ends_the_text_with_the_earliest_stop(byte_tok):
+    ids = byte_tok("hello world, and more", add_special_tokens=False).input_ids
+    out = OutputText(byte_tok, ("more", "o w", "o wo"), include_stop=True)
+    deltas = [out.add(token) for token in ids]
+    assert out.stopped and "".join(deltas) == out.text == "hello w"    # earliest start; of those the first listed
+    assert StopStrings(("!",), include=True).feed("hi! there") == "hi!"
+
+
+def test_stop_strings_match_only_from_min_tokens_on(byte_tok):
+    """Before min_tokens tokens nothing is matched (vLLM): a stop string completed earlier is streamed as text;
+    the tail that could begin one is still held back, so one ending at or after the min_tokens-th token is cut."""
+    ids = byte_tok("ab!cd!ef", add_special_tokens=False).input_ids
+    for min_tokens, want in ((0, "ab"), (3, "ab"), (4, "ab!cd"), (6, "ab!cd"), (7, "ab!cd!ef")):
+        out = OutputText(byte_tok, ("!",), min_tokens=min_tokens)
+        streamed = ""
+        for token in ids:
+            streamed += out.add(token)
+            if out.stopped:
+                break
+        streamed += "" if out.stopped else out.finish()
+        assert streamed == want, (min_tokens, streamed)
+    out = OutputText(byte_tok, ("d!e",), min_tokens=6)              # spans the boundary: begun before, ends after
+    assert "".join(out.add(token) for token in ids) == "ab!c" and out.stopped
+
+
+def test_special_tokens_are_kept_in_the_text_when_asked(byte_tok):
+    eos = byte_tok.eos_token_id
+    ids = byte_tok("ok", add_special_tokens=False).input_ids + [eos] + byte_tok("go", add_special_tokens=False).input_ids
+    kept = OutputText(byte_tok, skip_special_tokens=False)
+    skipped = OutputText(byte_tok)
+    assert "".join(kept.add(t) for t in ids) + kept.finish() == "ok" + byte_tok.eos_token + "go"
+    assert "".join(skipped.add(t) for t in ids) + skipped.finish() == "okgo"
+
+
 def test_token_bytes_spell_characters_split_over_byte_level_tokens(byte_tok):
     """Chat logprobs' `bytes`: a token holding part of a UTF-8 character decodes alone to U+FFFD; its bytes come
     from its vocabulary entry, so a character's tokens' bytes join into the character again."""

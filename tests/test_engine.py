@@ -503,3 +503,24 @@ def test_a_large_logit_bias_forces_its_token_and_min_p_keeps_the_likely_ones():
     request = Request("b", [1], forced, SteeringSpec("off"))
     row = process(logits.view(1, -1), [request])
     assert int(sample(row, [forced], [make_generator(0)])) == 6
+
+
+def test_min_tokens_masks_stop_tokens_and_include_stop_keeps_the_stop_token_text(parts):
+    tok = parts[1]
+    engine = _engine(parts)
+    plain = _request(tok, "p", "stop here please", mode="off")
+    engine.add_request(plain)
+    _drain(engine)
+    stop = plain.output_ids[0]                                     # what greedy picks first
+    params = dict(max_tokens=12, temperature=0.0, stop_token_ids=(stop,))
+    early = _request(tok, "e", "stop here please", SamplingParams(**params), mode="off")
+    kept = _request(tok, "k", "stop here please", SamplingParams(**params, include_stop_str_in_output=True), mode="off")
+    late = _request(tok, "l", "stop here please", SamplingParams(**params, min_tokens=4), mode="off")
+    for request in (early, kept, late):
+        engine.add_request(request)
+    _drain(engine)
+    assert early.output_ids == kept.output_ids == [stop] and early.finish_reason == kept.finish_reason == "stop"
+    assert early.output.text == "" and kept.output.text == tok.decode([stop]) != ""
+    assert len(late.output_ids) >= 4 and stop not in late.output_ids[:4]
+    with pytest.raises(ValueError, match="min_tokens"):
+        SamplingParams(max_tokens=3, min_tokens=4)

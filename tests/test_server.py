@@ -479,8 +479,8 @@ def test_invalid_json_and_chat_fields_are_400(main):
                "tools": [], "tool_choice": "auto", "max_tokens": 2}   # what some clients send by default
     assert main.post("/v1/chat/completions", {"messages": user, **neutral}).status_code == 200
     assert completion(main, best_of=1, suffix="", frequency_penalty=0, max_tokens=2)["choices"]
-    for field, value in (("min_tokens", 3), ("guided_choice", ["a"]),
-                         ("include_stop_str_in_output", True)):   # vLLM's extensions not implemented here
+    for field, value in (("guided_choice", ["a"]), ("use_beam_search", True),
+                         ("spaces_between_special_tokens", False)):   # vLLM's extensions not implemented here
         assert_error(main.post("/v1/completions", {"prompt": "x", field: value}), 400, field)
     vllm_neutral = {"min_tokens": 0, "repetition_penalty": 1.0, "min_p": 0, "include_stop_str_in_output": False,
                     "skip_special_tokens": True, "use_beam_search": False, "guided_json": None}
@@ -516,6 +516,26 @@ def test_logit_bias_penalties_and_min_p_reach_the_sampler(main):
                for s in range(3)]
     assert sampled == [plain] * 3
     assert completion(main, **{**greedy, "temperature": 1.0}, seed=0)["choices"][0]["logprobs"]["tokens"] != plain
+
+
+def test_min_tokens_include_stop_str_and_special_tokens_reach_the_engine(main):
+    eos = main.post("/detokenize", {"tokens": [2]}).json()["prompt"]    # the tiny tokenizer's </s>
+    greedy = dict(temperature=0, max_tokens=6, atv={"mode": "off"})
+    plain = completion(main, **greedy)["choices"][0]["text"]
+    stop = plain[2]
+    cut = completion(main, **greedy, stop=stop)["choices"][0]
+    kept = completion(main, **greedy, stop=stop, include_stop_str_in_output=True)["choices"][0]
+    assert cut["text"] == plain[:plain.index(stop)] and kept["text"] == cut["text"] + stop
+    assert cut["finish_reason"] == kept["finish_reason"] == "stop"
+    # min_tokens: EOS cannot end it early, even when it is the only token the bias allows
+    forced = dict(greedy, logit_bias={"2": 100})
+    assert completion(main, **forced)["choices"][0]["text"] == ""                       # EOS first: nothing
+    assert completion(main, **forced, min_tokens=3)["usage"]["completion_tokens"] == 4   # 3 others, then EOS
+    shown = completion(main, **forced, ignore_eos=True, skip_special_tokens=False)["choices"][0]["text"]
+    assert shown == eos * 6 and eos
+    assert_error(main.post("/v1/completions", {"prompt": "x", "max_tokens": 2, "min_tokens": 3}), 400, "min_tokens")
+    assert_error(main.post("/v1/completions", {"prompt": "x", "min_tokens": -1}), 400, "min_tokens")
+    assert_error(main.post("/v1/completions", {"prompt": "x", "skip_special_tokens": "no"}), 400, "skip_special_tokens")
 
 
 def test_unknown_model_and_path_are_404(main):

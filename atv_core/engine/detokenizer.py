@@ -14,8 +14,9 @@ decoder turns a whole run of byte tokens into U+FFFDs when one byte of the run i
 HOLD_LIMIT tokens are held (a run of undecodable bytes from a broken model is then released as is), which
 bounds the work per step.
 
-`StopStrings` cuts the released text at the earliest stop string, also one spanning several tokens, and holds
-back the last `max(len(stop)) - 1` characters, which could still begin one (vLLM's rule). `OutputText`
+`StopStrings` cuts the released text at the earliest stop string (or after it: vLLM's
+include_stop_str_in_output), also one spanning several tokens, and holds back the last `max(len(stop)) - 1`
+characters, which could still begin one (vLLM's rule); before `min_tokens` tokens nothing is matched. `OutputText`
 chains the two for one request. Knows nothing of scheduling, tensors or HTTP. A tokenizer handed to these classes must be used by the
 calling thread only.
 """
@@ -101,21 +102,23 @@ class IncrementalDetokenizer:
 
 
 class StopStrings:
-    def __init__(self, stops: tuple[str, ...]):
-        self.stops = stops
+    def __init__(self, stops: tuple[str, ...], include: bool = False):
+        self.stops, self.include = stops, include
         self.hold = max((len(s) for s in stops), default=1) - 1
         self.tail = ""                 # released by the detokenizer, not streamed yet
         self.matched = False
 
-    def feed(self, text: str) -> str:
-        """Take new text; return what may be streamed now: up to a stop string once one matched."""
+    def feed(self, text: str, armed: bool = True) -> str:
+        """Take new text; return what may be streamed now: up to a stop string once one matched (through it with
+        `include`). Not `armed` (before min_tokens): nothing is matched, the tail is still held back."""
         if self.matched or not text:
             return ""
         buffer = self.tail + text      # a match ending in `text` starts inside the tail: the tail is long enough
-        hit = find_stop(buffer, self.stops)
+        hit = find_stop(buffer, self.stops) if armed else None
         if hit is not None:
             self.matched, self.tail = True, ""
-            return buffer[:hit]
+            end = hit[0] + len(hit[1]) if self.include else hit[0]
+            return buffer[:end]
         cut = max(0, len(buffer) - self.hold)
         self.tail = buffer[cut:]
         return buffer[:cut]
@@ -126,23 +129,26 @@ class StopStrings:
         return tail
 
 
-def find_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    """Index where the earliest stop string starts in `text`, or None."""
-    hits = [i for i in (text.find(stop) for stop in stops) if i >= 0]
-    return min(hits) if hits else None
+def find_stop(text: str, stops: tuple[str, ...]) -> tuple[int, str] | None:
+    """(index, stop string) of the earliest stop string in `text` (the first listed of those starting there), or
+    None."""
+    hits = [(i, n, stop) for n, (i, stop) in enumerate((text.find(stop), stop) for stop in stops) if i >= 0]
+    return (min(hits)[0], min(hits)[2]) if hits else None
 
 
 class OutputText:
     """The streamed text of one request: ids in, text deltas out; `text` is all that was streamed."""
 
-    def __init__(self, tokenizer, stops: tuple[str, ...] = ()):
-        self.detokenizer = IncrementalDetokenizer(tokenizer)
-        self.stop_strings = StopStrings(stops)
+    def __init__(self, tokenizer, stops: tuple[str, ...] = (), skip_special_tokens: bool = True,
+                 include_stop: bool = False, min_tokens: int = 0):
+        self.detokenizer = IncrementalDetokenizer(tokenizer, skip_special_tokens)
+        self.stop_strings = StopStrings(stops, include_stop)
+        self.min_tokens = min_tokens   # stop strings are matched from this many tokens on (vLLM's min_tokens)
         self._parts: list[str] = []
 
     @property
     def stopped(self) -> bool:
-        """A stop string matched: the text ends just before it."""
+        """A stop string matched: the text ends just before it (or with it, `include_stop`)."""
         return self.stop_strings.matched
 
     @property
@@ -150,7 +156,8 @@ class OutputText:
         return "".join(self._parts)
 
     def add(self, token_id: int) -> str:
-        return self._streamed(self.stop_strings.feed(self.detokenizer.add(token_id)))
+        new = self.detokenizer.add(token_id)
+        return self._streamed(self.stop_strings.feed(new, armed=len(self.detokenizer.ids) >= self.min_tokens))
 
     def finish(self) -> str:
         """The output ended (not by a stop string seen in `add`): everything held back, up to a stop string."""

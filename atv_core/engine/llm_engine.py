@@ -424,7 +424,7 @@ class LLMEngine:
 
     def _sample_tokens(self, requests: list[Request], logits: torch.Tensor) -> list[RequestOutput]:
         params = [r.params for r in requests]
-        tokens = sample(process(logits, requests), params, [self._generators[r.request_id] for r in requests])
+        tokens = sample(process(logits, requests, self.eos_ids), params, [self._generators[r.request_id] for r in requests])
         want = [i for i, p in enumerate(params) if p.logprobs is not None]
         logprobs = {}
         if want:
@@ -444,10 +444,14 @@ class LLMEngine:
         params = request.params
         request.output_ids.append(token)
         if request.output is None:
-            request.output = OutputText(self.tokenizer, params.stop)
+            request.output = OutputText(self.tokenizer, params.stop, params.skip_special_tokens,
+                                        params.include_stop_str_in_output, params.min_tokens)
         text = request.output
         stop_token = (token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids
-        delta = text.finish() if stop_token else text.add(token)  # a stop token is not part of the text (as vLLM)
+        if stop_token:   # not part of the text unless include_stop_str_in_output (as vLLM)
+            delta = (text.add(token) if params.include_stop_str_in_output else "") + text.finish()
+        else:
+            delta = text.add(token)
         if stop_token or text.stopped:
             request.finish("stop")
         elif len(request.output_ids) >= params.max_tokens or request.num_tokens >= self.max_model_len:

@@ -46,6 +46,10 @@ class SamplingParams:
     frequency_penalty: float = 0.0    # subtracted per occurrence in the output
     presence_penalty: float = 0.0     # subtracted once if in the output
     min_p: float = 0.0                # drop tokens below min_p x the most likely token's probability
+    min_tokens: int = 0               # EOS and stop_token_ids masked, stop strings not matched, before this many
+    # the text (detokenizer.py)
+    include_stop_str_in_output: bool = False   # the matched stop string (or stop token's text) ends the text
+    skip_special_tokens: bool = True
 
     def __post_init__(self):
         bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias   # {id: bias} too
@@ -65,6 +69,8 @@ class SamplingParams:
             (-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
             (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
             (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
+            (isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= max(self.max_tokens, 0),
+             f"min_tokens must be an int in [0, max_tokens ({self.max_tokens})], got {self.min_tokens!r}"),
             (all(isinstance(t, int) and t >= 0 and isinstance(b, (int, float)) and -100 <= b <= 100
                  for t, b in self.logit_bias), "logit_bias must map token ids >= 0 to biases in [-100, 100]"),
         ]
@@ -76,9 +82,9 @@ class SamplingParams:
 
     @property
     def processes_logits(self) -> bool:
-        """Whether the logits need bias or penalties before sampling (min_p is the sampler's)."""
+        """Whether the logits may need bias, penalties or min_tokens' mask (min_p is the sampler's)."""
         return bool(self.logit_bias) or self.repetition_penalty != 1 or bool(self.frequency_penalty) \
-            or bool(self.presence_penalty)
+            or bool(self.presence_penalty) or self.min_tokens > 0
 
     @property
     def greedy(self) -> bool:
