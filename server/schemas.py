@@ -219,7 +219,7 @@ class ChatCompletionRequest(SamplingFields):
         None, description="null: up to the server's limit and the context")
     max_completion_tokens: Annotated[StrictInt, Field(ge=1, le=INT64_MAX)] | None = None
     logprobs: StrictBool = False
-    top_logprobs: Annotated[StrictInt, Field(ge=0, le=5)] | None = None
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None        # OpenAI's chat range (completions: 5)
     response_format: Annotated[object, neutral_only({"type": "text"})] = None
     tools: Annotated[object, neutral_only([])] = None
     tool_choice: Annotated[object, neutral_only("none", "auto")] = None

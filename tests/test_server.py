@@ -318,6 +318,8 @@ def test_chat_logprobs_and_content_parts(main):
     entries = content + [top for entry in content for top in entry["top_logprobs"]]
     assert any(e["token"] == "\ufffd" for e in entries)
     assert all(len(e["bytes"]) == 1 or e["token"].startswith("<") for e in entries), entries
+    widest = main.post("/v1/chat/completions", {**body, "top_logprobs": 20, "max_tokens": 1})   # OpenAI's chat limit
+    assert [len(e["top_logprobs"]) for e in widest.json()["choices"][0]["logprobs"]["content"]] == [20]
 
 
 def test_steering_report_and_scale(main):
@@ -466,7 +468,7 @@ def test_invalid_json_and_chat_fields_are_400(main):
     assert_error(main.post("/v1/chat/completions", {"messages": []}), 400, "messages")
     assert_error(main.post("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}), 400,
                  "messages.0.role")
-    assert_error(main.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 9}),
+    assert_error(main.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 21}),
                  400, "top_logprobs")
     user = [{"role": "user", "content": "x"}]
     assert_error(main.post("/v1/chat/completions", {"messages": user, "top_logprobs": 2}), 400, "top_logprobs")
