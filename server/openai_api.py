@@ -22,8 +22,8 @@ from atv_core.engine.request import Example, RequestOutput, SamplingParams, Stee
 from .errors import APIError, from_engine_error
 from .formatting import DONE, ChatFormat, CompletionFormat, sse
 from .jobs import Choice, Job, JobStopped, stopped_error
-from .schemas import (ChatCompletionRequest, ChatCompletionResponse, ChatMessage, CompletionRequest, CompletionResponse,
-                      ModelCard, ModelList, SamplingFields, VectorList)
+from .schemas import (ChatCompletionRequest, ChatCompletionResponse, ChatTemplateFields, CompletionRequest,
+                      CompletionResponse, ModelCard, ModelList, SamplingFields, VectorList)
 from .state import Preset, ServingState
 
 log = logging.getLogger("atv.server")
@@ -121,7 +121,7 @@ async def chat_choices(body: ChatCompletionRequest, engine, state: ServingState)
     _check_choice_count(body.n, engine)
     check_vocabulary([t for t, _ in body.bias], engine, "logit_bias")
     user_text = "\n".join(m.text for m in body.messages if m.role == "user")  # what the generator reads
-    ids = await chat_ids(body.messages, engine)
+    ids = await chat_ids(body, engine)
     max_tokens = _max_tokens(body.max_new_tokens, len(ids), engine, state, "messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     return _choices(body, 0, ids, user_text, max_tokens, logprobs, 0)
@@ -149,9 +149,10 @@ async def prompt_ids(prompt: str | list[int], engine) -> tuple[list[int], str]:
     return list(prompt), await engine.decode(prompt)
 
 
-async def chat_ids(messages: list[ChatMessage], engine) -> list[int]:
-    """A conversation's token ids through the model's chat template (as generation reads it)."""
-    return await encoded(engine.encode_chat([{"role": m.role, "content": m.text} for m in messages]), "messages")
+async def chat_ids(body: ChatTemplateFields, engine) -> list[int]:
+    """A request's conversation (`body.messages`) through the model's chat template with the request's options."""
+    messages = [{"role": m.role, "content": m.text} for m in body.messages]
+    return await encoded(engine.encode_chat(messages, body.template_options), "messages")
 
 
 def check_vocabulary(ids: list[int], engine, param: str) -> None:

@@ -18,6 +18,8 @@ from typing import Annotated, Literal
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator,
                       model_validator)
 
+from atv_core.engine.tokenization import RESERVED_TEMPLATE_KWARGS, ChatTemplateOptions
+
 INT64_MAX = 2**63 - 1
 MAX_PROMPTS = 64
 
@@ -213,7 +215,39 @@ class ChatMessage(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatTemplateFields(BaseModel):
+    """vLLM's chat-template options (chat completions and /tokenize with messages)."""
+    add_generation_prompt: StrictBool = Field(True, description="end the prompt with the opening of the "
+                                              "assistant's turn")
+    continue_final_message: StrictBool = Field(False, description="end the prompt inside the last message, which "
+                                               "the completion continues (e.g. an assistant prefill); needs "
+                                               "add_generation_prompt false")
+    chat_template_kwargs: dict[str, object] | None = Field(None, description="more variables for the chat "
+                                                           "template, e.g. {\"enable_thinking\": false}")
+    chat_template: Annotated[object, neutral_only()] = None     # vLLM's, not implemented here (a template per request)
+
+    @field_validator("continue_final_message")
+    @classmethod
+    def _not_both(cls, value, info):
+        if value and info.data.get("add_generation_prompt"):
+            raise ValueError("needs add_generation_prompt false (the prompt ends inside the last message)")
+        return value
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _variables_only(cls, value):
+        reserved = sorted(RESERVED_TEMPLATE_KWARGS & set(value or {}))
+        if reserved:
+            raise ValueError(f"cannot set {', '.join(reserved)} (a parameter of the template call, not a variable)")
+        return value
+
+    @property
+    def template_options(self) -> ChatTemplateOptions:
+        return ChatTemplateOptions(self.add_generation_prompt, self.continue_final_message,
+                                   tuple((self.chat_template_kwargs or {}).items()))
+
+
+class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: Annotated[StrictInt, Field(ge=1, le=INT64_MAX)] | None = Field(
         None, description="null: up to the server's limit and the context")
@@ -238,25 +272,24 @@ class ChatCompletionRequest(SamplingFields):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(ChatTemplateFields):
     """vLLM's POST /tokenize: a prompt, or chat messages (through the chat template, ending with the assistant's
     turn), tokenized exactly as generation tokenizes them."""
     model: Text | None = None
     prompt: Text | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
     return_token_strs: StrictBool = Field(False, description="also each token decoded alone")
-    # vLLM's options, at the values generation uses (a prompt: special tokens added; messages: the template's own)
+    # vLLM's option, at the value generation uses (a prompt: special tokens added; messages: the template's own)
     add_special_tokens: StrictBool | None = None
-    add_generation_prompt: Annotated[object, neutral_only(True)] = None
-    continue_final_message: Annotated[object, neutral_only(False)] = None   # vLLM's, not implemented here
-    chat_template: Annotated[object, neutral_only()] = None
-    chat_template_kwargs: Annotated[object, neutral_only({})] = None
     tools: Annotated[object, neutral_only([])] = None
 
     @model_validator(mode="after")
     def _one_input(self):
         if (self.messages is None) == (self.prompt is None):
             raise ValueError("send either prompt or messages (exactly one)")
+        if self.prompt is not None and self.template_options != ChatTemplateOptions():
+            raise ValueError("add_generation_prompt, continue_final_message and chat_template_kwargs apply to "
+                             "messages only")
         return self
 
     @field_validator("add_special_tokens")

@@ -1,7 +1,7 @@
 """vLLM's tokenizer routes: POST /tokenize and POST /detokenize (behind the API key, like /v1).
 
 /tokenize gives the token ids generation would use: a `prompt` as /v1/completions tokenizes it, or `messages`
-through the chat template as /v1/chat/completions does, so `count` is the `usage.prompt_tokens` a request with
+through the chat template (with the same template options) as /v1/chat/completions does, so `count` is the `usage.prompt_tokens` a request with
 that input reports; with `return_token_strs`, each token decoded alone. /detokenize is the inverse (special
 tokens kept). Both run on the engine's tokenizer worker, never on the event loop, and need the engine
 loaded (503 before). No generation and no steering happen here.
@@ -22,7 +22,7 @@ def tokenize_router(state: ServingState) -> APIRouter:
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
         engine, _ = state.admit(body.model)
         if body.messages is not None:
-            ids = await chat_ids(body.messages, engine)
+            ids = await chat_ids(body, engine)
         else:
             ids = await encoded(engine.encode(body.prompt), "prompt")
         strs = await engine.token_texts(ids) if body.return_token_strs else None

@@ -384,14 +384,45 @@ def test_tokenize_counts_what_generation_counts_and_detokenize_inverts_it(main):
     for body, param in (({"prompt": "a", "messages": messages}, None), ({}, None),
                         ({"prompt": "a", "add_special_tokens": False}, "add_special_tokens"),
                         ({"messages": messages, "add_special_tokens": True}, "add_special_tokens"),
-                        ({"messages": messages, "add_generation_prompt": False}, "add_generation_prompt")):
+                        ({"prompt": "a", "add_generation_prompt": False}, None)):   # template options: messages
         assert_error(main.post("/tokenize", body), 400, param)
     assert main.post("/tokenize", {"prompt": "a", "add_special_tokens": True}).status_code == 200
     assert completion(main, stream_options={})["choices"]   # an empty stream_options without stream: as vLLM
-    assert_error(main.post("/tokenize", {"messages": messages, "continue_final_message": True}), 400,
-                 "continue_final_message")   # vLLM's options not implemented here: refused, not dropped
+    assert_error(main.post("/tokenize", {"messages": messages, "chat_template": "{{ x }}"}), 400,
+                 "chat_template")   # vLLM's option not implemented here: refused, not dropped
     assert_error(main.post("/detokenize", {"tokens": [0, 10**6]}), 400, "tokens")
     assert_error(main.post("/tokenize", {"prompt": "a", "model": "nope"}), 404, "model")
+
+
+def test_chat_template_options_shape_the_prompt_as_vllm(main):
+    """add_generation_prompt, continue_final_message (an assistant prefill the completion continues) and
+    chat_template_kwargs reach the template, for chat completions and /tokenize alike."""
+    from tests.tiny import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    prefill = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "The colour is"}]
+    cases = ({"add_generation_prompt": False},
+             {"add_generation_prompt": False, "continue_final_message": True},
+             {"chat_template_kwargs": {"note": "Note: be brief."}})
+    for options in cases:
+        template = {"add_generation_prompt": options.get("add_generation_prompt", True),
+                    "continue_final_message": options.get("continue_final_message", False),
+                    **options.get("chat_template_kwargs", {})}
+        want = tokenizer(tokenizer.apply_chat_template(prefill, tokenize=False, **template),
+                         add_special_tokens=False).input_ids
+        tokens = main.post("/tokenize", {"messages": prefill, **options}).json()["tokens"]
+        reply = main.post("/v1/chat/completions", {"messages": prefill, "max_tokens": 1, **options})
+        assert tokens == want and reply.json()["usage"]["prompt_tokens"] == len(want), options
+    continued = tokenizer.decode(main.post("/tokenize", {"messages": prefill, **cases[1]}).json()["tokens"])
+    assert continued.endswith("The colour is") and "Note" not in continued
+    assert tokenizer.decode(main.post("/tokenize", {"messages": prefill, **cases[2]}).json()["tokens"]).startswith(
+        "Note: be brief.\n<|im_start|>user")
+    for options, param in (({"continue_final_message": True}, "continue_final_message"),   # with the assistant opening
+                           ({"chat_template_kwargs": {"tokenize": True}}, "chat_template_kwargs"),
+                           ({"chat_template_kwargs": ["note"]}, "chat_template_kwargs"),
+                           ({"add_generation_prompt": "no"}, "add_generation_prompt")):
+        assert_error(main.post("/v1/chat/completions", {"messages": prefill, **options}), 400, param)
+        assert_error(main.post("/tokenize", {"messages": prefill, **options}), 400, param)
 
 
 # ---- errors -------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from typing import AsyncIterator, Callable
 from atv_core.engine.llm_engine import EngineDead, EngineStats, LLMEngine, PromptTooLong, StepStats
 from atv_core.engine.request import Request, RequestOutput, SamplingParams, SteeringSpec
 from atv_core.engine.scheduler import QueueFull
-from atv_core.engine.tokenization import TokenizerWorker
+from atv_core.engine.tokenization import ChatTemplateOptions, TokenizerWorker
 
 __all__ = ["AsyncEngine", "EngineDead", "EngineLimits", "EngineStats", "PromptTooLong", "QueueFull", "StepStats"]
 
@@ -125,9 +125,9 @@ class AsyncEngine:
         """A prompt's token ids. PromptTooLong at once when no prompt that long can fit."""
         return await self._tokens.encode(text)
 
-    async def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    async def encode_chat(self, messages: list[dict[str, str]], template: ChatTemplateOptions | None = None) -> list[int]:
         """[{role, content}, ...] through the chat template. PromptTooLong, or ValueError if the template refuses."""
-        return await self._tokens.encode_chat(messages)
+        return await self._tokens.encode_chat(messages, template)
 
     async def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """The text of token ids, special tokens dropped (what the generator reads of a token-id prompt) or kept."""

@@ -16,11 +16,34 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from atv_core.engine.llm_engine import PromptTooLong
 
 # control and zero-width characters, a combining accent, runs of spaces, CJK, an emoji, a long rare word
 PROBE = "a\u0301e\u0300 \x00\x07\u200b\ufeff\t\n   \u4e2d\u6587 \U0001f600 " + "\u2603" * 300 + " end"
+
+
+@dataclass(frozen=True)
+class ChatTemplateOptions:
+    """How a conversation goes through the chat template (vLLM's chat request fields)."""
+    add_generation_prompt: bool = True       # end with the opening of the assistant's turn
+    continue_final_message: bool = False     # end inside the last message, to be continued (an assistant prefill)
+    kwargs: tuple[tuple[str, object], ...] = ()   # more variables for the template (e.g. enable_thinking)
+
+    def __post_init__(self):
+        if self.add_generation_prompt and self.continue_final_message:
+            raise ValueError("add_generation_prompt and continue_final_message cannot both be true")
+        reserved = sorted(RESERVED_TEMPLATE_KWARGS & {k for k, _ in self.kwargs})
+        if reserved:
+            raise ValueError(f"chat_template_kwargs cannot set {', '.join(reserved)}")
+
+
+# apply_chat_template's own parameters (transformers 5): not template variables
+RESERVED_TEMPLATE_KWARGS = frozenset({"conversation", "tools", "documents", "chat_template", "add_generation_prompt",
+                                      "continue_final_message", "tokenize", "sanitize_control_tokens", "padding",
+                                      "truncation", "max_length", "return_tensors", "return_dict",
+                                      "return_assistant_tokens_mask", "tokenizer_kwargs"})
 
 
 class TokenizerWorker:
@@ -38,11 +61,11 @@ class TokenizerWorker:
         self._check_chars(len(text), "prompt")
         return await self._run(self._encode, text, True)
 
-    async def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of a conversation through the chat template, ending with the assistant's turn.
+    async def encode_chat(self, messages: list[dict[str, str]], template: ChatTemplateOptions | None = None) -> list[int]:
+        """Token ids of a conversation through the chat template (by default ending with the assistant's turn).
         ValueError when there is no template or it refuses the messages."""
         self._check_chars(sum(len(m["content"]) for m in messages), "conversation")
-        return await self._run(self._encode_chat, messages)
+        return await self._run(self._encode_chat, messages, template or ChatTemplateOptions())
 
     async def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """The text of token ids (by default special tokens dropped: what the generator reads of a token-id
@@ -66,11 +89,13 @@ class TokenizerWorker:
     def _token_texts(self, ids: list[int]) -> list[str]:
         return self._tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False)
 
-    def _encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def _encode_chat(self, messages: list[dict[str, str]], template: ChatTemplateOptions) -> list[int]:
         if not self.has_chat_template:
             raise ValueError("this model has no chat template; use /v1/completions")
         try:
-            text = self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = self._tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=template.add_generation_prompt,
+                continue_final_message=template.continue_final_message, **dict(template.kwargs))
         except Exception as exc:  # jinja2 errors: the template refuses this conversation (e.g. role order)
             raise ValueError(f"the chat template refused these messages: {exc}") from exc
         self._check_chars(len(text), "templated conversation")
