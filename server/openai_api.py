@@ -105,7 +105,7 @@ async def completion_choices(body: CompletionRequest, engine, state: ServingStat
     # echo with max_tokens 0 is the prompt back (OpenAI); the engine runs it as a prompt scoring, logprobs or not
     prompt_logprobs = body.prompt_logprobs if body.prompt_logprobs is not None or body.max_tokens != 0 else 0
     _check_choice_count(len(body.prompts) * body.n, engine)
-    check_vocabulary([t for t, _ in body.bias], engine, "logit_bias")
+    _check_token_fields(body, engine)
     choices = []
     for p, prompt in enumerate(body.prompts):
         ids, text = await prompt_ids(prompt, engine)
@@ -119,7 +119,7 @@ async def completion_choices(body: CompletionRequest, engine, state: ServingStat
 
 async def chat_choices(body: ChatCompletionRequest, engine, state: ServingState) -> list[Choice]:
     _check_choice_count(body.n, engine)
-    check_vocabulary([t for t, _ in body.bias], engine, "logit_bias")
+    _check_token_fields(body, engine)
     user_text = "\n".join(m.text for m in body.messages if m.role == "user")  # what the generator reads
     ids = await chat_ids(body, engine)
     max_tokens = _max_tokens(body.max_new_tokens, len(ids), engine, state, "messages")
@@ -169,6 +169,11 @@ async def encoded(tokenization, param: str) -> list[int]:
         raise APIError(413, str(exc), param, "context_length_exceeded") from None
     except ValueError as exc:  # no chat template, or the template refused the conversation
         raise APIError(400, str(exc), param) from None
+
+
+def _check_token_fields(body: SamplingFields, engine) -> None:
+    check_vocabulary([t for t, _ in body.bias], engine, "logit_bias")
+    check_vocabulary(body.stop_token_ids or [], engine, "stop_token_ids")
 
 
 def _check_choice_count(count: int, engine) -> None:

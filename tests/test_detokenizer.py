@@ -186,21 +186,26 @@ def test_include_stop_str_in_output_ends_the_text_with_the_earliest_stop(byte_to
     assert StopStrings(("!",), include=True).feed("hi! there") == "hi!"
 
 
-def test_stop_strings_match_only_from_min_tokens_on(byte_tok):
-    """Before min_tokens tokens nothing is matched (vLLM): a stop string completed earlier is streamed as text;
-    the tail that could begin one is still held back, so one ending at or after the min_tokens-th token is cut."""
-    ids = byte_tok("ab!cd!ef", add_special_tokens=False).input_ids
-    for min_tokens, want in ((0, "ab"), (3, "ab"), (4, "ab!cd"), (6, "ab!cd"), (7, "ab!cd!ef")):
-        out = OutputText(byte_tok, ("!",), min_tokens=min_tokens)
-        streamed = ""
-        for token in ids:
-            streamed += out.add(token)
-            if out.stopped:
-                break
-        streamed += "" if out.stopped else out.finish()
-        assert streamed == want, (min_tokens, streamed)
-    out = OutputText(byte_tok, ("d!e",), min_tokens=6)              # spans the boundary: begun before, ends after
-    assert "".join(out.add(token) for token in ids) == "ab!c" and out.stopped
+def test_stop_strings_match_only_in_the_text_after_min_tokens(byte_tok):
+    """vLLM's min_tokens: a stop string counts only when it ends in the text of a token after the first min_tokens
+    (the same tokens EOS cannot be): one completed earlier is streamed as text, also while it still sits in the
+    held-back tail; one begun earlier and ending after still cuts."""
+    ids = byte_tok("ab!cd!ef", add_special_tokens=False).input_ids     # one token per character
+    for min_tokens, want in ((0, "ab"), (2, "ab"), (3, "ab!cd"), (5, "ab!cd"), (6, "ab!cd!ef")):
+        assert streamed(OutputText(byte_tok, ("!",), min_tokens=min_tokens), ids) == want, min_tokens
+    assert streamed(OutputText(byte_tok, ("d!e",), min_tokens=6), ids) == "ab!c"
+    tail = byte_tok("a!bcd", add_special_tokens=False).input_ids        # "!" done at token 2, held for "xyz"
+    assert streamed(OutputText(byte_tok, ("!", "xyz"), min_tokens=4), tail) == "a!bcd"
+    assert streamed(OutputText(byte_tok, ("!", "xyz"), min_tokens=1), tail) == "a"
+
+
+def streamed(out: OutputText, ids: list[int]) -> str:
+    text = ""
+    for token in ids:
+        text += out.add(token)
+        if out.stopped:
+            return text
+    return text + out.finish()
 
 
 def test_special_tokens_are_kept_in_the_text_when_asked(byte_tok):

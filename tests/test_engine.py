@@ -419,19 +419,25 @@ def test_examples_are_refused_with_the_fix_when_the_generator_cannot_read_them(p
 
 # ---- logit bias, penalties, min_p ---------------------------------------------------------------
 def test_logit_processing_is_the_documented_expression():
-    from atv_core.engine.logits_processors import process
-    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, 0.0, 1.0]])
+    from atv_core.engine.logits_processors import LogitsProcessors
+    process = LogitsProcessors(eos_ids={2}).process
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, 0.0, 1.0, 3.0]])
     plain = Request("p", [0, 1], SamplingParams(), SteeringSpec("off"))
-    request = Request("r", [0, 1, 1], SamplingParams(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25,
-                                                     logit_bias={4: 10.0, 5: -1.5}), SteeringSpec("off"))
+    request = Request("r", [0, 1, 1, 6], SamplingParams(
+        repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25, logit_bias={4: 10.0, 5: -1.5, 6: -1.0},
+        min_tokens=4), SteeringSpec("off"))
     request.output_ids = [3, 3, 5]
     out = process(logits.repeat(2, 1), [plain, request])
-    # bias: 4 +10, 5 -1.5; repetition over prompt + output {0, 1, 3, 5}: positive / 2, negative * 2;
-    # frequency and presence over the output: 3 twice (-1 - 0.25), 5 once (-0.5 - 0.25)
-    assert torch.equal(out[1], torch.tensor([1.0, -2.0, 0.5, 1.5 - 1.25, 10.0, (1.0 - 1.5) * 2 - 0.75]))
+    # min_tokens: EOS (2) masked while 3 < 4 tokens; bias: 4 +10, 5 -1.5, 6 -1 (before the penalty: 3 - 1 = 2,
+    # then / 2 = 1; the other order would give 0.5); repetition over prompt + output {0, 1, 3, 5, 6}: positive / 2,
+    # negative * 2; frequency and presence over the output: 3 twice (-1 - 0.25), 5 once (-0.5 - 0.25)
+    want = torch.tensor([1.0, -2.0, float("-inf"), 1.5 - 1.25, 10.0, (1.0 - 1.5) * 2 - 0.75, 1.0])
+    assert torch.equal(out[1], want)
     assert torch.equal(out[0], logits[0])                         # a row that asks for nothing is untouched
     assert process(logits, [plain]) is logits                     # and no copy when no row asks
-    assert torch.equal(logits, torch.tensor([[2.0, -1.0, 0.5, 3.0, 0.0, 1.0]]))   # the input is never changed
+    request.output_ids = [3, 3, 5, 1]                             # min_tokens reached: EOS unmasked
+    assert torch.isfinite(process(logits, [request])).all()
+    assert torch.equal(logits, torch.tensor([[2.0, -1.0, 0.5, 3.0, 0.0, 1.0, 3.0]]))   # the input is never changed
 
 
 @pytest.mark.parametrize("options, hf", [
@@ -487,7 +493,8 @@ def test_frequency_and_presence_penalties_steer_greedy_tokens_and_logprobs_stay_
 
 
 def test_a_large_logit_bias_forces_its_token_and_min_p_keeps_the_likely_ones():
-    from atv_core.engine.logits_processors import process
+    from atv_core.engine.logits_processors import LogitsProcessors
+    process = LogitsProcessors().process
     from atv_core.engine.sampler import make_generator, sample
     n, logits = 6000, torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -200.0])
     probs = torch.softmax(logits, -1)
@@ -499,6 +506,14 @@ def test_a_large_logit_bias_forces_its_token_and_min_p_keeps_the_likely_ones():
     assert freq[3:].sum() == 0 and (freq - want).abs().max() < 0.03, freq
     hot = [SamplingParams(temperature=2.0, min_p=0.3)] * n        # after the temperature: 0.5 is kept at T=2
     assert int(sample(logits.expand(n, -1).clone(), hot, [make_generator(i) for i in range(n)]).max()) == 4
+    masked = logits.clone()
+    masked[[0, 1]] = float("-inf")                                 # masked tokens (min_tokens): sampled around
+    tokens = sample(masked.expand(n, -1).clone(), [SamplingParams(temperature=1.0)] * n,
+                    [make_generator(i) for i in range(n)])
+    freq = torch.bincount(tokens, minlength=8).float() / n
+    want = torch.zeros(8)
+    want[2:7] = probs[2:7] / probs[2:7].sum()
+    assert freq[:2].sum() == 0 and (freq - want).abs().max() < 0.03, freq
     forced = SamplingParams(temperature=1.0, logit_bias={6: 100.0})
     request = Request("b", [1], forced, SteeringSpec("off"))
     row = process(logits.view(1, -1), [request])
@@ -522,5 +537,16 @@ def test_min_tokens_masks_stop_tokens_and_include_stop_keeps_the_stop_token_text
     assert early.output_ids == kept.output_ids == [stop] and early.finish_reason == kept.finish_reason == "stop"
     assert early.output.text == "" and kept.output.text == tok.decode([stop]) != ""
     assert len(late.output_ids) >= 4 and stop not in late.output_ids[:4]
+    sampled = [_request(tok, f"s{seed}", "stop here please", SamplingParams(
+        max_tokens=2, temperature=1.0, seed=seed, min_tokens=2, stop_token_ids=(stop,)), mode="off") for seed in range(8)]
+    for request in sampled:
+        engine.add_request(request)
+    _drain(engine)
+    assert len({r.output_ids[0] for r in sampled}) > 1            # masked, and still sampled, not greedy
+    assert all(stop not in r.output_ids for r in sampled)
+    with pytest.raises(ValueError, match="stop_token_ids: token id 100000 is outside the vocabulary"):
+        engine.validate(_request(tok, "v", "x", SamplingParams(stop_token_ids=(100000,), min_tokens=1), mode="off"))
+    with pytest.raises(ValueError, match="logit_bias: token id"):
+        engine.validate(_request(tok, "v", "x", SamplingParams(logit_bias={100000: 1.0}), mode="off"))
     with pytest.raises(ValueError, match="min_tokens"):
         SamplingParams(max_tokens=3, min_tokens=4)

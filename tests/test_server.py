@@ -458,6 +458,7 @@ def test_chat_template_options_shape_the_prompt_as_vllm(main):
     ({"prompt": "x", "logit_bias": {"-5": 1}}, "logit_bias"),
     ({"prompt": "x", "logit_bias": {"5": 1, "100000000": 1}}, "logit_bias"),   # outside the vocabulary
     ({"prompt": "x", "logit_bias": [5, 1]}, "logit_bias"),
+    ({"prompt": "x", "stop_token_ids": [5, 100000000], "min_tokens": 1}, "stop_token_ids"),   # outside the vocabulary
     # OpenAI fields not implemented here: a non-neutral value is refused, never silently dropped
     ({"prompt": "x", "best_of": 3}, "best_of"),
     ({"prompt": "x", "n": 2, "best_of": 3}, "best_of"),                 # only best_of == n is neutral
@@ -866,14 +867,14 @@ def test_schemathesis_finds_no_server_errors(main, monkeypatch):
     eventually(lambda: idle(main))
 
 
-NOT_IMPLEMENTED = ("logit_bias", "best_of", "suffix", "response_format",   # logit_bias: ids may be out of vocabulary
-                   "tools", "tool_choice", "functions", "function_call", "min_tokens",
-                   "include_stop_str_in_output", "skip_special_tokens", "spaces_between_special_tokens",
-                   "use_beam_search", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+NOT_IMPLEMENTED = ("best_of", "suffix", "response_format", "tools", "tool_choice", "functions", "function_call",
+                   "chat_template", "spaces_between_special_tokens", "use_beam_search", "guided_json", "guided_regex",
+                   "guided_choice", "guided_grammar")
 
 
 def tame(case):
-    """Valid bodies that reach the engine: no foreign model name, small whole max_tokens."""
+    """Valid bodies that reach the engine: no foreign model name, small whole max_tokens, min_tokens within them,
+    stop token ids in the vocabulary; fields implemented only at their neutral values left out."""
     if isinstance(case.body, dict):
         case.body.pop("model", None)
         for key in NOT_IMPLEMENTED:   # neutral values only; anything else stops at the schema, not the engine
@@ -881,6 +882,11 @@ def tame(case):
         for key in ("max_tokens", "max_completion_tokens"):
             if isinstance(case.body.get(key), (int, float)):
                 case.body[key] = int(min(max(case.body[key], 1), 4))
+        if isinstance(case.body.get("min_tokens"), int):    # at most the smallest max_tokens: reaches the engine
+            case.body["min_tokens"] = min(max(case.body["min_tokens"], 0), 1)
+        ids = case.body.get("stop_token_ids")
+        if isinstance(ids, list) and all(isinstance(t, int) and t >= 0 for t in ids):   # inside the tiny vocabulary
+            case.body["stop_token_ids"] = [t % 256 for t in ids]
     return case
 
 

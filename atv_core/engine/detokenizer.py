@@ -16,7 +16,8 @@ bounds the work per step.
 
 `StopStrings` cuts the released text at the earliest stop string (or after it: vLLM's
 include_stop_str_in_output), also one spanning several tokens, and holds back the last `max(len(stop)) - 1`
-characters, which could still begin one (vLLM's rule); before `min_tokens` tokens nothing is matched. `OutputText`
+characters, which could still begin one (vLLM's rule); only a stop string ending in the text of the tokens after
+the first `min_tokens` matches (vLLM's min_tokens). `OutputText`
 chains the two for one request. Knows nothing of scheduling, tensors or HTTP. A tokenizer handed to these classes must be used by the
 calling thread only.
 """
@@ -110,11 +111,12 @@ class StopStrings:
 
     def feed(self, text: str, armed: bool = True) -> str:
         """Take new text; return what may be streamed now: up to a stop string once one matched (through it with
-        `include`). Not `armed` (before min_tokens): nothing is matched, the tail is still held back."""
+        `include`). Only a stop string that ends in `text` matches (vLLM's window); not `armed` (up to
+        min_tokens), none does, and the tail is still held back."""
         if self.matched or not text:
             return ""
         buffer = self.tail + text      # a match ending in `text` starts inside the tail: the tail is long enough
-        hit = find_stop(buffer, self.stops) if armed else None
+        hit = find_stop(buffer, self.stops, len(self.tail)) if armed else None
         if hit is not None:
             self.matched, self.tail = True, ""
             end = hit[0] + len(hit[1]) if self.include else hit[0]
@@ -129,10 +131,11 @@ class StopStrings:
         return tail
 
 
-def find_stop(text: str, stops: tuple[str, ...]) -> tuple[int, str] | None:
-    """(index, stop string) of the earliest stop string in `text` (the first listed of those starting there), or
-    None."""
-    hits = [(i, n, stop) for n, (i, stop) in enumerate((text.find(stop), stop) for stop in stops) if i >= 0]
+def find_stop(text: str, stops: tuple[str, ...], new_from: int = 0) -> tuple[int, str] | None:
+    """(index, stop string) of the earliest stop string in `text` that ends after `text[:new_from]` (the first
+    listed of those starting there), or None."""
+    found = ((text.find(stop, max(0, new_from - len(stop) + 1)), n, stop) for n, stop in enumerate(stops))
+    hits = [hit for hit in found if hit[0] >= 0]
     return (min(hits)[0], min(hits)[2]) if hits else None
 
 
@@ -143,7 +146,7 @@ class OutputText:
                  include_stop: bool = False, min_tokens: int = 0):
         self.detokenizer = IncrementalDetokenizer(tokenizer, skip_special_tokens)
         self.stop_strings = StopStrings(stops, include_stop)
-        self.min_tokens = min_tokens   # stop strings are matched from this many tokens on (vLLM's min_tokens)
+        self.min_tokens = min_tokens   # stop strings match in the text of the tokens after this many (vLLM's)
         self._parts: list[str] = []
 
     @property
@@ -156,15 +159,18 @@ class OutputText:
         return "".join(self._parts)
 
     def add(self, token_id: int) -> str:
-        new = self.detokenizer.add(token_id)
-        return self._streamed(self.stop_strings.feed(new, armed=len(self.detokenizer.ids) >= self.min_tokens))
+        return self._streamed(self.stop_strings.feed(self.detokenizer.add(token_id), self._armed))
 
     def finish(self) -> str:
         """The output ended (not by a stop string seen in `add`): everything held back, up to a stop string."""
-        delta = self.stop_strings.feed(self.detokenizer.flush())
+        delta = self.stop_strings.feed(self.detokenizer.flush(), self._armed)
         if not self.stopped:
             delta += self.stop_strings.flush()
         return self._streamed(delta)
+
+    @property
+    def _armed(self) -> bool:
+        return len(self.detokenizer.ids) > self.min_tokens
 
     def _streamed(self, delta: str) -> str:
         if delta:

@@ -38,7 +38,7 @@ import torch
 from atv_core.engine.detokenizer import OutputText, token_bytes
 from atv_core.engine.request import Request, RequestOutput, SteeringReport, Status, TokenLogprob
 from atv_core.engine.runner import ModelRunner
-from atv_core.engine.logits_processors import process
+from atv_core.engine.logits_processors import LogitsProcessors
 from atv_core.engine.sampler import make_generator, sample, token_logprobs
 from atv_core.engine.scheduler import Scheduler, SchedulerConfig
 from atv_core.engine.vector_worker import VectorResult, VectorWorker, run_batch
@@ -140,6 +140,7 @@ class LLMEngine:
         self.eos_ids = _eos_ids(model, tokenizer)
         self.vocab_size = model.get_input_embeddings().num_embeddings   # prompt ids must be below this
         self._generators: dict[str, torch.Generator] = {}
+        self.processors = LogitsProcessors(self.eos_ids)
         self.step_listeners: list[Callable[[StepStats], None]] = []
         self.vectors = vectors
         if vectors is not None:
@@ -171,6 +172,11 @@ class LLMEngine:
         bad = [t for t in request.prompt_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+        for name, ids in (("stop_token_ids", request.params.stop_token_ids),
+                          ("logit_bias", [t for t, _ in request.params.logit_bias])):
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"{name}: token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
         total = request.num_prompt_tokens + request.params.max_tokens
         if total > self.max_model_len:
             raise PromptTooLong(f"prompt ({request.num_prompt_tokens} tokens) + max_tokens "
@@ -424,7 +430,7 @@ class LLMEngine:
 
     def _sample_tokens(self, requests: list[Request], logits: torch.Tensor) -> list[RequestOutput]:
         params = [r.params for r in requests]
-        tokens = sample(process(logits, requests, self.eos_ids), params, [self._generators[r.request_id] for r in requests])
+        tokens = sample(self.processors.process(logits, requests), params, [self._generators[r.request_id] for r in requests])
         want = [i for i, p in enumerate(params) if p.logprobs is not None]
         logprobs = {}
         if want:
@@ -489,6 +495,7 @@ class LLMEngine:
         self.scheduler.finish(request)
         self.runner.release(request)
         self._generators.pop(request.request_id, None)
+        self.processors.forget(request.request_id)
         _drop_vector_job(request)
         if request.status is not Status.FINISHED:
             request.finish("abort")

@@ -10,7 +10,9 @@ For a row of logits x [V] of a request with prompt tokens P and output tokens O 
 
 Rows whose request asks for none of these are not touched, and when no row asks, the logits are returned as
 they are (no copy). Otherwise the result is a copy: the engine reports logprobs from the model's own logits
-(vLLM's default, "raw" logprobs), and samples from these.
+(vLLM's default, "raw" logprobs), and samples from these. The distinct prompt tokens of a request with a
+repetition penalty are found once (a long prompt is not scanned every step), until `forget`.
+Rows are processed one by one: cheap for the few requests that ask, not batched across rows.
 """
 from __future__ import annotations
 
@@ -21,28 +23,43 @@ import torch
 from atv_core.engine.request import Request
 
 
-def process(logits: torch.Tensor, requests: Sequence[Request], eos_ids: Collection[int] = ()) -> torch.Tensor:
-    """logits [N, V] (fp32), one row per request -> the logits to sample from."""
-    rows = [i for i, r in enumerate(requests) if r.params.processes_logits]
-    if not rows:
+class LogitsProcessors:
+    def __init__(self, eos_ids: Collection[int] = ()):
+        self.eos_ids = frozenset(eos_ids)
+        self._prompt_tokens: dict[str, torch.Tensor] = {}   # request id -> its distinct prompt ids (on the device)
+
+    def process(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+        """logits [N, V] (fp32), one row per request -> the logits to sample from."""
+        rows = [i for i, r in enumerate(requests)
+                if r.params.processes_logits or len(r.output_ids) < r.params.min_tokens]
+        if not rows:
+            return logits
+        logits = logits.clone()
+        for i in rows:
+            self._row(logits[i], requests[i])
         return logits
-    logits = logits.clone()
-    for i in rows:
-        request, row = requests[i], logits[i]
-        params = request.params
+
+    def forget(self, request_id: str) -> None:
+        self._prompt_tokens.pop(request_id, None)
+
+    def _row(self, row: torch.Tensor, request: Request) -> None:
+        params, device = request.params, row.device
         if len(request.output_ids) < params.min_tokens:
-            stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
+            stops = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
             if stops:
-                row[torch.tensor(sorted(stops), device=row.device)] = float("-inf")
+                row[torch.tensor(sorted(stops), device=device)] = float("-inf")
         if params.logit_bias:
             ids, biases = zip(*params.logit_bias)
-            row.index_add_(0, torch.tensor(ids, device=row.device),
-                           torch.tensor(biases, dtype=row.dtype, device=row.device))
+            row.index_add_(0, torch.tensor(ids, device=device), torch.tensor(biases, dtype=row.dtype, device=device))
+        output = torch.tensor(request.output_ids, dtype=torch.long, device=device)
         if params.repetition_penalty != 1:
-            seen = torch.tensor(request.prompt_ids + request.output_ids, device=row.device).unique()
+            prompt = self._prompt_tokens.get(request.request_id)
+            if prompt is None:
+                prompt = self._prompt_tokens[request.request_id] = torch.tensor(
+                    request.prompt_ids, device=device).unique()
+            seen = torch.cat([prompt, output]).unique()
             values = row[seen]
             row[seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
         if (params.frequency_penalty or params.presence_penalty) and request.output_ids:
-            ids, counts = torch.tensor(request.output_ids, device=row.device).unique(return_counts=True)
+            ids, counts = output.unique(return_counts=True)
             row[ids] -= params.frequency_penalty * counts.to(row.dtype) + params.presence_penalty
-    return logits

@@ -41,7 +41,7 @@ class SamplingParams:
     logprobs: int | None = None       # number of top alternatives to report per token (0..20)
     prompt_logprobs: int | None = None  # also score the prompt: logprob of each prompt token + top alternatives
     # logit processing (logits_processors.py), in vLLM's order and meaning: bias, then penalties, then min_p
-    logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, bias added to its logit) pairs; a dict is taken
+    logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, bias added to its logit); a dict is taken too
     repetition_penalty: float = 1.0   # > 1 discourages every token of prompt + output (divides a positive logit)
     frequency_penalty: float = 0.0    # subtracted per occurrence in the output
     presence_penalty: float = 0.0     # subtracted once if in the output
@@ -52,8 +52,11 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self):
-        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias   # {id: bias} too
-        object.__setattr__(self, "logit_bias", tuple((t, b) for t, b in bias))
+        try:
+            bias = dict(self.logit_bias)   # pairs or a dict; a repeated id: its last bias, as in a JSON object
+        except (TypeError, ValueError):
+            raise ValueError("logit_bias must be {token id: bias} or (token id, bias) pairs") from None
+        object.__setattr__(self, "logit_bias", tuple((t, b) for t, b in bias.items() if b != 0))
         checks = [
             (self.max_tokens >= 1 or (self.max_tokens == 0 and self.prompt_logprobs is not None),
              f"max_tokens must be >= 1 (0 only to score the prompt, with prompt_logprobs), got {self.max_tokens}"),
@@ -82,9 +85,10 @@ class SamplingParams:
 
     @property
     def processes_logits(self) -> bool:
-        """Whether the logits may need bias, penalties or min_tokens' mask (min_p is the sampler's)."""
+        """Whether the logits need bias or penalties (min_tokens' mask: while the output is shorter; min_p: the
+        sampler's)."""
         return bool(self.logit_bias) or self.repetition_penalty != 1 or bool(self.frequency_penalty) \
-            or bool(self.presence_penalty) or self.min_tokens > 0
+            or bool(self.presence_penalty)
 
     @property
     def greedy(self) -> bool:
