@@ -259,6 +259,11 @@ class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
     tool_choice: Annotated[object, neutral_only("none", "auto")] = None
     functions: Annotated[object, neutral_only([])] = None          # the deprecated form of tools
     function_call: Annotated[object, neutral_only("none", "auto")] = None
+    # vLLM's chat extensions not implemented here
+    documents: Annotated[object, neutral_only([])] = None
+    echo: Annotated[object, neutral_only(False)] = None
+    add_special_tokens: Annotated[object, neutral_only(False)] = None   # the template writes the special tokens
+    mm_processor_kwargs: Annotated[object, neutral_only({})] = None
 
     @field_validator("top_logprobs")
     @classmethod
@@ -273,8 +278,8 @@ class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
 
 
 class TokenizeRequest(ChatTemplateFields):
-    """vLLM's POST /tokenize: a prompt, or chat messages (through the chat template, ending with the assistant's
-    turn), tokenized exactly as generation tokenizes them."""
+    """vLLM's POST /tokenize: a prompt, or chat messages (through the chat template with the chat options, by
+    default ending with the opening of the assistant's turn), tokenized exactly as generation tokenizes them."""
     model: Text | None = None
     prompt: Text | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None

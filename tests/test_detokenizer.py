@@ -195,8 +195,8 @@ def test_stop_strings_match_only_in_the_text_after_min_tokens(byte_tok):
         assert streamed(OutputText(byte_tok, ("!",), min_tokens=min_tokens), ids) == want, min_tokens
     assert streamed(OutputText(byte_tok, ("d!e",), min_tokens=6), ids) == "ab!c"
     tail = byte_tok("a!bcd", add_special_tokens=False).input_ids        # "!" done at token 2, held for "xyz"
-    assert streamed(OutputText(byte_tok, ("!", "xyz"), min_tokens=4), tail) == "a!bcd"
-    assert streamed(OutputText(byte_tok, ("!", "xyz"), min_tokens=1), tail) == "a"
+    for min_tokens, want in ((0, "a"), (1, "a"), (2, "a!bcd"), (3, "a!bcd"), (4, "a!bcd")):
+        assert streamed(OutputText(byte_tok, ("!", "xyz"), min_tokens=min_tokens), tail) == want, min_tokens
 
 
 def streamed(out: OutputText, ids: list[int]) -> str:

@@ -437,6 +437,11 @@ def test_logit_processing_is_the_documented_expression():
     assert process(logits, [plain]) is logits                     # and no copy when no row asks
     request.output_ids = [3, 3, 5, 1]                             # min_tokens reached: EOS unmasked
     assert torch.isfinite(process(logits, [request])).all()
+    # logit_bias: a repeated id keeps its last bias (as a JSON object), biases of 0 are dropped
+    assert SamplingParams(logit_bias=((4, 10.0), (5, 0.0), (4, -3.0))).logit_bias == ((4, -3.0),)
+    assert not SamplingParams(logit_bias={5: 0}).processes_logits
+    with pytest.raises(ValueError, match="logit_bias must be"):
+        SamplingParams(logit_bias=(4, 10.0))
     assert torch.equal(logits, torch.tensor([[2.0, -1.0, 0.5, 3.0, 0.0, 1.0, 3.0]]))   # the input is never changed
 
 
@@ -453,7 +458,13 @@ def test_greedy_bias_and_repetition_penalty_match_transformers_generate(parts, o
     requests.append(_request(tok, "plain", "the same words the same words", mode="off"))   # a neighbour without
     for request in requests:
         engine.add_request(request)
+    for _ in range(10):                                       # to the first sampled tokens
+        engine.step()
+        if engine.processors.cached:
+            break
+    assert engine.processors.cached == 3                      # the bias or prompt ids of the 3 that ask
     _drain(engine)
+    assert engine.processors.cached == 0                      # what the processors kept is dropped at retire
     for request in requests[:-1]:
         ids = torch.tensor([request.prompt_ids])
         want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,

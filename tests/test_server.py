@@ -507,7 +507,9 @@ def test_invalid_json_and_chat_fields_are_400(main):
     bad = main.post("/v1/chat/completions", {"messages": user, "top_logprobs": 2, "logprobs": "yes"})
     assert assert_error(bad, 400, "logprobs")["message"].startswith("logprobs: Input should be a valid boolean")
     for field, value in (("response_format", {"type": "json_object"}), ("tools", [{"type": "function"}]),
-                         ("tool_choice", "required")):
+                         ("tool_choice", "required"), ("documents", [{"text": "d"}]), ("echo", True),
+                         ("add_special_tokens", True), ("mm_processor_kwargs", {"a": 1}),
+                         ("stop_token_ids", [10**8])):
         assert_error(main.post("/v1/chat/completions", {"messages": user, field: value}), 400, field)
     neutral = {"frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {}, "response_format": {"type": "text"},
                "tools": [], "tool_choice": "auto", "max_tokens": 2}   # what some clients send by default
@@ -868,7 +870,7 @@ def test_schemathesis_finds_no_server_errors(main, monkeypatch):
 
 
 NOT_IMPLEMENTED = ("best_of", "suffix", "response_format", "tools", "tool_choice", "functions", "function_call",
-                   "chat_template", "spaces_between_special_tokens", "use_beam_search", "guided_json", "guided_regex",
+                   "chat_template", "documents", "mm_processor_kwargs", "spaces_between_special_tokens", "use_beam_search", "guided_json", "guided_regex",
                    "guided_choice", "guided_grammar")
 
 
@@ -877,8 +879,8 @@ def tame(case):
     stop token ids in the vocabulary; fields implemented only at their neutral values left out."""
     if isinstance(case.body, dict):
         case.body.pop("model", None)
-        for key in NOT_IMPLEMENTED:   # neutral values only; anything else stops at the schema, not the engine
-            case.body.pop(key, None)
+        for key in NOT_IMPLEMENTED + (("echo", "add_special_tokens") if "messages" in case.body else ()):
+            case.body.pop(key, None)   # neutral values only; anything else stops at the schema, not the engine
         for key in ("max_tokens", "max_completion_tokens"):
             if isinstance(case.body.get(key), (int, float)):
                 case.body[key] = int(min(max(case.body[key], 1), 4))

@@ -10,8 +10,8 @@ For a row of logits x [V] of a request with prompt tokens P and output tokens O 
 
 Rows whose request asks for none of these are not touched, and when no row asks, the logits are returned as
 they are (no copy). Otherwise the result is a copy: the engine reports logprobs from the model's own logits
-(vLLM's default, "raw" logprobs), and samples from these. The distinct prompt tokens of a request with a
-repetition penalty are found once (a long prompt is not scanned every step), until `forget`.
+(vLLM's default, "raw" logprobs), and samples from these. A request's bias tensors and the distinct ids of its
+prompt (for the repetition penalty) are built once, not every step, and kept until `forget`.
 Rows are processed one by one: cheap for the few requests that ask, not batched across rows.
 """
 from __future__ import annotations
@@ -27,6 +27,7 @@ class LogitsProcessors:
     def __init__(self, eos_ids: Collection[int] = ()):
         self.eos_ids = frozenset(eos_ids)
         self._prompt_tokens: dict[str, torch.Tensor] = {}   # request id -> its distinct prompt ids (on the device)
+        self._bias: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}   # request id -> (ids, biases) (on the device)
 
     def process(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
         """logits [N, V] (fp32), one row per request -> the logits to sample from."""
@@ -41,6 +42,12 @@ class LogitsProcessors:
 
     def forget(self, request_id: str) -> None:
         self._prompt_tokens.pop(request_id, None)
+        self._bias.pop(request_id, None)
+
+    @property
+    def cached(self) -> int:
+        """Requests with tensors kept here (0 once every request has been forgotten)."""
+        return len(self._prompt_tokens.keys() | self._bias.keys())
 
     def _row(self, row: torch.Tensor, request: Request) -> None:
         params, device = request.params, row.device
@@ -49,8 +56,15 @@ class LogitsProcessors:
             if stops:
                 row[torch.tensor(sorted(stops), device=device)] = float("-inf")
         if params.logit_bias:
-            ids, biases = zip(*params.logit_bias)
-            row.index_add_(0, torch.tensor(ids, device=device), torch.tensor(biases, dtype=row.dtype, device=device))
+            bias = self._bias.get(request.request_id)
+            if bias is None:                     # up to a vocabulary of entries: built once per request
+                ids, values = zip(*params.logit_bias)
+                bias = self._bias[request.request_id] = (torch.tensor(ids, device=device),
+                                                         torch.tensor(values, dtype=row.dtype, device=device))
+            row.index_add_(0, *bias)
+        penalised = params.repetition_penalty != 1 or params.frequency_penalty or params.presence_penalty
+        if not penalised or not (request.output_ids or params.repetition_penalty != 1):
+            return
         output = torch.tensor(request.output_ids, dtype=torch.long, device=device)
         if params.repetition_penalty != 1:
             prompt = self._prompt_tokens.get(request.request_id)

@@ -47,7 +47,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         return tokens                        # all greedy: no finiteness scan of the [N, V] logits
     device = logits.device
     scaled = logits.index_select(0, torch.tensor(rows, device=device))   # a copy, scaled in place
-    finite = torch.isfinite(scaled.max(dim=-1).values).tolist()   # max: NaN if any is NaN, +inf if any is
+    finite = torch.isfinite(scaled.amax(dim=-1)).tolist()   # the max: NaN if any is NaN, +inf if any is
     keep = [j for j, ok in enumerate(finite) if ok]
     if len(keep) < len(rows):
         rows, scaled = [rows[j] for j in keep], scaled[keep]

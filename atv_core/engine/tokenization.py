@@ -15,8 +15,11 @@ Knows nothing of the engine loop, requests or HTTP.
 from __future__ import annotations
 
 import asyncio
+import inspect
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
 
 from atv_core.engine.llm_engine import PromptTooLong
 
@@ -39,11 +42,10 @@ class ChatTemplateOptions:
             raise ValueError(f"chat_template_kwargs cannot set {', '.join(reserved)}")
 
 
-# apply_chat_template's own parameters (transformers 5): not template variables
-RESERVED_TEMPLATE_KWARGS = frozenset({"conversation", "tools", "documents", "chat_template", "add_generation_prompt",
-                                      "continue_final_message", "tokenize", "sanitize_control_tokens", "padding",
-                                      "truncation", "max_length", "return_tensors", "return_dict",
-                                      "return_assistant_tokens_mask", "tokenizer_kwargs"})
+# apply_chat_template's own parameters (read from the installed transformers), and the names the template is
+# rendered with: not template variables
+RESERVED_TEMPLATE_KWARGS = frozenset(inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters) \
+    - {"kwargs"} | {"messages", "conversations"}
 
 
 class TokenizerWorker:
