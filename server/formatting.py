@@ -156,6 +156,10 @@ def _continues(held: bytes, byte: bytes) -> bool:
 class ChatFormat(_Format):
     chunk_object = "chat.completion.chunk"
 
+    def __init__(self, response_id: str, model: str, logprobs: bool, role: str = "assistant"):
+        super().__init__(response_id, model, logprobs)
+        self.role = role   # the reply's: the assistant's, or (no generation prompt) the continued message's, as vLLM
+
     def logprobs(self, entries: list[TokenLogprob]) -> ChatLogprobs:
         def top(text: str, raw: bytes, logprob: float) -> TopLogprob:
             return TopLogprob(token=text, logprob=logprob, bytes=list(raw))
@@ -166,7 +170,7 @@ class ChatFormat(_Format):
                                      for e in entries])
 
     def opening(self, choice: Choice) -> dict:
-        return self.envelope(self.chunk_object, [{"index": choice.index, "delta": {"role": "assistant", "content": ""},
+        return self.envelope(self.chunk_object, [{"index": choice.index, "delta": {"role": self.role, "content": ""},
                                                   "logprobs": None, "finish_reason": None}])
 
     def chunk(self, choice: Choice, out: RequestOutput) -> dict | None:
@@ -178,7 +182,7 @@ class ChatFormat(_Format):
         return self.envelope(self.chunk_object, [body])
 
     def response(self, job: Job) -> ChatCompletionResponse:
-        choices = [ChatChoice(index=c.index, message=AssistantMessage(content=c.text),
+        choices = [ChatChoice(index=c.index, message=AssistantMessage(role=self.role, content=c.text),
                               logprobs=self.logprobs(c.logprobs) if self.want_logprobs else None,
                               finish_reason=c.finish_reason, atv=steering_report(c.steering))
                    for c in job.choices]

@@ -91,7 +91,8 @@ def api_router(state: ServingState) -> APIRouter:
         elif steering.mode == "atv" and steering.scale != 0 and not choices[0].prompt_text.strip():
             raise APIError(400, "atv steering reads the user messages, and they are empty; send user content "
                            "or atv.mode 'off'", "messages")
-        fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex[:24]}", preset.id, body.logprobs)
+        role = "assistant" if body.add_generation_prompt else body.messages[-1].role     # as vLLM
+        fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex[:24]}", preset.id, body.logprobs, role)
         return await respond(state, request, body, choices, steering, fmt, "chat", preset.id)
 
     return router

@@ -370,8 +370,8 @@ class ChatLogprobs(BaseModel):
 
 
 class AssistantMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str
+    role: Literal["system", "developer", "user", "assistant"] = "assistant"   # not the assistant's: a message
+    content: str                                                               # continued without generation prompt
 
 
 class ChatChoice(BaseModel):

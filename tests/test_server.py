@@ -413,6 +413,14 @@ def test_chat_template_options_shape_the_prompt_as_vllm(main):
         tokens = main.post("/tokenize", {"messages": prefill, **options}).json()["tokens"]
         reply = main.post("/v1/chat/completions", {"messages": prefill, "max_tokens": 1, **options})
         assert tokens == want and reply.json()["usage"]["prompt_tokens"] == len(want), options
+    user_last = [{"role": "user", "content": "Complete: roses are"}]   # the reply's role is the continued message's
+    reply = main.post("/v1/chat/completions", {"messages": user_last, "max_tokens": 1, **cases[1]}).json()
+    assert reply["choices"][0]["message"]["role"] == "user"
+    with httpx.stream("POST", main.url + "/v1/chat/completions", timeout=60, json={
+            "messages": user_last, "max_tokens": 1, "stream": True, **cases[1]}) as response:
+        assert sse_events(response)[0]["choices"][0]["delta"]["role"] == "user"
+    assert main.post("/v1/chat/completions", {"messages": prefill, "max_tokens": 1}).json()[
+        "choices"][0]["message"]["role"] == "assistant"
     continued = tokenizer.decode(main.post("/tokenize", {"messages": prefill, **cases[1]}).json()["tokens"])
     assert continued.endswith("The colour is") and "Note" not in continued
     assert tokenizer.decode(main.post("/tokenize", {"messages": prefill, **cases[2]}).json()["tokens"]).startswith(
