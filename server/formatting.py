@@ -42,6 +42,13 @@ def usage(job: Job) -> Usage:
                  total_tokens=job.prompt_tokens + job.completion_tokens)
 
 
+def choice_usage(choice: Choice) -> dict:
+    """One choice's usage so far (vLLM's `continuous_usage_stats` chunks)."""
+    prompt = len(choice.prompt_ids)
+    return {"prompt_tokens": prompt, "completion_tokens": choice.completion_tokens,
+            "total_tokens": prompt + choice.completion_tokens}
+
+
 class _Format:
     chunk_object = ""
 

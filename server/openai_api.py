@@ -20,7 +20,7 @@ from atv_core.engine.llm_engine import InvalidRequest
 from atv_core.engine.request import Example, RequestOutput, SamplingParams, SteeringSpec
 
 from .errors import APIError, from_engine_error
-from .formatting import DONE, ChatFormat, CompletionFormat, sse
+from .formatting import DONE, ChatFormat, CompletionFormat, choice_usage, sse
 from .jobs import Choice, Job, JobStopped, stopped_error
 from .schemas import (ChatCompletionRequest, ChatCompletionResponse, ChatTemplateFields, CompletionRequest,
                       CompletionResponse, ModelCard, ModelList, SamplingFields, VectorList)
@@ -266,7 +266,8 @@ async def respond(state: ServingState, request: Request, body: SamplingFields, c
         raise
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return JobStreamingResponse(job, stream_events(job, fmt, include_usage, state.settings.request_timeout,
+        continuous = include_usage and body.stream_options.continuous_usage_stats
+        return JobStreamingResponse(job, stream_events(job, fmt, include_usage, continuous, state.settings.request_timeout,
                                                        prompt_param))
     try:
         await collect(job, prompt_param)
@@ -299,19 +300,23 @@ def failed_error(out: RequestOutput, prompt_param: str = "prompt") -> APIError:
     return APIError(500, f"generation failed: {out.error}", code="generation_failed")
 
 
-async def stream_events(job: Job, fmt, include_usage: bool, timeout_s: float, prompt_param: str):
-    """SSE text: openings, one chunk per output, usage, [DONE]; a failure mid-stream is an error event."""
+async def stream_events(job: Job, fmt, include_usage: bool, continuous: bool, timeout_s: float, prompt_param: str):
+    """SSE text: openings, one chunk per output, usage, [DONE]; a failure mid-stream is an error event.
+    `continuous` (vLLM's continuous_usage_stats): every chunk also carries its choice's usage so far."""
+    def sent(chunk: dict, choice) -> str:
+        return sse({**chunk, "usage": choice_usage(choice)} if continuous else chunk)
+
     try:
         for choice in job.choices:
             if (opening := fmt.opening(choice)) is not None:
-                yield sse(opening)
+                yield sent(opening, choice)
         async for choice, out in job.events():
             if out.finish_reason == "error":
                 job.stop("failed")
                 yield sse(failed_error(out, prompt_param).body())
                 break
             if (chunk := fmt.chunk(choice, out)) is not None:
-                yield sse(chunk)
+                yield sent(chunk, choice)
         else:
             if include_usage:
                 yield sse(fmt.usage_chunk(job))

@@ -97,6 +97,8 @@ class SteeringOptions(BaseModel):
 
 class StreamOptions(BaseModel):
     include_usage: StrictBool = False
+    continuous_usage_stats: StrictBool = Field(False, description="vLLM's extension: with include_usage, every chunk "
+                                               "also carries its choice's usage so far")
 
 
 class SamplingFields(BaseModel):

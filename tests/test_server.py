@@ -231,6 +231,29 @@ def test_prompt_list_n_and_usage(main):
                              "total_tokens": prompt_tokens + 16}
 
 
+def test_continuous_usage_stats_put_each_choices_usage_in_every_chunk(main):
+    """vLLM's stream_options.continuous_usage_stats (with include_usage): every chunk carries its choice's usage so
+    far; the last chunk is the whole request's usage, as with include_usage alone."""
+    body = {"prompt": ["Hello", "Good morning"], "max_tokens": 3, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    with httpx.stream("POST", main.url + "/v1/completions", json=body, timeout=60) as response:
+        events = sse_events(response)
+    tokenizer = make_tokenizer()
+    prompts = [len(tokenizer(p).input_ids) for p in body["prompt"]]
+    seen = {0: 0, 1: 0}
+    for event in events[:-1]:
+        index = event["choices"][0]["index"]
+        usage = event["usage"]
+        assert usage["prompt_tokens"] == prompts[index] and usage["completion_tokens"] >= seen[index], event
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+        seen[index] = usage["completion_tokens"]
+    assert seen == {0: 3, 1: 3}
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 6
+    with httpx.stream("POST", main.url + "/v1/completions", timeout=60, json={
+            **body, "stream_options": {"continuous_usage_stats": True}}) as response:   # without include_usage: none
+        assert all("usage" not in e for e in sse_events(response))
+
+
 def test_seed_reproducible_and_choices_differ(main):
     first = completion(main, seed=7, n=2, max_tokens=8, ignore_eos=True)
     again = completion(main, seed=7, n=2, max_tokens=8, ignore_eos=True)
