@@ -69,7 +69,8 @@ def load_engine(settings: Settings):
                           generator_worker=settings.generator_worker, generator_threads=settings.generator_threads,
                           cpu_decode_kernel=settings.cpu_decode_kernel)
     engine = build_engine(settings.model, settings.generator, device=settings.device, dtype=settings.dtype,
-                          device_map=settings.device_map, config=config, vectors=settings.vectors)
+                          device_map=settings.device_map, config=config, vectors=settings.vectors,
+                          chat_template=settings.chat_template)
     return AsyncEngine(engine).start()
 
 

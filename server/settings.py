@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     vllm_metrics: bool = Field(False, description="also export vLLM-named series (vllm:...) with a model_name "
                                "label, for vLLM dashboards, alerts and autoscalers")
     served_model_name: str | None = Field(None, description="model id in the API (default: --model)")
+    chat_template: str | None = Field(None, description="a Jinja chat template, or a file holding one, replacing "
+                                      "the model's (e.g. for a base model that has none)")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     dtype: DtypeName = Field("auto", description="auto (CUDA: bf16, else fp16; CPU: bf16 where the processor has "
                                            "AVX512-BF16 or AMX, else fp32; logged at start), float32, bfloat16, float16")

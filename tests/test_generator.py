@@ -174,6 +174,21 @@ def test_build_engine_names_the_part_that_failed(tmp_path):
         build_engine(model, "none", device="cpu", dtype="float32", config=EngineConfig(max_model_len=100000))
     with pytest.raises(LoadError, match=r"^target 'embedded:nope': unknown embedded model"):
         build_engine("embedded:nope", "none", device="cpu")
+    with pytest.raises(LoadError, match=r"^chat template \(inline\): TemplateSyntaxError"):
+        build_engine(model, "none", device="cpu", dtype="float32", chat_template="{% if %}")
+    with pytest.raises(LoadError, match=r"^chat template '.*absent.jinja': no file .*absent.jinja"):
+        build_engine(model, "none", device="cpu", dtype="float32", chat_template=str(tmp_path / "absent.jinja"))
+
+
+def test_chat_template_replaces_the_models_inline_or_from_a_file(tmp_path):
+    from atv_core.engine.build import build_engine
+    model = str(make_tiny_model_dir(tmp_path / "m"))
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant]"
+    (tmp_path / "t.jinja").write_text(template)
+    for given in (template, str(tmp_path / "t.jinja")):
+        engine = build_engine(model, "none", device="cpu", dtype="float32", chat_template=given)
+        text = engine.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+        assert text == "[user] hi\n[assistant]", given
 
 
 def test_no_pickle_in_checkpoints(tmp_path):

@@ -28,20 +28,33 @@ def _loading(what: str):
         yield
     except (OSError, ValueError) as exc:   # missing files, bad configs, settings that cannot work
         raise LoadError(f"{what}: {exc}") from exc
+    except Exception as exc:               # a chat template jinja2 cannot parse or render
+        if type(exc).__module__.split(".")[0] != "jinja2":
+            raise
+        raise LoadError(f"{what}: {type(exc).__name__}: {exc}") from exc
 
 
 def build_engine(model: str, generator: str | Path | None = "default", *, device: str = "auto",
                  dtype: str = "auto", device_map: str | None = None,
-                 config: EngineConfig = EngineConfig(), vectors: str | Path | None = None) -> LLMEngine:
+                 config: EngineConfig = EngineConfig(), vectors: str | Path | None = None,
+                 chat_template: str | None = None) -> LLMEngine:
     """Load the target `model` and the `generator` checkpoint and return a ready (not started) engine.
 
     generator: a checkpoint folder (must load), "default" (the shipped checkpoint; none, with a warning,
     when it is missing or made for another target) or None / "none" (serve without steering).
     vectors: a folder of named vectors (steering/vectors.py), validated now against the target and the
     generator's steered layers; None = no named vectors.
+    chat_template: a Jinja chat template, or a file holding one, replacing the tokenizer's (vLLM's
+    --chat-template); it must render a one-message conversation.
     """
     with _loading(f"target {model!r}"):
         target, tokenizer = load_target(model, device, dtype, device_map)
+    if chat_template is not None:
+        with _loading("chat template " + ("(inline)" if "{" in chat_template else repr(chat_template))):
+            tokenizer.chat_template = _read_template(chat_template)
+            tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                          add_generation_prompt=True)
+        log.info("chat template replaced (%d characters)", len(tokenizer.chat_template))
     where = target.get_input_embeddings().weight.device
     params = sum(p.numel() for p in target.parameters()) / 1e6
     log.info("target %s loaded: %s, %.1fM parameters on %s (%s)", model, type(target).__name__, params,
@@ -52,6 +65,16 @@ def build_engine(model: str, generator: str | Path | None = "default", *, device
         store = VectorStore(vectors, VectorLayout.for_target(target, gen, model)) if vectors is not None else None
     with _loading("engine settings"):
         return LLMEngine(target, tokenizer, gen, config, vectors=store)
+
+
+def _read_template(value: str) -> str:
+    """A template given inline (it has Jinja's braces), or the text of the file it names."""
+    if "{" in value:
+        return value
+    path = Path(value)
+    if not path.is_file():
+        raise ValueError(f"no file {value} (give a template file, or the template text itself)")
+    return path.read_text()
 
 
 def _load_generator(name: str | Path | None, target, device, model: str):

@@ -93,7 +93,8 @@ class TokenizerWorker:
 
     def _encode_chat(self, messages: list[dict[str, str]], template: ChatTemplateOptions) -> list[int]:
         if not self.has_chat_template:
-            raise ValueError("this model has no chat template; use /v1/completions")
+            raise ValueError("this model has no chat template; use /v1/completions, or start the server with "
+                             "--chat-template")
         try:
             text = self._tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=template.add_generation_prompt,
