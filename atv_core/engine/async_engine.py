@@ -125,7 +125,8 @@ class AsyncEngine:
         """A prompt's token ids. PromptTooLong at once when no prompt that long can fit."""
         return await self._tokens.encode(text)
 
-    async def encode_chat(self, messages: list[dict[str, str]], template: ChatTemplateOptions | None = None) -> list[int]:
+    async def encode_chat(self, messages: list[dict[str, str]],
+                          template: ChatTemplateOptions | None = None) -> list[int]:
         """[{role, content}, ...] through the chat template. PromptTooLong, or ValueError if the template refuses."""
         return await self._tokens.encode_chat(messages, template)
 

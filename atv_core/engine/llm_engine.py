@@ -36,9 +36,9 @@ from typing import Callable
 import torch
 
 from atv_core.engine.detokenizer import OutputText, token_bytes
+from atv_core.engine.logits_processors import LogitsProcessors
 from atv_core.engine.request import Request, RequestOutput, SteeringReport, Status, TokenLogprob
 from atv_core.engine.runner import ModelRunner
-from atv_core.engine.logits_processors import LogitsProcessors
 from atv_core.engine.sampler import make_generator, sample, token_logprobs
 from atv_core.engine.scheduler import Scheduler, SchedulerConfig
 from atv_core.engine.vector_worker import VectorResult, VectorWorker, run_batch
@@ -430,7 +430,8 @@ class LLMEngine:
 
     def _sample_tokens(self, requests: list[Request], logits: torch.Tensor) -> list[RequestOutput]:
         params = [r.params for r in requests]
-        tokens = sample(self.processors.process(logits, requests), params, [self._generators[r.request_id] for r in requests])
+        processed = self.processors.process(logits, requests)   # logprobs below: from the model's own logits
+        tokens = sample(processed, params, [self._generators[r.request_id] for r in requests])
         want = [i for i, p in enumerate(params) if p.logprobs is not None]
         logprobs = {}
         if want:

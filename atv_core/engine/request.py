@@ -46,7 +46,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0    # subtracted per occurrence in the output
     presence_penalty: float = 0.0     # subtracted once if in the output
     min_p: float = 0.0                # drop tokens below min_p x the most likely token's probability
-    min_tokens: int = 0               # EOS and stop_token_ids masked, stop strings not matched, before this many
+    min_tokens: int = 0               # the first this many tokens: not EOS nor stop_token_ids, no stop string ends
     # the text (detokenizer.py)
     include_stop_str_in_output: bool = False   # the matched stop string (or stop token's text) ends the text
     skip_special_tokens: bool = True

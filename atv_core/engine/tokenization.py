@@ -63,7 +63,8 @@ class TokenizerWorker:
         self._check_chars(len(text), "prompt")
         return await self._run(self._encode, text, True)
 
-    async def encode_chat(self, messages: list[dict[str, str]], template: ChatTemplateOptions | None = None) -> list[int]:
+    async def encode_chat(self, messages: list[dict[str, str]],
+                          template: ChatTemplateOptions | None = None) -> list[int]:
         """Token ids of a conversation through the chat template (by default ending with the assistant's turn).
         ValueError when there is no template or it refuses the messages."""
         self._check_chars(sum(len(m["content"]) for m in messages), "conversation")
