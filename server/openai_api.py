@@ -267,8 +267,8 @@ async def respond(state: ServingState, request: Request, body: SamplingFields, c
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         continuous = include_usage and body.stream_options.continuous_usage_stats
-        return JobStreamingResponse(job, stream_events(job, fmt, include_usage, continuous, state.settings.request_timeout,
-                                                       prompt_param))
+        events = stream_events(job, fmt, include_usage, continuous, state.settings.request_timeout, prompt_param)
+        return JobStreamingResponse(job, events)
     try:
         await collect(job, prompt_param)
         return Response(await asyncio.to_thread(render, fmt, job), media_type="application/json")

@@ -1,8 +1,8 @@
 """vLLM's tokenizer routes: POST /tokenize and POST /detokenize (behind the API key, like /v1).
 
 /tokenize gives the token ids generation would use: a `prompt` as /v1/completions tokenizes it, or `messages`
-through the chat template (with the same template options) as /v1/chat/completions does, so `count` is the `usage.prompt_tokens` a request with
-that input reports; with `return_token_strs`, each token decoded alone. /detokenize is the inverse (special
+through the chat template (with the same template options) as /v1/chat/completions does, so `count` is the
+`usage.prompt_tokens` a request with that input reports; with `return_token_strs`, each token decoded alone. /detokenize is the inverse (special
 tokens kept). Both run on the engine's tokenizer worker, never on the event loop, and need the engine
 loaded (503 before). No generation and no steering happen here.
 """

@@ -210,7 +210,8 @@ def streamed(out: OutputText, ids: list[int]) -> str:
 
 def test_special_tokens_are_kept_in_the_text_when_asked(byte_tok):
     eos = byte_tok.eos_token_id
-    ids = byte_tok("ok", add_special_tokens=False).input_ids + [eos] + byte_tok("go", add_special_tokens=False).input_ids
+    ids = byte_tok("ok", add_special_tokens=False).input_ids + [eos]
+    ids += byte_tok("go", add_special_tokens=False).input_ids
     kept = OutputText(byte_tok, skip_special_tokens=False)
     skipped = OutputText(byte_tok)
     assert "".join(kept.add(t) for t in ids) + kept.finish() == "ok" + byte_tok.eos_token + "go"
