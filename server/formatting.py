@@ -42,11 +42,10 @@ def usage(job: Job) -> Usage:
                  total_tokens=job.prompt_tokens + job.completion_tokens)
 
 
-def choice_usage(choice: Choice) -> dict:
-    """One choice's usage so far (vLLM's `continuous_usage_stats` chunks)."""
+def choice_usage(choice: Choice, completion_tokens: int) -> dict:
+    """One choice's usage after `completion_tokens` tokens (vLLM's `continuous_usage_stats` chunks)."""
     prompt = len(choice.prompt_ids)
-    return {"prompt_tokens": prompt, "completion_tokens": choice.completion_tokens,
-            "total_tokens": prompt + choice.completion_tokens}
+    return {"prompt_tokens": prompt, "completion_tokens": completion_tokens, "total_tokens": prompt + completion_tokens}
 
 
 class _Format:

@@ -265,8 +265,7 @@ async def respond(state: ServingState, request: Request, body: SamplingFields, c
         job.close()
         raise
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        continuous = include_usage and body.stream_options.continuous_usage_stats
+        include_usage, continuous = body.stream_options.usage if body.stream_options else (False, False)
         events = stream_events(job, fmt, include_usage, continuous, state.settings.request_timeout, prompt_param)
         return JobStreamingResponse(job, events)
     try:
@@ -303,20 +302,20 @@ def failed_error(out: RequestOutput, prompt_param: str = "prompt") -> APIError:
 async def stream_events(job: Job, fmt, include_usage: bool, continuous: bool, timeout_s: float, prompt_param: str):
     """SSE text: openings, one chunk per output, usage, [DONE]; a failure mid-stream is an error event.
     `continuous` (vLLM's continuous_usage_stats): every chunk also carries its choice's usage so far."""
-    def sent(chunk: dict, choice) -> str:
-        return sse({**chunk, "usage": choice_usage(choice)} if continuous else chunk)
+    def sent(chunk: dict, choice, completion_tokens: int) -> str:   # usage as of this chunk's output
+        return sse({**chunk, "usage": choice_usage(choice, completion_tokens)} if continuous else chunk)
 
     try:
         for choice in job.choices:
             if (opening := fmt.opening(choice)) is not None:
-                yield sent(opening, choice)
+                yield sent(opening, choice, 0)
         async for choice, out in job.events():
             if out.finish_reason == "error":
                 job.stop("failed")
                 yield sse(failed_error(out, prompt_param).body())
                 break
             if (chunk := fmt.chunk(choice, out)) is not None:
-                yield sent(chunk, choice)
+                yield sent(chunk, choice, out.completion_tokens)
         else:
             if include_usage:
                 yield sse(fmt.usage_chunk(job))

@@ -96,9 +96,17 @@ class SteeringOptions(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    include_usage: StrictBool = False
-    continuous_usage_stats: StrictBool = Field(False, description="vLLM's extension: with include_usage, every chunk "
-                                               "also carries its choice's usage so far")
+    include_usage: StrictBool | None = Field(None, description="a last chunk with the request's usage (null: as "
+                                             "continuous_usage_stats)")
+    continuous_usage_stats: StrictBool | None = Field(None, description="vLLM's extension: every chunk also carries "
+                                                      "its choice's usage so far (and, unless include_usage is false, "
+                                                      "the last chunk the request's)")
+
+    @property
+    def usage(self) -> tuple[bool, bool]:
+        """(a last usage chunk, usage in every chunk); continuous_usage_stats alone implies both, as in vLLM."""
+        last = self.include_usage if self.include_usage is not None else bool(self.continuous_usage_stats)
+        return last, last and bool(self.continuous_usage_stats)
 
 
 class SamplingFields(BaseModel):

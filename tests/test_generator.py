@@ -174,8 +174,10 @@ def test_build_engine_names_the_part_that_failed(tmp_path):
         build_engine(model, "none", device="cpu", dtype="float32", config=EngineConfig(max_model_len=100000))
     with pytest.raises(LoadError, match=r"^target 'embedded:nope': unknown embedded model"):
         build_engine("embedded:nope", "none", device="cpu")
-    with pytest.raises(LoadError, match=r"^chat template \(inline\): TemplateSyntaxError"):
-        build_engine(model, "none", device="cpu", dtype="float32", chat_template="{% if %}")
+    for template, error in (("{% if %}", "TemplateSyntaxError"), ("{{ messages[0]['content'] + 1 }}", "TypeError")):
+        with pytest.raises(LoadError, match=rf"^chat template \(inline\): it does not render a one-message "
+                                            rf"conversation: {error}"):
+            build_engine(model, "none", device="cpu", dtype="float32", chat_template=template)
     with pytest.raises(LoadError, match=r"^chat template '.*absent.jinja': no file .*absent.jinja"):
         build_engine(model, "none", device="cpu", dtype="float32", chat_template=str(tmp_path / "absent.jinja"))
 

@@ -249,9 +249,19 @@ def test_continuous_usage_stats_put_each_choices_usage_in_every_chunk(main):
         seen[index] = usage["completion_tokens"]
     assert seen == {0: 3, 1: 3}
     assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 6
-    with httpx.stream("POST", main.url + "/v1/completions", timeout=60, json={
-            **body, "stream_options": {"continuous_usage_stats": True}}) as response:   # without include_usage: none
-        assert all("usage" not in e for e in sse_events(response))
+    for options, every, last in (({"continuous_usage_stats": True}, True, True),       # alone: both (vLLM)
+                                 ({"include_usage": False, "continuous_usage_stats": True}, False, False),
+                                 ({"include_usage": None, "continuous_usage_stats": None}, False, False)):
+        with httpx.stream("POST", main.url + "/v1/completions", timeout=60, json={
+                **body, "stream_options": options}) as response:
+            events = sse_events(response)
+        assert all(("usage" in e) == every for e in events[:-1]) and ("usage" in events[-1]) == last, options
+    # chat: the role chunk counts 0 tokens, each content chunk the tokens up to it, as vLLM
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    with httpx.stream("POST", main.url + "/v1/chat/completions", json=chat, timeout=60) as response:
+        counts = [e["usage"]["completion_tokens"] for e in sse_events(response)]
+    assert counts[0] == 0 and counts[-1] == 3 and counts == sorted(counts), counts
 
 
 def test_seed_reproducible_and_choices_differ(main):
@@ -987,6 +997,15 @@ def test_cli_exits_1_when_the_model_cannot_load(tmp_path, caplog):
                                                "model id or embedded:smollm2-135m-instruct (--log-level debug shows "
                                                "the traceback)"]
     assert errors[0].exc_info is None
+
+
+def test_cli_passes_the_chat_template_to_the_engine(assets, tmp_path, caplog):
+    missing = tmp_path / "missing.jinja"
+    code = cli(["--model", str(assets.model), "--generator", "none", "--device", "cpu", "--port", str(free_port()),
+                "--chat-template", str(missing)])
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert code == 1 and errors == [f"could not start: chat template '{missing}': no file {missing} (give a template "
+                                    "file, or the template text itself) (--log-level debug shows the traceback)"]
 
 
 def test_sigterm_drains_in_flight_requests_and_exits_0(assets, tmp_path):

@@ -28,10 +28,6 @@ def _loading(what: str):
         yield
     except (OSError, ValueError) as exc:   # missing files, bad configs, settings that cannot work
         raise LoadError(f"{what}: {exc}") from exc
-    except Exception as exc:               # a chat template jinja2 cannot parse or render
-        if type(exc).__module__.split(".")[0] != "jinja2":
-            raise
-        raise LoadError(f"{what}: {type(exc).__name__}: {exc}") from exc
 
 
 def build_engine(model: str, generator: str | Path | None = "default", *, device: str = "auto",
@@ -52,8 +48,12 @@ def build_engine(model: str, generator: str | Path | None = "default", *, device
     if chat_template is not None:
         with _loading("chat template " + ("(inline)" if "{" in chat_template else repr(chat_template))):
             tokenizer.chat_template = _read_template(chat_template)
-            tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                          add_generation_prompt=True)
+            try:
+                tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                              add_generation_prompt=True)
+            except Exception as exc:   # jinja2's errors, or whatever the template's own code raises
+                raise ValueError(f"it does not render a one-message conversation: {type(exc).__name__}: {exc}") \
+                    from exc
         log.info("chat template replaced (%d characters)", len(tokenizer.chat_template))
     where = target.get_input_embeddings().weight.device
     params = sum(p.numel() for p in target.parameters()) / 1e6
@@ -74,7 +74,7 @@ def _read_template(value: str) -> str:
     path = Path(value)
     if not path.is_file():
         raise ValueError(f"no file {value} (give a template file, or the template text itself)")
-    return path.read_text()
+    return path.read_text(encoding="utf-8")
 
 
 def _load_generator(name: str | Path | None, target, device, model: str):
