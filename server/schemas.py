@@ -18,7 +18,7 @@ from typing import Annotated, Literal
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator,
                       model_validator)
 
-from atv_core.engine.tokenization import RESERVED_TEMPLATE_KWARGS, ChatTemplateOptions
+from atv_core.engine.tokenization import ChatTemplateOptions
 
 INT64_MAX = 2**63 - 1
 MAX_PROMPTS = 64
@@ -236,19 +236,17 @@ class ChatTemplateFields(BaseModel):
                                                            "template, e.g. {\"enable_thinking\": false}")
     chat_template: Annotated[object, neutral_only()] = None     # vLLM's, not implemented here (a template per request)
 
+    # ChatTemplateOptions checks both (a ValueError with the fix), here so that the error names its field
     @field_validator("continue_final_message")
     @classmethod
     def _not_both(cls, value, info):
-        if value and info.data.get("add_generation_prompt"):
-            raise ValueError("needs add_generation_prompt false (the prompt ends inside the last message)")
+        ChatTemplateOptions(bool(info.data.get("add_generation_prompt")), value)
         return value
 
     @field_validator("chat_template_kwargs")
     @classmethod
     def _variables_only(cls, value):
-        reserved = sorted(RESERVED_TEMPLATE_KWARGS & set(value or {}))
-        if reserved:
-            raise ValueError(f"cannot set {', '.join(reserved)} (a parameter of the template call, not a variable)")
+        ChatTemplateOptions(kwargs=tuple((value or {}).items()))
         return value
 
     @property

@@ -62,11 +62,12 @@ class LogitsProcessors:
                 bias = self._bias[request.request_id] = (torch.tensor(ids, device=device),
                                                          torch.tensor(values, dtype=row.dtype, device=device))
             row.index_add_(0, *bias)
-        penalised = params.repetition_penalty != 1 or params.frequency_penalty or params.presence_penalty
-        if not penalised or not (request.output_ids or params.repetition_penalty != 1):
+        repeated = params.repetition_penalty != 1
+        counted = bool(params.frequency_penalty or params.presence_penalty) and bool(request.output_ids)
+        if not (repeated or counted):
             return
         output = torch.tensor(request.output_ids, dtype=torch.long, device=device)
-        if params.repetition_penalty != 1:
+        if repeated:
             prompt = self._prompt_tokens.get(request.request_id)
             if prompt is None:
                 prompt = self._prompt_tokens[request.request_id] = torch.tensor(
@@ -74,6 +75,6 @@ class LogitsProcessors:
             seen = torch.cat([prompt, output]).unique()
             values = row[seen]
             row[seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
-        if (params.frequency_penalty or params.presence_penalty) and request.output_ids:
+        if counted:
             ids, counts = output.unique(return_counts=True)
             row[ids] -= params.frequency_penalty * counts.to(row.dtype) + params.presence_penalty

@@ -34,12 +34,14 @@ class ChatTemplateOptions:
     continue_final_message: bool = False     # end inside the last message, to be continued (an assistant prefill)
     kwargs: tuple[tuple[str, object], ...] = ()   # more variables for the template (e.g. enable_thinking)
 
-    def __post_init__(self):
+    def __post_init__(self):   # the one place these are checked (the HTTP schema calls this too)
         if self.add_generation_prompt and self.continue_final_message:
-            raise ValueError("add_generation_prompt and continue_final_message cannot both be true")
+            raise ValueError("continue_final_message needs add_generation_prompt false (the prompt ends inside the "
+                             "last message)")
         reserved = sorted(RESERVED_TEMPLATE_KWARGS & {k for k, _ in self.kwargs})
         if reserved:
-            raise ValueError(f"chat_template_kwargs cannot set {', '.join(reserved)}")
+            raise ValueError(f"chat_template_kwargs cannot set {', '.join(reserved)} (a parameter of the template "
+                             "call, not a variable)")
 
 
 # apply_chat_template's own parameters (read from the installed transformers), and the names the template is
