@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from atv_core.engine.async_engine import EngineDead, PromptTooLong, QueueFull
-from atv_core.engine.llm_engine import InvalidRequest
+from atv_core.engine.request import InvalidRequest
 
 from .settings import pydantic_message
 
@@ -52,7 +52,7 @@ def from_engine_error(exc: BaseException, prompt_param: str = "prompt") -> APIEr
     if isinstance(exc, PromptTooLong):
         return APIError(413, str(exc), prompt_param, "context_length_exceeded")
     if isinstance(exc, InvalidRequest):
-        return APIError(400, str(exc), prompt_param if exc.field == "prompt" else f"atv.{exc.field}")
+        return APIError(400, str(exc), prompt_param if exc.field == "prompt" else exc.field)
     if isinstance(exc, ValueError):
         return APIError(400, str(exc))
     if isinstance(exc, QueueFull):

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 
 from atv_core.engine.async_engine import PromptTooLong
-from atv_core.engine.llm_engine import InvalidRequest
+from atv_core.engine.request import InvalidRequest
 from atv_core.engine.request import Example, RequestOutput, SamplingParams, SteeringSpec
 
 from .errors import APIError, from_engine_error
@@ -106,7 +106,6 @@ async def completion_choices(body: CompletionRequest, engine, state: ServingStat
     # echo with max_tokens 0 is the prompt back (OpenAI); the engine runs it as a prompt scoring, logprobs or not
     prompt_logprobs = body.prompt_logprobs if body.prompt_logprobs is not None or body.max_tokens != 0 else 0
     _check_choice_count(len(body.prompts) * body.n, engine)
-    _check_token_fields(body, engine)
     choices = []
     for p, prompt in enumerate(body.prompts):
         ids, text = await prompt_ids(prompt, engine)
@@ -120,7 +119,6 @@ async def completion_choices(body: CompletionRequest, engine, state: ServingStat
 
 async def chat_choices(body: ChatCompletionRequest, engine, state: ServingState) -> list[Choice]:
     _check_choice_count(body.n, engine)
-    _check_token_fields(body, engine)
     user_text = "\n".join(m.text for m in body.messages if m.role == "user")  # what the generator reads
     ids = await chat_ids(body, engine)
     max_tokens = _max_tokens(body.max_new_tokens, len(ids), engine, state, "messages")
@@ -172,11 +170,6 @@ async def encoded(tokenization, param: str) -> list[int]:
         raise APIError(400, str(exc), param) from None
 
 
-def _check_token_fields(body: SamplingFields, engine) -> None:
-    check_vocabulary([t for t, _ in body.bias], engine, "logit_bias")
-    check_vocabulary(body.stop_token_ids or [], engine, "stop_token_ids")
-
-
 def _check_choice_count(count: int, engine) -> None:
     """Each choice is one engine request, all queued at once: more than the queue holds could never be admitted
     (a 429 would be retried forever)."""
@@ -208,9 +201,6 @@ def _max_tokens(requested: int | None, prompt_len: int, engine, state: ServingSt
 def _choices(body: SamplingFields, prompt_index: int, ids: list[int], prompt_text: str, max_tokens: int,
              logprobs: int | None, first_index: int, prompt_logprobs: int | None = None,
              echo_text: str = "") -> list[Choice]:
-    if (body.min_tokens or 0) > max_tokens:
-        raise APIError(400, f"min_tokens ({body.min_tokens}) is more than max_tokens ({max_tokens}); send at most "
-                       f"{max_tokens}", "min_tokens")
     choices = []
     for j in range(body.n):
         seed = None if body.seed is None else body.seed + j
@@ -226,8 +216,8 @@ def _choices(body: SamplingFields, prompt_index: int, ids: list[int], prompt_tex
                                     min_tokens=body.min_tokens or 0,
                                     include_stop_str_in_output=bool(body.include_stop_str_in_output),
                                     skip_special_tokens=body.skip_special_tokens is not False)
-        except ValueError as exc:
-            raise APIError(400, str(exc)) from exc
+        except ValueError as exc:   # InvalidRequest naming its field
+            raise from_engine_error(exc) from exc
         choices.append(Choice(first_index + j, prompt_index, ids, prompt_text, params, echo_text))
     return choices
 

@@ -7,7 +7,7 @@ import torch
 from atv_core.steering.checkpoint import load_generator
 from atv_core.engine.async_engine import AsyncEngine
 from atv_core.engine.llm_engine import EngineConfig, LLMEngine
-from atv_core.engine.request import Request, SamplingParams, SteeringReport, SteeringSpec, Status
+from atv_core.engine.request import InvalidRequest, Request, SamplingParams, SteeringReport, SteeringSpec, Status
 from tests.tiny import drain as _drain, make_model, make_tiny_generator_dir, make_tokenizer, record_logits as _record
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
@@ -555,9 +555,13 @@ def test_min_tokens_masks_stop_tokens_and_include_stop_keeps_the_stop_token_text
     _drain(engine)
     assert len({r.output_ids[0] for r in sampled}) > 1            # masked, and still sampled, not greedy
     assert all(stop not in r.output_ids for r in sampled)
-    with pytest.raises(ValueError, match="stop_token_ids: token id 100000 is outside the vocabulary"):
+    # refusals name the request field at fault (the HTTP error's param)
+    with pytest.raises(InvalidRequest, match="stop_token_ids: token id 100000 is outside the vocabulary") as info:
         engine.validate(_request(tok, "v", "x", SamplingParams(stop_token_ids=(100000,), min_tokens=1), mode="off"))
-    with pytest.raises(ValueError, match="logit_bias: token id"):
+    assert info.value.field == "stop_token_ids"
+    with pytest.raises(InvalidRequest, match="logit_bias: token id") as info:
         engine.validate(_request(tok, "v", "x", SamplingParams(logit_bias={100000: 1.0}), mode="off"))
-    with pytest.raises(ValueError, match="min_tokens"):
+    assert info.value.field == "logit_bias"
+    with pytest.raises(InvalidRequest, match="min_tokens") as info:
         SamplingParams(max_tokens=3, min_tokens=4)
+    assert info.value.field == "min_tokens"

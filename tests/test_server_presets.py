@@ -131,7 +131,8 @@ def test_a_request_failed_on_its_own_field_is_400_and_a_failed_generation_500():
     from atv_core.engine.request import RequestOutput
     from server.openai_api import failed_error
 
-    removed = failed_error(RequestOutput("r", "", [], None, True, "error", "named vector 'beta' was removed", "vector"))
+    removed = failed_error(RequestOutput("r", "", [], None, True, "error", "named vector 'beta' was removed",
+                                         "atv.vector"))
     assert (removed.status, removed.param, removed.message) == (400, "atv.vector", "named vector 'beta' was removed")
     prompt = failed_error(RequestOutput("r", "", [], None, True, "error", "no", error_field="prompt"), "messages")
     assert (prompt.status, prompt.param) == (400, "messages")

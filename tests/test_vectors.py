@@ -256,7 +256,7 @@ def test_a_vector_removed_by_a_reload_fails_only_its_request(parts, tmp_path):
     store.reload()
     drain(engine)
     assert doomed.finish_reason == "error" and "'beta' was removed" in doomed.error
-    assert outputs[-1].finished and outputs[-1].error_field == "vector" and kept.error_field is None
+    assert outputs[-1].finished and outputs[-1].error_field == "atv.vector" and kept.error_field is None
     from server.openai_api import failed_error   # the request's own fault: a 400 on atv.vector
     refusal = failed_error(outputs[-1])
     assert (refusal.status, refusal.param) == (400, "atv.vector") and "'beta' was removed" in refusal.message

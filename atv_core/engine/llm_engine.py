@@ -37,7 +37,8 @@ import torch
 
 from atv_core.engine.detokenizer import OutputText, token_bytes
 from atv_core.engine.logits_processors import LogitsProcessors
-from atv_core.engine.request import Request, RequestOutput, SteeringReport, Status, TokenLogprob
+from atv_core.engine.request import (InvalidRequest, Request, RequestOutput, SteeringReport, Status,
+                                    TokenLogprob)
 from atv_core.engine.runner import ModelRunner
 from atv_core.engine.sampler import make_generator, sample, token_logprobs
 from atv_core.engine.scheduler import Scheduler, SchedulerConfig
@@ -49,15 +50,6 @@ log = logging.getLogger("atv.engine")
 
 class PromptTooLong(ValueError):
     """Prompt plus max_tokens does not fit the context (HTTP 413)."""
-
-
-class InvalidRequest(ValueError):
-    """A request the engine refuses; `field` names the part at fault: "prompt", or the steering's "mode",
-    "vector" or "examples"."""
-
-    def __init__(self, message: str, field: str = "prompt"):
-        super().__init__(message)
-        self.field = field
 
 
 class EngineDead(RuntimeError):
@@ -176,7 +168,8 @@ class LLMEngine:
                           ("logit_bias", [t for t, _ in request.params.logit_bias])):
             bad = [t for t in ids if not 0 <= t < self.vocab_size]
             if bad:
-                raise ValueError(f"{name}: token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+                raise InvalidRequest(f"{name}: token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})",
+                                     name)
         total = request.num_prompt_tokens + request.params.max_tokens
         if total > self.max_model_len:
             raise PromptTooLong(f"prompt ({request.num_prompt_tokens} tokens) + max_tokens "
@@ -195,11 +188,11 @@ class LLMEngine:
         if request.steering.mode == "atv" and request.vector is None:
             if self.generator is None:
                 raise InvalidRequest("steering mode 'atv' needs a generator, and this server has none; use mode "
-                                     "'off'", "mode")
+                                     "'off'", "atv.mode")
             try:
                 self.generator.format_input(request.prompt_text, request.steering.examples)
             except ValueError as exc:   # examples this generator cannot read, with the fix
-                raise InvalidRequest(str(exc), "examples") from None
+                raise InvalidRequest(str(exc), "atv.examples") from None
             if not request.prompt_text.strip() and not request.steering.examples and request.steering.scale != 0:
                 raise InvalidRequest("steering mode 'atv' needs prompt text for the generator to read; "
                                      "send a non-empty prompt or use mode 'off'")
@@ -207,11 +200,11 @@ class LLMEngine:
     def _check_vector_name(self, name: str) -> None:
         if self.vectors is None:
             raise InvalidRequest(f"unknown vector {name!r}: this server has no named vectors (start it with "
-                                 "--vectors DIR)", "vector")
+                                 "--vectors DIR)", "atv.vector")
         if name not in self.vectors:
             known = self.vectors.names()
             listed = ", ".join(known[:50]) + (f" and {len(known) - 50} more" if len(known) > 50 else "")
-            raise InvalidRequest(f"unknown vector {name!r}; this server has: {listed or '(none)'}", "vector")
+            raise InvalidRequest(f"unknown vector {name!r}; this server has: {listed or '(none)'}", "atv.vector")
 
     def add_request(self, request: Request) -> None:
         self.validate(request)
@@ -355,7 +348,7 @@ class LLMEngine:
         if found is None:
             request.finish("error", f"named vector {request.steering.vector!r} was removed (the vectors folder "
                                     "was reloaded) before this request started; GET /v1/models lists the current "
-                                    "ones (as <model>:vector/<name>)", "vector")
+                                    "ones (as <model>:vector/<name>)", "atv.vector")
             return None
         return found.vector
 

@@ -22,6 +22,16 @@ SteeringMode = Literal["atv", "vector", "off"]
 FinishReason = Literal["stop", "length", "abort", "error"]
 
 
+class InvalidRequest(ValueError):
+    """A request the engine refuses. `field` is the request field at fault as the HTTP body names it: "prompt"
+    (the prompt, or a chat's messages), "atv.mode", "atv.vector", "atv.examples", or a sampling field such as
+    "max_tokens", "logit_bias" or "min_tokens"."""
+
+    def __init__(self, message: str, field: str = "prompt"):
+        super().__init__(message)
+        self.field = field
+
+
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -55,31 +65,35 @@ class SamplingParams:
         try:
             bias = dict(self.logit_bias)   # pairs or a dict; a repeated id: its last bias, as in a JSON object
         except (TypeError, ValueError):
-            raise ValueError("logit_bias must be {token id: bias} or (token id, bias) pairs") from None
+            raise InvalidRequest("logit_bias must be {token id: bias} or (token id, bias) pairs", "logit_bias") from None
         object.__setattr__(self, "logit_bias", tuple((t, b) for t, b in bias.items() if b != 0))
-        checks = [
-            (self.max_tokens >= 1 or (self.max_tokens == 0 and self.prompt_logprobs is not None),
+        checks = [   # (holds, field at fault, message)
+            (self.max_tokens >= 1 or (self.max_tokens == 0 and self.prompt_logprobs is not None), "max_tokens",
              f"max_tokens must be >= 1 (0 only to score the prompt, with prompt_logprobs), got {self.max_tokens}"),
-            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs",
              f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}"),
-            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
-            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-            (isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be an int >= 0, got {self.top_k!r}"),
-            (self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}"),
-            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
-            (0 < self.repetition_penalty < float("inf"),
+            (self.temperature >= 0, "temperature", f"temperature must be >= 0, got {self.temperature}"),
+            (0 < self.top_p <= 1, "top_p", f"top_p must be in (0, 1], got {self.top_p}"),
+            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k", f"top_k must be an int >= 0, got {self.top_k!r}"),
+            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs",
+             f"logprobs must be in [0, 20], got {self.logprobs}"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty strings"),
+            (0 < self.repetition_penalty < float("inf"), "repetition_penalty",
              f"repetition_penalty must be > 0 (1 = none), got {self.repetition_penalty}"),
-            (-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
-            (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
-            (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
-            (isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= max(self.max_tokens, 0),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty",
+             f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty",
+             f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
+            (0 <= self.min_p <= 1, "min_p", f"min_p must be in [0, 1], got {self.min_p}"),
+            (isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= max(self.max_tokens, 0), "min_tokens",
              f"min_tokens must be an int in [0, max_tokens ({self.max_tokens})], got {self.min_tokens!r}"),
             (all(isinstance(t, int) and t >= 0 and isinstance(b, (int, float)) and -100 <= b <= 100
-                 for t, b in self.logit_bias), "logit_bias must map token ids >= 0 to biases in [-100, 100]"),
+                 for t, b in self.logit_bias), "logit_bias",
+             "logit_bias must map token ids >= 0 to biases in [-100, 100]"),
         ]
-        for ok, message in checks:
+        for ok, name, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise InvalidRequest(message, name)
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
 
