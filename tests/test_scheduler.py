@@ -156,6 +156,23 @@ def test_waiting_queue_is_bounded():
         s.add(_req(2))
 
 
+def test_preempted_requests_do_not_count_against_the_waiting_bound():
+    """A request preempted back into the waiting queue was accepted already: with the bound counting it, a step
+    that preempts could make the engine thread refuse a request submit() had accepted on the previous count."""
+    s = Scheduler(_config(num_blocks=3, max_waiting=1))
+    old, new = _req(0, n=4), _req(1, n=4)
+    s.add(old)
+    _step(s)
+    s.add(new)
+    _step(s)
+    _step(s)                                      # new is preempted back into the waiting queue
+    assert list(s.waiting) == [new] and new.num_preemptions == 1 and s.num_queued == 0
+    s.add(_req(2))                                # the one new request the bound allows
+    assert s.num_queued == 1 and len(s.waiting) == 2
+    with pytest.raises(QueueFull):
+        s.add(_req(3))
+
+
 def test_limits_are_checked_with_a_fix():
     with pytest.raises(ValueError, match="max_num_batched_tokens .* must be at least max_running"):
         SchedulerConfig(max_running=64, max_num_batched_tokens=32)

@@ -11,8 +11,9 @@ another, so an asyncio event loop only routes messages.
 
 Messages into the engine thread are typed (`AddRequest`, `AbortRequest`). Each request is submitted with one
 callback, called on the submitter's event loop with every `RequestOutput`, the last one finished (abort,
-error and engine failure included). The waiting-queue bound is decided in submit() (QueueFull, HTTP 429),
-with counts kept under a lock so the engine thread never has to refuse a request it was handed. submit()
+error and engine failure included). The waiting-queue bound (on new requests: preempted ones back in the
+queue were accepted already and do not count) is decided in submit() (QueueFull, HTTP 429), with counts kept
+under a lock so the engine thread never has to refuse a request it was handed. submit()
 also hands a mode-atv request's prompt to the generator thread at once; the engine thread wakes when a
 vector is ready, and admits the request then. When it has nothing to step, the engine thread makes the queued
 vectors itself (LLMEngine.make_queued_vectors), with all its torch threads.
@@ -74,7 +75,7 @@ class AsyncEngine:
         self._ids = itertools.count()
         self._lock = threading.Lock()   # guards the two counts below and `error`
         self._pending = 0               # AddRequests in the inbox
-        self._waiting = 0               # >= requests in the scheduler's waiting queue
+        self._waiting = 0               # >= new requests in the scheduler's waiting queue (preempted ones aside)
         self._stats = engine.stats()
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -220,7 +221,7 @@ class AsyncEngine:
     def _note_stats(self) -> None:
         stats = self.engine.stats()
         with self._lock:
-            self._waiting = stats.num_waiting
+            self._waiting = stats.num_queued
         self._stats = stats
 
     def _fail_all(self, reason: str) -> None:

@@ -102,6 +102,7 @@ class EngineStats:
     prefix_cache_queries: int = 0       # tokens of admitted sequences looked up in the prefix cache (cumulative)
     prefix_cache_hits: int = 0          # ... of which were reused instead of computed
     num_preemptions: int = 0            # running requests whose blocks were taken back (cumulative)
+    num_queued: int = 0                 # of num_waiting, those never admitted (what max_waiting bounds)
 
 
 class LLMEngine:
@@ -258,7 +259,7 @@ class LLMEngine:
         blocks = self.scheduler.blocks
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.runner.slots_used,
                            blocks.num_used, blocks.num_blocks, self.scheduler.prefix_queries,
-                           self.scheduler.prefix_hits, self.scheduler.num_preemptions)
+                           self.scheduler.prefix_hits, self.scheduler.num_preemptions, self.scheduler.num_queued)
 
     def fail(self, request: Request, message: str) -> RequestOutput:
         """End a request that never entered the scheduler with an error output."""

@@ -46,7 +46,8 @@ from atv_core.engine.request import Request, Status
 class SchedulerConfig:
     max_running: int = 32             # requests holding KV blocks (and vector slots)
     max_num_batched_tokens: int = 512 # tokens computed in one step: decodes + prompt chunks
-    max_waiting: int = 256            # beyond this, add() refuses (HTTP 429)
+    max_waiting: int = 256            # new requests waiting beyond this: add() refuses (HTTP 429); preempted
+                                      # requests back in the queue were accepted already and do not count
     block_size: int = 16              # tokens per KV block
     num_blocks: int = 4096            # KV blocks the memory budget holds
     long_prompt_tokens: int = 256     # prompts with more tokens left than this are 'long' ...
@@ -113,8 +114,13 @@ class Scheduler:
         self.prefix_hits = 0                # ... of which were found cached instead of computed
         self._unkeyed: set[int] = set()     # id() of requests admitted before their steering key was known
 
+    @property
+    def num_queued(self) -> int:
+        """Waiting requests never admitted yet (the waiting queue less the preempted ones): max_waiting's count."""
+        return sum(1 for r in self.waiting if not r.num_preemptions)
+
     def add(self, request: Request) -> None:
-        if len(self.waiting) >= self.config.max_waiting:
+        if self.num_queued >= self.config.max_waiting:
             raise QueueFull(f"waiting queue is full ({self.config.max_waiting} requests)")
         request.status = Status.WAITING
         self.waiting.append(request)
