@@ -72,7 +72,9 @@ def test_long_prompts_share_one_chunk_per_step_beside_decodes():
     for r in (first, second, short):
         s.add(r)
     assert _shape(_step(s)) == [("r0", 2, 1), ("r1", 0, 4), ("r3", 0, 5)]
-    assert second.status is Status.RUNNING and second.num_computed_tokens == 0   # admitted, its turn comes
+    # the long share is used up: second is not admitted to hold 8 blocks idle; the short one behind it goes
+    assert second.status is Status.WAITING and not second.block_table and list(s.waiting) == [second]
+    assert s.blocks.num_used == 1 + 8 + 2
     s.finish(decoding)
     s.finish(short)
     assert _shape(_step(s)) == [("r1", 4, 26), ("r2", 0, 30)]                   # no decodes: whole budget

@@ -10,9 +10,10 @@ Every engine step computes one packed batch of `Chunk`s under a token budget (`m
    waiting requests admitted first-come first-served while blocks (for their whole sequence so far), running
    slots and budget allow. Short prompts (at most `long_prompt_tokens` left) go whole. *Long* prompts share
    `long_prefill_chunk` tokens per step (oldest first), so they neither stall the decodes and short prompts
-   beside them nor wait for them to finish; in a step with no decodes the unused budget goes to the prompt
-   chunks (shortest remaining first), so a prompt alone gets the whole budget. A waiting request that is not
-   `ready` (its vector is still being made) is passed over and keeps its place.
+   beside them nor wait for them to finish; a long prompt that would get no tokens this step is not admitted
+   (it would hold its blocks idle) and keeps its place. In a step with no decodes the unused budget goes to
+   the prompt chunks (shortest remaining first), so a prompt alone gets the whole budget. A waiting request
+   that is not `ready` (its vector is still being made) is passed over and keeps its place.
 
 A chunk whose last token is the last of its request's sequence `samples`: the runner returns logits for it
 and the engine appends a token. A request's `num_computed_tokens` advances when it is scheduled.
@@ -174,6 +175,9 @@ class Scheduler:
         ready = self._ready_waiting()
         while share.tokens and len(self.running) < self.config.max_running and (request := next(ready, None)):
             found = self._cached_prefix(request)
+            if has_decodes and not share.long and \
+                    request.num_tokens - len(found) * self.config.block_size > share.long_prompt_tokens:
+                continue  # a long prompt with no long share left would hold its blocks idle: a later step
             needed = blocks_for(request.num_tokens, self.config.block_size) - len(found)
             if not self.blocks.can_allocate(needed + self.blocks.num_evictable_in(found)):
                 break  # first come, first served: no ready request overtakes the oldest ready one
