@@ -104,7 +104,7 @@ async def completion_choices(body: CompletionRequest, engine, state: ServingStat
         raise APIError(400, "max_tokens 0 samples nothing: send it with echo true (the prompt back; with logprobs "
                        "also scored)", "max_tokens")
     # echo with max_tokens 0 is the prompt back (OpenAI); the engine runs it as a prompt scoring, logprobs or not
-    prompt_logprobs = body.prompt_logprobs if body.prompt_logprobs is not None or body.max_tokens != 0 else 0
+    prompt_logprobs = body.echo_logprobs if body.echo_logprobs is not None or body.max_tokens != 0 else 0
     _check_choice_count(len(body.prompts) * body.n, engine)
     choices = []
     for p, prompt in enumerate(body.prompts):
@@ -211,6 +211,8 @@ def _choices(body: SamplingFields, prompt_index: int, ids: list[int], prompt_tex
                                     stop_token_ids=tuple(body.stop_token_ids or ()),
                                     ignore_eos=body.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                                     logit_bias=body.bias, repetition_penalty=body.repetition_penalty or 1.0,
+                                    allowed_token_ids=None if body.allowed_token_ids is None
+                                    else tuple(body.allowed_token_ids),
                                     frequency_penalty=body.frequency_penalty or 0.0,
                                     presence_penalty=body.presence_penalty or 0.0, min_p=body.min_p or 0.0,
                                     min_tokens=body.min_tokens or 0,

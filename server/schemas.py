@@ -5,9 +5,9 @@ Bad input is refused by the schema itself (bounds, Literal, strict types: a floa
 `temperature` is a 400), never by hand-written checks; the only checks left to the routes are the ones
 that depend on the loaded model or the settings (model name, prompt length, max_tokens limit). Unknown
 fields are ignored, as OpenAI clients send fields this server does not use; OpenAI fields it does not implement
-(best_of, suffix, response_format, tools, tool_choice, functions, function_call) and vLLM's sampling extensions
-it does not implement (guided_*, use_beam_search, ...) pass only with their neutral values, and anything else is a
-400 rather than silently dropped. Streaming chunks are plain
+(best_of, suffix, response_format, tools, tool_choice, functions, function_call) and vLLM's extensions it does not
+implement (guided_*, structured_outputs, bad_words, use_beam_search, cache_salt, ...) pass only with their neutral
+values, and anything else is a 400 rather than silently dropped. Streaming chunks are plain
 dicts built in server/formatting.py, in OpenAI's chunk shape.
 """
 from __future__ import annotations
@@ -134,6 +134,8 @@ class SamplingFields(BaseModel):
                                              "is in the output so far")
     logit_bias: dict[Annotated[str, AfterValidator(token_id_key)], Bias] | None = Field(
         None, description="token id (a JSON string key) -> bias added to its logit, -100..100")
+    allowed_token_ids: Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)] | None = Field(
+        None, description="vLLM's extension: only these token ids may be sampled (e.g. a classifier's labels)")
     repetition_penalty: Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0.0, le=100.0)] | None = Field(
         None, description="vLLM's extension: a logit of a token in the prompt or the output is divided by it when "
         "positive, multiplied when negative (1: none)")
@@ -154,6 +156,22 @@ class SamplingFields(BaseModel):
     guided_regex: Annotated[object, neutral_only()] = None
     guided_choice: Annotated[object, neutral_only()] = None
     guided_grammar: Annotated[object, neutral_only()] = None
+    guided_whitespace_pattern: Annotated[object, neutral_only()] = None
+    response_format: Annotated[object, neutral_only({"type": "text"})] = None   # vLLM's on completions too
+    structured_outputs: Annotated[object, neutral_only()] = None
+    bad_words: Annotated[object, neutral_only([])] = None
+    truncate_prompt_tokens: Annotated[object, neutral_only()] = None
+    prompt_logprobs: Annotated[object, neutral_only()] = None          # (completions: echo with logprobs)
+    logprob_token_ids: Annotated[object, neutral_only()] = None
+    return_tokens_as_token_ids: Annotated[object, neutral_only(False)] = None
+    return_token_ids: Annotated[object, neutral_only(False)] = None
+    length_penalty: Annotated[object, neutral_only(1.0, 1)] = None     # beam search's
+    priority: Annotated[object, neutral_only(0)] = None
+    cache_salt: Annotated[object, neutral_only()] = None
+    thinking_token_budget: Annotated[object, neutral_only(-1)] = None
+    repetition_detection: Annotated[object, neutral_only()] = None
+    vllm_xargs: Annotated[object, neutral_only()] = None
+    kv_transfer_params: Annotated[object, neutral_only()] = None
 
     @field_validator("stream_options")
     @classmethod
@@ -187,6 +205,9 @@ class CompletionRequest(SamplingFields):
     best_of: StrictInt | None = Field(None, description="only equal to n: every candidate is returned, as nothing "
                                       "ranks candidates here")
     suffix: Annotated[object, neutral_only("")] = None
+    # vLLM's completions extensions not implemented here
+    add_special_tokens: Annotated[object, neutral_only(True)] = None    # special tokens are added, as vLLM's default
+    prompt_embeds: Annotated[object, neutral_only()] = None
 
     @field_validator("best_of")
     @classmethod
@@ -197,7 +218,8 @@ class CompletionRequest(SamplingFields):
         return value
 
     @property
-    def prompt_logprobs(self) -> int | None:
+    def echo_logprobs(self) -> int | None:
+        """Alternatives per prompt token: echo with logprobs scores the prompt."""
         return self.logprobs if self.echo else None
 
     @property
@@ -262,7 +284,6 @@ class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
     max_completion_tokens: Annotated[StrictInt, Field(ge=1, le=INT64_MAX)] | None = None
     logprobs: StrictBool = False
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None        # OpenAI's chat range (completions: 5)
-    response_format: Annotated[object, neutral_only({"type": "text"})] = None
     tools: Annotated[object, neutral_only([])] = None
     tool_choice: Annotated[object, neutral_only("none", "auto")] = None
     functions: Annotated[object, neutral_only([])] = None          # the deprecated form of tools

@@ -442,12 +442,21 @@ def test_logit_processing_is_the_documented_expression():
     assert not SamplingParams(logit_bias={5: 0}).processes_logits
     with pytest.raises(ValueError, match="logit_bias must be"):
         SamplingParams(logit_bias=(4, 10.0))
+    # allowed_token_ids: every other token -inf, first (a bias on a blocked token leaves it blocked)
+    allowed = Request("a", [0], SamplingParams(allowed_token_ids=[1, 3], logit_bias={0: 5.0, 3: 1.0}), SteeringSpec("off"))
+    inf = float("-inf")
+    assert torch.equal(process(logits, [allowed])[0], torch.tensor([inf, -1.0, inf, 4.0, inf, inf, inf]))
+    assert allowed.params.allowed_token_ids == (1, 3) and allowed.params.processes_logits
+    with pytest.raises(InvalidRequest, match="non-empty") as info:
+        SamplingParams(allowed_token_ids=[])
+    assert info.value.field == "allowed_token_ids"
     assert torch.equal(logits, torch.tensor([[2.0, -1.0, 0.5, 3.0, 0.0, 1.0, 3.0]]))   # the input is never changed
 
 
 @pytest.mark.parametrize("options, hf", [
     ({"repetition_penalty": 1.8}, {"repetition_penalty": 1.8}),
     ({"logit_bias": {7: 3.0, 11: -2.0, 40: 1.5}}, {"sequence_bias": {(7,): 3.0, (11,): -2.0, (40,): 1.5}}),
+    ({"allowed_token_ids": (7, 11, 40, 52)}, {"prefix_allowed_tokens_fn": lambda _batch, _ids: [7, 11, 40, 52]}),
 ])
 def test_greedy_bias_and_repetition_penalty_match_transformers_generate(parts, options, hf):
     model, tok, _ = parts
@@ -562,6 +571,9 @@ def test_min_tokens_masks_stop_tokens_and_include_stop_keeps_the_stop_token_text
     with pytest.raises(InvalidRequest, match="logit_bias: token id") as info:
         engine.validate(_request(tok, "v", "x", SamplingParams(logit_bias={100000: 1.0}), mode="off"))
     assert info.value.field == "logit_bias"
+    with pytest.raises(InvalidRequest, match="allowed_token_ids: token id 100000") as info:
+        engine.validate(_request(tok, "v", "x", SamplingParams(allowed_token_ids=[5, 100000]), mode="off"))
+    assert info.value.field == "allowed_token_ids"
     with pytest.raises(InvalidRequest, match="min_tokens") as info:
         SamplingParams(max_tokens=3, min_tokens=4)
     assert info.value.field == "min_tokens"

@@ -500,6 +500,9 @@ def test_chat_template_options_shape_the_prompt_as_vllm(main):
     ({"prompt": "x", "logit_bias": {"5": 1, "100000000": 1}}, "logit_bias"),   # outside the vocabulary
     ({"prompt": "x", "logit_bias": [5, 1]}, "logit_bias"),
     ({"prompt": "x", "stop_token_ids": [5, 100000000], "min_tokens": 1}, "stop_token_ids"),   # outside the vocabulary
+    ({"prompt": "x", "allowed_token_ids": []}, "allowed_token_ids"),
+    ({"prompt": "x", "allowed_token_ids": [5, 100000000]}, "allowed_token_ids"),   # outside the vocabulary
+    ({"prompt": "x", "allowed_token_ids": [5, -1]}, "allowed_token_ids.1"),
     # OpenAI fields not implemented here: a non-neutral value is refused, never silently dropped
     ({"prompt": "x", "best_of": 3}, "best_of"),
     ({"prompt": "x", "n": 2, "best_of": 3}, "best_of"),                 # only best_of == n is neutral
@@ -556,11 +559,23 @@ def test_invalid_json_and_chat_fields_are_400(main):
                "tools": [], "tool_choice": "auto", "max_tokens": 2}   # what some clients send by default
     assert main.post("/v1/chat/completions", {"messages": user, **neutral}).status_code == 200
     assert completion(main, best_of=1, suffix="", frequency_penalty=0, max_tokens=2)["choices"]
-    for field, value in (("guided_choice", ["a"]), ("use_beam_search", True),
-                         ("spaces_between_special_tokens", False)):   # vLLM's extensions not implemented here
+    unsupported = (("guided_choice", ["a"]), ("use_beam_search", True), ("spaces_between_special_tokens", False),
+                   ("response_format", {"type": "json_object"}), ("structured_outputs", {"choice": ["a", "b"]}),
+                   ("bad_words", ["a"]), ("truncate_prompt_tokens", 8), ("prompt_logprobs", 1),
+                   ("logprob_token_ids", [5]), ("return_tokens_as_token_ids", True), ("return_token_ids", True),
+                   ("length_penalty", 2.0), ("priority", 1), ("cache_salt", "s"), ("thinking_token_budget", 5),
+                   ("repetition_detection", {"max_pattern_size": 4}), ("vllm_xargs", {"k": 1}),
+                   ("kv_transfer_params", {"k": 1}), ("guided_whitespace_pattern", " "))
+    for field, value in unsupported:   # vLLM's extensions not implemented here: never silently dropped
+        assert_error(main.post("/v1/completions", {"prompt": "x", field: value}), 400, field)
+        assert_error(main.post("/v1/chat/completions", {"messages": user, field: value}), 400, field)
+    for field, value in (("add_special_tokens", False), ("prompt_embeds", "AAAA")):   # completions' own
         assert_error(main.post("/v1/completions", {"prompt": "x", field: value}), 400, field)
     vllm_neutral = {"min_tokens": 0, "repetition_penalty": 1.0, "min_p": 0, "include_stop_str_in_output": False,
-                    "skip_special_tokens": True, "use_beam_search": False, "guided_json": None}
+                    "skip_special_tokens": True, "use_beam_search": False, "guided_json": None,
+                    "response_format": {"type": "text"}, "bad_words": [], "return_token_ids": False,
+                    "length_penalty": 1.0, "priority": 0, "thinking_token_budget": -1, "add_special_tokens": True,
+                    "cache_salt": None}
     assert completion(main, max_tokens=2, **vllm_neutral)["choices"]
     # also neutral: best_of equal to n (every candidate returned), biases of 0, null logit processing
     assert len(completion(main, n=2, best_of=2, logit_bias={"5": 0, "7": 0.0}, max_tokens=2)["choices"]) == 2
@@ -593,6 +608,12 @@ def test_logit_bias_penalties_and_min_p_reach_the_sampler(main):
                for s in range(3)]
     assert sampled == [plain] * 3
     assert completion(main, **{**greedy, "temperature": 1.0}, seed=0)["choices"][0]["logprobs"]["tokens"] != plain
+    # allowed_token_ids: sampled at temperature 1, every token is one of the allowed
+    labels = {main.post("/detokenize", {"tokens": [t]}).json()["prompt"] for t in (9, 13)}
+    for s in range(3):
+        tokens = completion(main, **{**greedy, "temperature": 1.0}, seed=s,
+                            allowed_token_ids=[9, 13])["choices"][0]["logprobs"]["tokens"]
+        assert set(tokens) <= labels and len(tokens) == 8, tokens
 
 
 def test_min_tokens_include_stop_str_and_special_tokens_reach_the_engine(main):

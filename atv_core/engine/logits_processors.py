@@ -1,8 +1,9 @@
-"""min_tokens, logit bias and repetition / frequency / presence penalties, per request, before sampling (vLLM's
-order and meaning; min_p is the sampler's, as it comes after the temperature).
+"""Allowed token ids, min_tokens, logit bias and repetition / frequency / presence penalties, per request, before
+sampling (vLLM's order and meaning; min_p is the sampler's, as it comes after the temperature).
 
 For a row of logits x [V] of a request with prompt tokens P and output tokens O so far:
 
+    x[t] = -inf                                          for t not in allowed_token_ids (when given)
     x[t] = -inf                                          for t in EOS + stop_token_ids, while |O| < min_tokens
     x[t] += bias[t]                                      for each (t, bias) in logit_bias
     x[t] = x[t] / r if x[t] > 0 else x[t] * r            for each distinct t in P + O   (repetition_penalty r)
@@ -10,8 +11,8 @@ For a row of logits x [V] of a request with prompt tokens P and output tokens O 
 
 Rows whose request asks for none of these are not touched, and when no row asks, the logits are returned as
 they are (no copy). Otherwise the result is a copy: the engine reports logprobs from the model's own logits
-(vLLM's default, "raw" logprobs), and samples from these. A request's bias tensors and the distinct ids of its
-prompt (for the repetition penalty) are built once, not every step, and kept until `forget`.
+(vLLM's default, "raw" logprobs), and samples from these. A request's allowed-ids mask, bias tensors and the
+distinct ids of its prompt (for the repetition penalty) are built once, not every step, and kept until `forget`.
 Rows are processed one by one: cheap for the few requests that ask, not batched across rows.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ class LogitsProcessors:
         self.eos_ids = frozenset(eos_ids)
         self._prompt_tokens: dict[str, torch.Tensor] = {}   # request id -> its distinct prompt ids (on the device)
         self._bias: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}   # request id -> (ids, biases) (on the device)
+        self._blocked: dict[str, torch.Tensor] = {}   # request id -> [V] bool, True where not in allowed_token_ids
 
     def process(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
         """logits [N, V] (fp32), one row per request -> the logits to sample from."""
@@ -43,14 +45,21 @@ class LogitsProcessors:
     def forget(self, request_id: str) -> None:
         self._prompt_tokens.pop(request_id, None)
         self._bias.pop(request_id, None)
+        self._blocked.pop(request_id, None)
 
     @property
     def cached(self) -> int:
         """Requests with tensors kept here (0 once every request has been forgotten)."""
-        return len(self._prompt_tokens.keys() | self._bias.keys())
+        return len(self._prompt_tokens.keys() | self._bias.keys() | self._blocked.keys())
 
     def _row(self, row: torch.Tensor, request: Request) -> None:
         params, device = request.params, row.device
+        if params.allowed_token_ids is not None:
+            blocked = self._blocked.get(request.request_id)
+            if blocked is None:
+                blocked = self._blocked[request.request_id] = torch.ones(row.shape[0], dtype=torch.bool, device=device)
+                blocked[torch.tensor(params.allowed_token_ids, device=device)] = False
+            row.masked_fill_(blocked, float("-inf"))
         if len(request.output_ids) < params.min_tokens:
             stops = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
             if stops:

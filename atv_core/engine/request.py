@@ -50,7 +50,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None       # number of top alternatives to report per token (0..20)
     prompt_logprobs: int | None = None  # also score the prompt: logprob of each prompt token + top alternatives
-    # logit processing (logits_processors.py), in vLLM's order and meaning: bias, then penalties, then min_p
+    # logit processing (logits_processors.py), in vLLM's order and meaning: allowed ids, min_tokens, bias, then
+    # penalties, then min_p
+    allowed_token_ids: tuple[int, ...] | None = None  # only these may be sampled (None: any)
     logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, bias added to its logit); a dict is taken too
     repetition_penalty: float = 1.0   # > 1 discourages every token of prompt + output (divides a positive logit)
     frequency_penalty: float = 0.0    # subtracted per occurrence in the output
@@ -87,6 +89,9 @@ class SamplingParams:
             (0 <= self.min_p <= 1, "min_p", f"min_p must be in [0, 1], got {self.min_p}"),
             (isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= max(self.max_tokens, 0), "min_tokens",
              f"min_tokens must be an int in [0, max_tokens ({self.max_tokens})], got {self.min_tokens!r}"),
+            (self.allowed_token_ids is None or (len(self.allowed_token_ids) > 0 and all(
+                isinstance(t, int) and t >= 0 for t in self.allowed_token_ids)), "allowed_token_ids",
+             "allowed_token_ids must be a non-empty list of token ids >= 0 (leave it out to allow every token)"),
             (all(isinstance(t, int) and t >= 0 and isinstance(b, (int, float)) and -100 <= b <= 100
                  for t, b in self.logit_bias), "logit_bias",
              "logit_bias must map token ids >= 0 to biases in [-100, 100]"),
@@ -96,12 +101,14 @@ class SamplingParams:
                 raise InvalidRequest(message, name)
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if self.allowed_token_ids is not None:
+            object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids))
 
     @property
     def processes_logits(self) -> bool:
         """Whether the logits need bias or penalties (min_tokens' mask: while the output is shorter; min_p: the
         sampler's)."""
-        return bool(self.logit_bias) or self.repetition_penalty != 1 or bool(self.frequency_penalty) \
+        return self.allowed_token_ids is not None or bool(self.logit_bias) or self.repetition_penalty != 1 or bool(self.frequency_penalty) \
             or bool(self.presence_penalty)
 
     @property
