@@ -574,6 +574,11 @@ def test_min_tokens_masks_stop_tokens_and_include_stop_keeps_the_stop_token_text
     with pytest.raises(InvalidRequest, match="allowed_token_ids: token id 100000") as info:
         engine.validate(_request(tok, "v", "x", SamplingParams(allowed_token_ids=[5, 100000]), mode="off"))
     assert info.value.field == "allowed_token_ids"
+    with pytest.raises(InvalidRequest, match="only tokens that end") as info:   # nothing min_tokens leaves to sample
+        engine.validate(_request(tok, "v", "x", SamplingParams(allowed_token_ids=[2, 5], stop_token_ids=[5],
+                                                               min_tokens=1), mode="off"))
+    assert info.value.field == "allowed_token_ids"
+    engine.validate(_request(tok, "v", "x", SamplingParams(allowed_token_ids=[2, 5], min_tokens=1), mode="off"))
     with pytest.raises(InvalidRequest, match="min_tokens") as info:
         SamplingParams(max_tokens=3, min_tokens=4)
     assert info.value.field == "min_tokens"

@@ -172,6 +172,12 @@ class LLMEngine:
             if bad:
                 raise InvalidRequest(f"{name}: token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})",
                                      name)
+        params = request.params
+        if params.min_tokens and params.allowed_token_ids is not None and set(params.allowed_token_ids) <= \
+                set(params.stop_token_ids) | (set() if params.ignore_eos else self.processors.eos_ids):
+            raise InvalidRequest("allowed_token_ids holds only tokens that end the completion (EOS or "
+                                 "stop_token_ids), which min_tokens forbids before its count: allow another token "
+                                 "or drop min_tokens", "allowed_token_ids")
         total = request.num_prompt_tokens + request.params.max_tokens
         if total > self.max_model_len:
             raise PromptTooLong(f"prompt ({request.num_prompt_tokens} tokens) + max_tokens "
