@@ -53,6 +53,7 @@ class Choice:
     first_token_at: float | None = None
     last_token_at: float | None = None
     queue_time_s: float | None = None  # arrival in the engine -> admission into a prefill
+    cache_salt: str | None = None      # vLLM's: prefix-cache blocks shared only with requests of the same salt
     spec: SteeringSpec | None = None   # this choice's steering where it is not the job's (default steering of a
                                        # prompt the generator has no text to read: off)
 
@@ -120,7 +121,7 @@ class Job:
             try:
                 self.engine.submit(choice.prompt_ids, choice.params, self.spec_for(choice),
                                    functools.partial(self._on_output, choice), prompt_text=choice.prompt_text,
-                                   request_id=self.request_id(choice))
+                                   request_id=self.request_id(choice), cache_salt=choice.cache_salt)
             except Exception as exc:  # QueueFull, PromptTooLong, ValueError, EngineDead: its HTTP status
                 raise from_engine_error(exc, prompt_param) from exc
             self._submitted.append(choice)

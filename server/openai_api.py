@@ -220,7 +220,8 @@ def _choices(body: SamplingFields, prompt_index: int, ids: list[int], prompt_tex
                                     skip_special_tokens=body.skip_special_tokens is not False)
         except ValueError as exc:   # InvalidRequest naming its field
             raise from_engine_error(exc) from exc
-        choices.append(Choice(first_index + j, prompt_index, ids, prompt_text, params, echo_text))
+        choices.append(Choice(first_index + j, prompt_index, ids, prompt_text, params, echo_text,
+                              cache_salt=body.cache_salt))
     return choices
 
 

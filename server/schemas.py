@@ -6,7 +6,7 @@ Bad input is refused by the schema itself (bounds, Literal, strict types: a floa
 that depend on the loaded model or the settings (model name, prompt length, max_tokens limit). Unknown
 fields are ignored, as OpenAI clients send fields this server does not use; OpenAI fields it does not implement
 (best_of, suffix, response_format, tools, tool_choice, functions, function_call) and vLLM's extensions it does not
-implement (guided_*, structured_outputs, bad_words, use_beam_search, cache_salt, ...) pass only with their neutral
+implement (guided_*, structured_outputs, bad_words, use_beam_search, ...) pass only with their neutral
 values, and anything else is a 400 rather than silently dropped. Streaming chunks are plain
 dicts built in server/formatting.py, in OpenAI's chunk shape.
 """
@@ -134,6 +134,8 @@ class SamplingFields(BaseModel):
                                              "is in the output so far")
     logit_bias: dict[Annotated[str, AfterValidator(token_id_key)], Bias] | None = Field(
         None, description="token id (a JSON string key) -> bias added to its logit, -100..100")
+    cache_salt: NonEmptyStr | None = Field(None, description="vLLM's extension: prefix-cache blocks are shared only "
+                                           "between requests with the same salt (none: with unsalted requests)")
     allowed_token_ids: Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)] | None = Field(
         None, description="vLLM's extension: only these token ids may be sampled (e.g. a classifier's labels)")
     repetition_penalty: Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0.0, le=100.0)] | None = Field(
@@ -167,7 +169,6 @@ class SamplingFields(BaseModel):
     return_token_ids: Annotated[object, neutral_only(False)] = None
     length_penalty: Annotated[object, neutral_only(1.0, 1)] = None     # beam search's
     priority: Annotated[object, neutral_only(0)] = None
-    cache_salt: Annotated[object, neutral_only()] = None
     thinking_token_budget: Annotated[object, neutral_only(-1)] = None
     repetition_detection: Annotated[object, neutral_only()] = None
     vllm_xargs: Annotated[object, neutral_only()] = None

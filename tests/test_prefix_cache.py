@@ -83,6 +83,24 @@ def test_admission_shares_full_prefix_blocks_but_never_the_block_with_the_last_t
     assert (s.prefix_queries, s.prefix_hits) == (13 + 13 + 12, 12 + 8)
 
 
+def test_a_cache_salt_shares_blocks_only_with_the_same_salt():
+    """vLLM's cache_salt: block 0's hash chains from the salt, so a prompt is found only by requests with its salt."""
+    s = _scheduler()
+    ids = list(range(1, 14))                         # blocks 0-2 full and shareable
+    first = _plain("a", ids)
+    first.cache_salt = "tenant-1"
+    s.add(first)
+    _computed(s, s.schedule())
+    for rid, salt, hits in (("unsalted", None, 0), ("other", "tenant-2", 0), ("same", "tenant-1", 12)):
+        request = _plain(rid, ids)
+        request.cache_salt = salt
+        before = s.prefix_hits
+        s.add(request)
+        _computed(s, s.schedule())
+        assert s.prefix_hits - before == hits, rid
+        assert (set(request.block_table[:3]) == set(first.block_table[:3])) == bool(hits), rid
+
+
 @pytest.mark.parametrize("position, shared", [("all", 0), ("last", 8)])
 def test_different_vectors_share_only_unsteered_blocks(position, shared):
     s = _scheduler(position)

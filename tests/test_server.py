@@ -563,7 +563,7 @@ def test_invalid_json_and_chat_fields_are_400(main):
                    ("response_format", {"type": "json_object"}), ("structured_outputs", {"choice": ["a", "b"]}),
                    ("bad_words", ["a"]), ("truncate_prompt_tokens", 8), ("prompt_logprobs", 1),
                    ("logprob_token_ids", [5]), ("return_tokens_as_token_ids", True), ("return_token_ids", True),
-                   ("length_penalty", 2.0), ("priority", 1), ("cache_salt", "s"), ("thinking_token_budget", 5),
+                   ("length_penalty", 2.0), ("priority", 1), ("thinking_token_budget", 5),
                    ("repetition_detection", {"max_pattern_size": 4}), ("vllm_xargs", {"k": 1}),
                    ("kv_transfer_params", {"k": 1}), ("guided_whitespace_pattern", " "))
     for field, value in unsupported:   # vLLM's extensions not implemented here: never silently dropped
@@ -574,8 +574,7 @@ def test_invalid_json_and_chat_fields_are_400(main):
     vllm_neutral = {"min_tokens": 0, "repetition_penalty": 1.0, "min_p": 0, "include_stop_str_in_output": False,
                     "skip_special_tokens": True, "use_beam_search": False, "guided_json": None,
                     "response_format": {"type": "text"}, "bad_words": [], "return_token_ids": False,
-                    "length_penalty": 1.0, "priority": 0, "thinking_token_budget": -1, "add_special_tokens": True,
-                    "cache_salt": None}
+                    "length_penalty": 1.0, "priority": 0, "thinking_token_budget": -1, "add_special_tokens": True}
     assert completion(main, max_tokens=2, **vllm_neutral)["choices"]
     # also neutral: best_of equal to n (every candidate returned), biases of 0, null logit processing
     assert len(completion(main, n=2, best_of=2, logit_bias={"5": 0, "7": 0.0}, max_tokens=2)["choices"]) == 2
@@ -893,6 +892,15 @@ def test_prefix_cache_counters_count_a_repeated_prompt(main):
     hits = metric(after, "atv_prefix_cache_hits_total") - metric(before, "atv_prefix_cache_hits_total")
     assert metric(after, "atv_prefix_cache_queries_total") - metric(before, "atv_prefix_cache_queries_total") == 2 * n
     assert hits == (n - 1) // 16 * 16 > 0    # the second request reuses every full block before its last token
+    # cache_salt: the same prompt under another salt finds nothing; a second request with that salt finds it all
+    salted = prompt.replace("system", "salted")
+    for salt, want in (("tenant-a", 0), ("tenant-b", 0), ("tenant-b", hits), (None, 0)):
+        before = scrape(main.url)
+        completion(main, prompt=salted, max_tokens=2, ignore_eos=True, atv={"mode": "off"},
+                   **({"cache_salt": salt} if salt else {}))
+        found = metric(scrape(main.url), "atv_prefix_cache_hits_total") - metric(before, "atv_prefix_cache_hits_total")
+        assert found == want, (salt, found)
+    assert_error(main.post("/v1/completions", {"prompt": "x", "cache_salt": ""}), 400, "cache_salt")
 
 
 def test_http_statuses_are_counted(main):

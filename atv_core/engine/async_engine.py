@@ -142,11 +142,11 @@ class AsyncEngine:
     # ---- requests -------------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams, steering: SteeringSpec,
                on_output: Callable[[RequestOutput], None], *, prompt_text: str = "",
-               request_id: str | None = None) -> str:
+               request_id: str | None = None, cache_salt: str | None = None) -> str:
         """Queue one request; on_output(out) then runs on this event loop for each of its outputs, the last
         with out.finished. Raises ValueError / PromptTooLong (bad request), QueueFull, EngineDead."""
         request = Request(request_id or f"req-{next(self._ids)}", list(prompt_ids), params, steering, prompt_text,
-                          on_output=_on_loop(asyncio.get_running_loop(), on_output))
+                          on_output=_on_loop(asyncio.get_running_loop(), on_output), cache_salt=cache_salt)
         self.engine.validate(request)
         with self._lock:
             if not self.is_alive:

@@ -6,7 +6,8 @@ A request owns the blocks listed in its `block_table`; token p of its sequence l
 `block_table[p // block_size] * block_size + p % block_size`.
 
 Prefix caching (vLLM's design, as in nano-vllm): a *full* block whose K/V are computed can be `register`ed
-under its chain hash (`chain_hash`: the previous block's hash, the block's token ids and its steering key),
+under its chain hash (`chain_hash`: the previous block's hash, or for block 0 the request's cache salt if any,
+the block's token ids and its steering key),
 and another request whose sequence starts with the same blocks shares it instead of recomputing it. Blocks
 are reference counted: a block returns to the free pool when its last request lets go of it, and a
 registered one keeps its content there (*evictable*), findable by hash, until it is handed out again
@@ -33,6 +34,14 @@ from typing import Sequence
 def blocks_for(num_tokens: int, block_size: int) -> int:
     """Blocks needed to hold num_tokens tokens."""
     return -(-num_tokens // block_size)
+
+
+def salt_root(salt: str | None) -> bytes | None:
+    """What block 0's hash chains from: None, or for a request with a cache salt (vLLM's `cache_salt`) a digest
+    of it, so that only requests with the same salt can find each other's blocks."""
+    if salt is None:
+        return None
+    return hashlib.blake2b(b"cache_salt\0" + salt.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 def chain_hash(previous: bytes | None, token_ids: Sequence[int], steering: bytes | None) -> bytes:

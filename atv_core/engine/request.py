@@ -210,6 +210,7 @@ class Request:
     steering: SteeringSpec = field(default_factory=SteeringSpec)
     prompt_text: str = ""             # what the generator reads (through its input template)
     vector: object | None = None      # optional precomputed [L_sel, d] tensor used instead of the generator's
+    cache_salt: str | None = None     # prefix cache: blocks are shared only between requests with the same salt
     on_output: Callable[[RequestOutput], None] | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     status: Status = Status.WAITING

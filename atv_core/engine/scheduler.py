@@ -39,7 +39,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Sequence
 
-from atv_core.engine.block_manager import BlockManager, blocks_for, chain_hash
+from atv_core.engine.block_manager import BlockManager, blocks_for, chain_hash, salt_root
 from atv_core.engine.request import Request, Status
 
 
@@ -273,7 +273,8 @@ class Scheduler:
         size, hashes = self.config.block_size, request.block_hashes
         while len(hashes) <= i:
             j = len(hashes)
-            hashes.append(chain_hash(hashes[-1] if hashes else None, request.token_slice(j * size, (j + 1) * size),
+            previous = hashes[-1] if hashes else salt_root(request.cache_salt)
+            hashes.append(chain_hash(previous, request.token_slice(j * size, (j + 1) * size),
                                      self._block_steering(request, j)))
         return hashes[i]
 
