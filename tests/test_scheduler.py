@@ -80,6 +80,26 @@ def test_long_prompts_share_one_chunk_per_step_beside_decodes():
     assert _shape(_step(s)) == [("r1", 4, 26), ("r2", 0, 30)]                   # no decodes: whole budget
 
 
+def test_nothing_passes_a_preempted_long_prompt_so_vector_slots_never_run_out():
+    """A preempted request keeps its vector slot while it waits: if a request behind it were admitted (a long
+    prompt passed over for lack of long share), running + preempted could exceed max_running, the runner's slot
+    count (found by a review: the engine thread died with 'no free vector slot')."""
+    s = Scheduler(_config(max_running=3, num_blocks=21))
+    decoding, long, preempted, short = _req(0, n=4), _req(1, n=60), _req(2, n=14), _req(3, n=4)
+    s.add(decoding)
+    for step in range(8):
+        if step == 1:
+            s.add(long)
+            s.add(preempted)
+        if step == 3:
+            s.add(short)
+        _step(s)
+        holders = len(s.running) + sum(1 for r in s.waiting if r.num_preemptions)
+        assert holders <= 3, (step, [r.request_id for r in s.running])
+    assert preempted.num_preemptions and preempted.status is Status.WAITING   # the case this test is about
+    assert list(s.waiting) == [preempted, short]                              # short waits behind it
+
+
 def test_without_decodes_spare_budget_goes_to_the_prompts_nearest_their_end():
     s = Scheduler(_config(max_num_batched_tokens=40))
     a, b = _req(0, n=60), _req(1, n=20)

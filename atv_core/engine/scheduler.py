@@ -10,8 +10,9 @@ Every engine step computes one packed batch of `Chunk`s under a token budget (`m
    waiting requests admitted first-come first-served while blocks (for their whole sequence so far), running
    slots and budget allow. Short prompts (at most `long_prompt_tokens` left) go whole. *Long* prompts share
    `long_prefill_chunk` tokens per step (oldest first), so they neither stall the decodes and short prompts
-   beside them nor wait for them to finish; a long prompt that would get no tokens this step is not admitted
-   (it would hold its blocks idle) and keeps its place. In a step with no decodes the unused budget goes to
+   beside them nor wait for them to finish; a new long prompt that would get no tokens this step is not
+   admitted (it would hold its blocks idle) and keeps its place, while shorter ones behind it may go (a
+   preempted one is admitted all the same: it holds a vector slot, so nothing may pass it). In a step with no decodes the unused budget goes to
    the prompt chunks (shortest remaining first), so a prompt alone gets the whole budget. A waiting request
    that is not `ready` (its vector is still being made) is passed over and keeps its place.
 
@@ -175,12 +176,14 @@ class Scheduler:
         ready = self._ready_waiting()
         while share.tokens and len(self.running) < self.config.max_running and (request := next(ready, None)):
             found = self._cached_prefix(request)
-            if has_decodes and not share.long and \
+            if has_decodes and not share.long and not request.num_preemptions and \
                     request.num_tokens - len(found) * self.config.block_size > share.long_prompt_tokens:
-                continue  # a long prompt with no long share left would hold its blocks idle: a later step
+                continue  # a new long prompt with no long share left would hold its blocks idle: a later step.
+                # Never a preempted one: it keeps its vector slot while it waits, so a request admitted past
+                # it could find every slot taken (running + preempted never exceed max_running).
             needed = blocks_for(request.num_tokens, self.config.block_size) - len(found)
             if not self.blocks.can_allocate(needed + self.blocks.num_evictable_in(found)):
-                break  # first come, first served: no ready request overtakes the oldest ready one
+                break  # first come, first served for blocks: no ready request overtakes the oldest ready one
             self.waiting.remove(request)
             self._admit(request, found, needed)
             planned.append([request, share.take(request)])
