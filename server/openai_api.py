@@ -113,7 +113,8 @@ async def completion_choices(body: CompletionRequest, engine, state: ServingStat
         # echo gives the prompt as sent; a token-id prompt's every token, special ones too, as its logprobs do
         echo = "" if not body.echo else prompt if isinstance(prompt, str) else \
             await engine.decode(prompt, skip_special_tokens=False)
-        choices += _choices(body, p, ids, text, max_tokens, body.logprobs, len(choices), prompt_logprobs, echo)
+        choices += _choices(body, p, ids, text, max_tokens, body.logprobs, len(choices), prompt_logprobs, echo,
+                            state.sampling_defaults)
     return choices
 
 
@@ -123,7 +124,7 @@ async def chat_choices(body: ChatCompletionRequest, engine, state: ServingState)
     ids = await chat_ids(body, engine)
     max_tokens = _max_tokens(body.max_new_tokens, len(ids), engine, state, "messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    return _choices(body, 0, ids, user_text, max_tokens, logprobs, 0)
+    return _choices(body, 0, ids, user_text, max_tokens, logprobs, 0, defaults=state.sampling_defaults)
 
 
 def _default_steering(body: SamplingFields, preset: Preset, steering: SteeringSpec) -> bool:
@@ -198,23 +199,34 @@ def _max_tokens(requested: int | None, prompt_len: int, engine, state: ServingSt
     return requested
 
 
+NEUTRAL_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0}
+
+
+def sampling_fields(body: SamplingFields, defaults: dict) -> dict:
+    """temperature, top_p, top_k, min_p, repetition_penalty: the request's where it sets them, else the server's
+    defaults (the model's generation_config), else the neutral values."""
+    return {name: next(v for v in (getattr(body, name), defaults.get(name), neutral) if v is not None)
+            for name, neutral in NEUTRAL_SAMPLING.items()}
+
+
 def _choices(body: SamplingFields, prompt_index: int, ids: list[int], prompt_text: str, max_tokens: int,
              logprobs: int | None, first_index: int, prompt_logprobs: int | None = None,
-             echo_text: str = "") -> list[Choice]:
+             echo_text: str = "", defaults: dict | None = None) -> list[Choice]:
+    sampled = sampling_fields(body, defaults or {})
     choices = []
     for j in range(body.n):
         seed = None if body.seed is None else body.seed + j
         try:
-            params = SamplingParams(max_tokens=max_tokens, top_k=max(body.top_k, 0), seed=seed,
-                                    temperature=body.temperature if body.temperature >= SAMPLING_EPS else 0.0,
-                                    top_p=max(body.top_p, SAMPLING_EPS), stop=body.stop_strings,
+            params = SamplingParams(max_tokens=max_tokens, top_k=max(sampled["top_k"], 0), seed=seed,
+                                    temperature=sampled["temperature"] if sampled["temperature"] >= SAMPLING_EPS
+                                    else 0.0, top_p=max(sampled["top_p"], SAMPLING_EPS), stop=body.stop_strings,
                                     stop_token_ids=tuple(body.stop_token_ids or ()),
                                     ignore_eos=body.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-                                    logit_bias=body.bias, repetition_penalty=body.repetition_penalty or 1.0,
+                                    logit_bias=body.bias, repetition_penalty=sampled["repetition_penalty"],
                                     allowed_token_ids=None if body.allowed_token_ids is None
                                     else tuple(body.allowed_token_ids),
                                     frequency_penalty=body.frequency_penalty or 0.0,
-                                    presence_penalty=body.presence_penalty or 0.0, min_p=body.min_p or 0.0,
+                                    presence_penalty=body.presence_penalty or 0.0, min_p=sampled["min_p"],
                                     min_tokens=body.min_tokens or 0,
                                     include_stop_str_in_output=bool(body.include_stop_str_in_output),
                                     skip_special_tokens=body.skip_special_tokens is not False)

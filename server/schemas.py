@@ -113,9 +113,11 @@ class SamplingFields(BaseModel):
     """Fields shared by completions and chat."""
     model: Text | None = Field(None, description="a model id of GET /v1/models: the served base id, or a "
                                     "steering preset <base>:off | :atv | :vector/<name>")
-    temperature: Temperature = 1.0
-    top_p: TopP = 1.0
-    top_k: Annotated[StrictInt, Field(ge=-1, le=2**31 - 1)] = Field(-1, description="-1 or 0: no top-k")
+    # temperature, top_p, top_k, min_p, repetition_penalty left out (or null): the model's generation_config
+    # where it sets them (--generation-config auto, as vLLM), else 1, 1, none, 0, 1
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: Annotated[StrictInt, Field(ge=-1, le=2**31 - 1)] | None = Field(None, description="-1 or 0: no top-k")
     n: Annotated[StrictInt, Field(ge=1, le=16)] = 1
     stop: StopStrings | None = None
     seed: Annotated[StrictInt, Field(ge=-(2**63), le=INT64_MAX)] | None = Field(

@@ -57,6 +57,10 @@ class Settings(BaseSettings):
                                        "min(2, a quarter of the available RAM), on CUDA --kv-cache-fraction")
     kv_cache_fraction: float = Field(0.8, gt=0, le=1, description="CUDA: share of the free GPU memory at start "
                                      "given to the KV cache when --kv-cache-gib is not set")
+    generation_config: Literal["auto", "vllm"] = Field(
+        "auto", description="auto: sampling fields a request leaves out (temperature, top_p, top_k, min_p, "
+        "repetition_penalty) default to the model's generation_config.json, as vLLM's default; vllm: to the "
+        "neutral values")
     enable_prefix_caching: bool = Field(True, description="reuse the KV blocks of a prompt prefix already computed "
                                         "for another request where steering leaves them equal (steering off, the "
                                         "same vector, or tokens before the last prompt token under policy last)")

@@ -3,15 +3,20 @@ draining, in-flight requests. One `ServingState` per app (app.state.atv); nothin
 """
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from dataclasses import dataclass
 
 from fastapi import Request
 
+from atv_core.engine.build import sampling_defaults
+
 from .errors import APIError
 from .metrics import Metrics
 from .settings import Settings
+
+log = logging.getLogger("atv.server")
 
 
 @dataclass(frozen=True)
@@ -31,10 +36,16 @@ class ServingState:
         self.in_flight = 0            # /v1 POSTs not yet answered (streams: until their last byte)
         self.jobs: set = set()        # running server.jobs.Job objects (stopped on drain timeout)
         self.started = int(time.time())
+        self.sampling_defaults: dict = {}   # request fields left out -> the model's (--generation-config auto)
 
     def attach(self, async_engine) -> None:
         """The engine is loaded and warmed: serve it."""
         self.metrics.bind(async_engine)
+        if self.settings.generation_config == "auto":
+            self.sampling_defaults = sampling_defaults(async_engine.engine.model)
+        if self.sampling_defaults:
+            log.info("sampling fields a request leaves out default to the model's generation_config: %s "
+                     "(--generation-config vllm: to the neutral values)", self.sampling_defaults)
         self.engine = async_engine
 
     @property

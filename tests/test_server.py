@@ -615,6 +615,34 @@ def test_logit_bias_penalties_and_min_p_reach_the_sampler(main):
         assert set(tokens) <= labels and len(tokens) == 8, tokens
 
 
+def test_sampling_fields_left_out_default_to_the_models_generation_config(tmp_path):
+    """--generation-config auto (vLLM's default): a generation_config.json with top_k 1 makes requests that leave
+    top_k out greedy even at temperature 1, and its repetition_penalty applies; a request's own value wins;
+    --generation-config vllm ignores the file."""
+    from transformers import GenerationConfig
+    model = make_tiny_model_dir(tmp_path / "model")
+    GenerationConfig(do_sample=True, top_k=1, repetition_penalty=50.0, bos_token_id=1,
+                     eos_token_id=2).save_pretrained(model)
+    body = dict(prompt="a a a a a a a a", max_tokens=16, logprobs=0, atv={"mode": "off"}, ignore_eos=True)
+
+    def tokens(served, **extra):
+        return completion(served, **{**body, **extra})["choices"][0]["logprobs"]["tokens"]
+
+    with serving(async_engine(model, None), make_settings()) as served:
+        assert served.state.sampling_defaults == {"top_k": 1, "repetition_penalty": 50.0}
+        penalised = tokens(served, temperature=0)
+        assert penalised == tokens(served, temperature=0, repetition_penalty=50.0)
+        plain = tokens(served, temperature=0, repetition_penalty=1.0)               # the request's value wins
+        assert plain != penalised
+        assert [tokens(served, temperature=1.0, seed=s) for s in range(3)] == [penalised] * 3   # top_k 1: greedy
+        own = [tokens(served, temperature=1.0, seed=s, top_k=-1) for s in range(3)]
+        assert len({tuple(t) for t in own}) > 1                                               # top_k -1 wins
+    with serving(async_engine(model, None), make_settings(generation_config="vllm")) as served:
+        assert served.state.sampling_defaults == {}
+        assert tokens(served, temperature=0) == plain
+        assert len({tuple(tokens(served, temperature=1.0, seed=s)) for s in range(3)}) > 1
+
+
 def test_min_tokens_include_stop_str_and_special_tokens_reach_the_engine(main):
     eos = main.post("/detokenize", {"tokens": [2]}).json()["prompt"]    # the tiny tokenizer's </s>
     greedy = dict(temperature=0, max_tokens=6, atv={"mode": "off"})

@@ -17,6 +17,17 @@ from atv_core.steering.vectors import VectorLayout, VectorStore
 log = logging.getLogger("atv.engine")
 
 
+SAMPLING_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def sampling_defaults(model) -> dict[str, float | int]:
+    """The sampling fields the model's generation_config.json sets away from transformers' defaults (vLLM's
+    `--generation-config auto`): what a request that leaves them out gets instead of the neutral values."""
+    config = getattr(model, "generation_config", None)
+    found = config.to_diff_dict() if config is not None else {}
+    return {name: found[name] for name in SAMPLING_DEFAULT_FIELDS if found.get(name) is not None}
+
+
 class LoadError(ValueError):
     """A part `build_engine` could not load (target, generator, vectors, engine settings), named with the
     reason: the user's to fix, so `atv serve` logs it in one line."""
