@@ -443,7 +443,8 @@ def test_logit_processing_is_the_documented_expression():
     with pytest.raises(ValueError, match="logit_bias must be"):
         SamplingParams(logit_bias=(4, 10.0))
     # allowed_token_ids: every other token -inf, first (a bias on a blocked token leaves it blocked)
-    allowed = Request("a", [0], SamplingParams(allowed_token_ids=[1, 3], logit_bias={0: 5.0, 3: 1.0}), SteeringSpec("off"))
+    allowed = Request("a", [0], SamplingParams(allowed_token_ids=[1, 3], logit_bias={0: 5.0, 3: 1.0}),
+                      SteeringSpec("off"))
     inf = float("-inf")
     assert torch.equal(process(logits, [allowed])[0], torch.tensor([inf, -1.0, inf, 4.0, inf, inf, inf]))
     assert allowed.params.allowed_token_ids == (1, 3) and allowed.params.processes_logits
@@ -582,3 +583,17 @@ def test_min_tokens_masks_stop_tokens_and_include_stop_keeps_the_stop_token_text
     with pytest.raises(InvalidRequest, match="min_tokens") as info:
         SamplingParams(max_tokens=3, min_tokens=4)
     assert info.value.field == "min_tokens"
+
+
+def test_sampling_defaults_are_the_generation_configs_sampling_fields_in_range():
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    from atv_core.engine.build import sampling_defaults
+    config = GenerationConfig(do_sample=True, temperature=0.6, top_p=0.9, top_k=20, max_new_tokens=7, bos_token_id=1)
+    assert sampling_defaults(SimpleNamespace(generation_config=config)) == {"temperature": 0.6, "top_p": 0.9,
+                                                                            "top_k": 20}
+    bad = GenerationConfig(do_sample=True, top_p=1.5, repetition_penalty=1.2)   # a top_p no request could send
+    assert sampling_defaults(SimpleNamespace(generation_config=bad)) == {"repetition_penalty": 1.2}
+    assert sampling_defaults(SimpleNamespace()) == {}

@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 
 from atv_core.engine.llm_engine import EngineConfig, LLMEngine
+from atv_core.engine.request import SamplingParams
 from atv_core.models import generator_dir, load_target
 from atv_core.steering.checkpoint import load_generator
 from atv_core.steering.vectors import VectorLayout, VectorStore
@@ -25,7 +26,17 @@ def sampling_defaults(model) -> dict[str, float | int]:
     `--generation-config auto`): what a request that leaves them out gets instead of the neutral values."""
     config = getattr(model, "generation_config", None)
     found = config.to_diff_dict() if config is not None else {}
-    return {name: found[name] for name in SAMPLING_DEFAULT_FIELDS if found.get(name) is not None}
+    defaults = {}
+    for name in SAMPLING_DEFAULT_FIELDS:
+        value = found.get(name)
+        try:   # a value no request could send would make every request that leaves it out fail: not taken
+            SamplingParams(**{name: max(value, 0) if name == "top_k" else value})
+        except (TypeError, ValueError):
+            if value is not None:
+                log.warning("the model's generation_config sets %s=%r, which is out of range: not used", name, value)
+            continue
+        defaults[name] = value
+    return defaults
 
 
 class LoadError(ValueError):

@@ -67,7 +67,8 @@ class SamplingParams:
         try:
             bias = dict(self.logit_bias)   # pairs or a dict; a repeated id: its last bias, as in a JSON object
         except (TypeError, ValueError):
-            raise InvalidRequest("logit_bias must be {token id: bias} or (token id, bias) pairs", "logit_bias") from None
+            raise InvalidRequest("logit_bias must be {token id: bias} or (token id, bias) pairs",
+                                 "logit_bias") from None
         object.__setattr__(self, "logit_bias", tuple((t, b) for t, b in bias.items() if b != 0))
         checks = [   # (holds, field at fault, message)
             (self.max_tokens >= 1 or (self.max_tokens == 0 and self.prompt_logprobs is not None), "max_tokens",
@@ -106,10 +107,10 @@ class SamplingParams:
 
     @property
     def processes_logits(self) -> bool:
-        """Whether the logits need bias or penalties (min_tokens' mask: while the output is shorter; min_p: the
-        sampler's)."""
-        return self.allowed_token_ids is not None or bool(self.logit_bias) or self.repetition_penalty != 1 or bool(self.frequency_penalty) \
-            or bool(self.presence_penalty)
+        """Whether the logits need the allowed-ids mask, a bias or penalties (min_tokens' mask: while the output
+        is shorter; min_p: the sampler's)."""
+        return self.allowed_token_ids is not None or bool(self.logit_bias) or self.repetition_penalty != 1 \
+            or bool(self.frequency_penalty) or bool(self.presence_penalty)
 
     @property
     def greedy(self) -> bool:

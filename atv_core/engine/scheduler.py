@@ -12,9 +12,10 @@ Every engine step computes one packed batch of `Chunk`s under a token budget (`m
    `long_prefill_chunk` tokens per step (oldest first), so they neither stall the decodes and short prompts
    beside them nor wait for them to finish; a new long prompt that would get no tokens this step is not
    admitted (it would hold its blocks idle) and keeps its place, while shorter ones behind it may go (a
-   preempted one is admitted all the same: it holds a vector slot, so nothing may pass it). In a step with no decodes the unused budget goes to
-   the prompt chunks (shortest remaining first), so a prompt alone gets the whole budget. A waiting request
-   that is not `ready` (its vector is still being made) is passed over and keeps its place.
+   preempted one is admitted all the same: it holds a vector slot, so nothing may pass it). In a step with
+   no decodes the unused budget goes to the prompt chunks (shortest remaining first), so a prompt alone gets
+   the whole budget. A waiting request that is not `ready` (its vector is still being made) is passed over
+   and keeps its place.
 
 A chunk whose last token is the last of its request's sequence `samples`: the runner returns logits for it
 and the engine appends a token. A request's `num_computed_tokens` advances when it is scheduled.
