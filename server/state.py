@@ -10,8 +10,6 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
-from atv_core.engine.build import sampling_defaults
-
 from .errors import APIError
 from .metrics import Metrics
 from .settings import Settings
@@ -42,7 +40,7 @@ class ServingState:
         """The engine is loaded and warmed: serve it."""
         self.metrics.bind(async_engine)
         if self.settings.generation_config == "auto":
-            self.sampling_defaults = sampling_defaults(async_engine.engine.model)
+            self.sampling_defaults = async_engine.sampling_defaults
         if self.sampling_defaults:
             log.info("sampling fields a request leaves out default to the model's generation_config: %s "
                      "(--generation-config vllm: to the neutral values)", self.sampling_defaults)

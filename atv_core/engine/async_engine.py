@@ -30,7 +30,7 @@ import threading
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
-from atv_core.engine.llm_engine import EngineDead, EngineStats, LLMEngine, PromptTooLong, StepStats
+from atv_core.engine.llm_engine import EngineDead, EngineStats, LLMEngine, PromptTooLong, StepStats, sampling_defaults
 from atv_core.engine.request import Request, RequestOutput, SamplingParams, SteeringSpec
 from atv_core.engine.scheduler import QueueFull
 from atv_core.engine.tokenization import ChatTemplateOptions, TokenizerWorker
@@ -109,6 +109,11 @@ class AsyncEngine:
     def vocab_size(self) -> int:
         """Token ids a prompt may hold: 0 .. vocab_size - 1."""
         return self.engine.vocab_size
+
+    @property
+    def sampling_defaults(self) -> dict:
+        """The sampling fields the target's generation_config.json sets (llm_engine.sampling_defaults)."""
+        return sampling_defaults(self.engine.model)
 
     async def reload_vectors(self) -> list[str]:
         """Re-read the vectors folder on a worker thread -> names. ValueError (naming the bad file) keeps the

@@ -10,33 +10,11 @@ import logging
 from pathlib import Path
 
 from atv_core.engine.llm_engine import EngineConfig, LLMEngine
-from atv_core.engine.request import SamplingParams
 from atv_core.models import generator_dir, load_target
 from atv_core.steering.checkpoint import load_generator
 from atv_core.steering.vectors import VectorLayout, VectorStore
 
 log = logging.getLogger("atv.engine")
-
-
-SAMPLING_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-
-
-def sampling_defaults(model) -> dict[str, float | int]:
-    """The sampling fields the model's generation_config.json sets away from transformers' defaults (vLLM's
-    `--generation-config auto`): what a request that leaves them out gets instead of the neutral values."""
-    config = getattr(model, "generation_config", None)
-    found = config.to_diff_dict() if config is not None else {}
-    defaults = {}
-    for name in SAMPLING_DEFAULT_FIELDS:
-        value = found.get(name)
-        try:   # a value no request could send would make every request that leaves it out fail: not taken
-            SamplingParams(**{name: max(value, 0) if name == "top_k" else value})
-        except (TypeError, ValueError):
-            if value is not None:
-                log.warning("the model's generation_config sets %s=%r, which is out of range: not used", name, value)
-            continue
-        defaults[name] = value
-    return defaults
 
 
 class LoadError(ValueError):
