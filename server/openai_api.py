@@ -16,8 +16,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 
 from atv_core.engine.async_engine import PromptTooLong
-from atv_core.engine.request import InvalidRequest
-from atv_core.engine.request import Example, RequestOutput, SamplingParams, SteeringSpec
+from atv_core.engine.request import Example, InvalidRequest, RequestOutput, SamplingParams, SteeringSpec
 
 from .errors import APIError, from_engine_error
 from .formatting import DONE, ChatFormat, CompletionFormat, choice_usage, sse

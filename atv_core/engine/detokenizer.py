@@ -136,7 +136,10 @@ def find_stop(text: str, stops: tuple[str, ...], new_from: int = 0) -> tuple[int
     listed of those starting there), or None."""
     found = ((text.find(stop, max(0, new_from - len(stop) + 1)), n, stop) for n, stop in enumerate(stops))
     hits = [hit for hit in found if hit[0] >= 0]
-    return (min(hits)[0], min(hits)[2]) if hits else None
+    if not hits:
+        return None
+    index, _, stop = min(hits)
+    return index, stop
 
 
 class OutputText:

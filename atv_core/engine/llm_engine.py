@@ -195,8 +195,8 @@ class LLMEngine:
                 raise InvalidRequest(f"{name}: token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})",
                                      name)
         params = request.params
-        if params.min_tokens and params.allowed_token_ids is not None and set(params.allowed_token_ids) <= \
-                set(params.stop_token_ids) | (set() if params.ignore_eos else self.processors.eos_ids):
+        if params.min_tokens and params.allowed_token_ids is not None and \
+                set(params.allowed_token_ids) <= self.processors.end_tokens(params):
             raise InvalidRequest("allowed_token_ids holds only tokens that end the completion (EOS or "
                                  "stop_token_ids), which min_tokens forbids before its count: allow another token "
                                  "or drop min_tokens", "allowed_token_ids")

@@ -21,7 +21,7 @@ from typing import Collection, Sequence
 
 import torch
 
-from atv_core.engine.request import Request
+from atv_core.engine.request import Request, SamplingParams
 
 
 class LogitsProcessors:
@@ -42,6 +42,10 @@ class LogitsProcessors:
             self._row(logits[i], requests[i])
         return logits
 
+    def end_tokens(self, params: SamplingParams) -> set[int]:
+        """The tokens that end a completion, which min_tokens masks: stop_token_ids and, unless ignore_eos, EOS."""
+        return set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
+
     def forget(self, request_id: str) -> None:
         self._prompt_tokens.pop(request_id, None)
         self._bias.pop(request_id, None)
@@ -61,7 +65,7 @@ class LogitsProcessors:
                 blocked[torch.tensor(params.allowed_token_ids, device=device)] = False
             row.masked_fill_(blocked, float("-inf"))
         if len(request.output_ids) < params.min_tokens:
-            stops = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
+            stops = self.end_tokens(params)
             if stops:
                 row[torch.tensor(sorted(stops), device=device)] = float("-inf")
         if params.logit_bias:
