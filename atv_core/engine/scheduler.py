@@ -178,7 +178,7 @@ class Scheduler:
         while share.tokens and len(self.running) < self.config.max_running and (request := next(ready, None)):
             found = self._cached_prefix(request)
             if has_decodes and not share.long and not request.num_preemptions and \
-                    request.num_tokens - len(found) * self.config.block_size > share.long_prompt_tokens:
+                    share.is_long(request.num_tokens - len(found) * self.config.block_size):
                 continue  # a new long prompt with no long share left would hold its blocks idle: a later step.
                 # Never a preempted one: it keeps its vector slot while it waits, so a request admitted past
                 # it could find every slot taken (running + preempted never exceed max_running).
@@ -334,10 +334,14 @@ class _Share:
     long: int
     long_prompt_tokens: int
 
+    def is_long(self, remaining: int) -> bool:
+        """Whether a prompt with this many tokens left to compute is long (shares `long`)."""
+        return remaining > self.long_prompt_tokens
+
     def take(self, request: Request) -> int:
         """Tokens of the request's prompt this step: all of a short one; long ones share `long`."""
         remaining = _remaining(request)
-        is_long = remaining > self.long_prompt_tokens
+        is_long = self.is_long(remaining)
         n = min(remaining, self.long if is_long else remaining, self.tokens)
         self.tokens -= n
         self.long -= n if is_long else 0
