@@ -105,25 +105,43 @@ async def completion_choices(body: CompletionRequest, engine, state: ServingStat
     # echo with max_tokens 0 is the prompt back (OpenAI); the engine runs it as a prompt scoring, logprobs or not
     prompt_logprobs = body.echo_logprobs if body.echo_logprobs is not None or body.max_tokens != 0 else 0
     _check_choice_count(len(body.prompts) * body.n, engine)
+    keep, bad_words = _truncation(body, engine), await _bad_words(body, engine)
     choices = []
     for p, prompt in enumerate(body.prompts):
-        ids, text = await prompt_ids(prompt, engine)
+        ids, text, cut = await prompt_ids(prompt, engine, keep)
         max_tokens = _max_tokens(body.max_tokens, len(ids), engine, state, "prompt", COMPLETION_DEFAULT_MAX_TOKENS)
-        # echo gives the prompt as sent; a token-id prompt's every token, special ones too, as its logprobs do
-        echo = "" if not body.echo else prompt if isinstance(prompt, str) else \
-            await engine.decode(prompt, skip_special_tokens=False)
+        # echo gives the prompt as sent; a token-id prompt's (or a truncated one's) every token, special ones too,
+        # as its logprobs do
+        echo = "" if not body.echo else prompt if isinstance(prompt, str) and not cut else \
+            await engine.decode(ids, skip_special_tokens=False)
         choices += _choices(body, p, ids, text, max_tokens, body.logprobs, len(choices), prompt_logprobs, echo,
-                            state.sampling_defaults)
+                            state.sampling_defaults, bad_words)
     return choices
 
 
 async def chat_choices(body: ChatCompletionRequest, engine, state: ServingState) -> list[Choice]:
     _check_choice_count(body.n, engine)
     user_text = "\n".join(m.text for m in body.messages if m.role == "user")  # what the generator reads
-    ids = await chat_ids(body, engine)
+    keep = _truncation(body, engine)
+    ids = await chat_ids(body, engine, truncated=keep is not None)
+    ids = ids if keep is None else ids[-keep:]
     max_tokens = _max_tokens(body.max_new_tokens, len(ids), engine, state, "messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    return _choices(body, 0, ids, user_text, max_tokens, logprobs, 0, defaults=state.sampling_defaults)
+    return _choices(body, 0, ids, user_text, max_tokens, logprobs, 0, defaults=state.sampling_defaults,
+                    bad_words=await _bad_words(body, engine))
+
+
+def _truncation(body: SamplingFields, engine) -> int | None:
+    """vLLM's truncate_prompt_tokens: how many of the prompt's last tokens to keep (-1: the context's length)."""
+    keep, context = body.truncate_prompt_tokens, engine.limits.max_model_len
+    if keep is not None and keep > context:
+        raise APIError(400, f"truncate_prompt_tokens is {keep}, over the context of {context} tokens: send at "
+                       f"most {context}, or -1 for the context's length", "truncate_prompt_tokens")
+    return context if keep == -1 else keep
+
+
+async def _bad_words(body: SamplingFields, engine) -> tuple[tuple[int, ...], ...]:
+    return tuple(await engine.bad_words_ids(body.bad_words)) if body.bad_words else ()
 
 
 def _default_steering(body: SamplingFields, preset: Preset, steering: SteeringSpec) -> bool:
@@ -140,18 +158,25 @@ def unsteer_unreadable(choices: list[Choice]) -> None:
             choice.spec = SteeringSpec("off")
 
 
-async def prompt_ids(prompt: str | list[int], engine) -> tuple[list[int], str]:
-    """(token ids, text the generator reads) of a text prompt or a token-id prompt (checked against the vocab)."""
+async def prompt_ids(prompt: str | list[int], engine, keep: int | None = None) -> tuple[list[int], str, bool]:
+    """(token ids, text the generator reads, whether they were cut) of a text prompt or a token-id prompt (checked
+    against the vocab); keep: only its last `keep` tokens (truncate_prompt_tokens), whose text the generator reads."""
     if isinstance(prompt, str):
-        return await encoded(engine.encode(prompt), "prompt"), prompt
-    check_vocabulary(prompt, engine, "prompt")
-    return list(prompt), await engine.decode(prompt)
+        ids = await encoded(engine.encode(prompt, truncated=keep is not None), "prompt")
+    else:
+        check_vocabulary(prompt, engine, "prompt")
+        ids = list(prompt)
+    if keep is not None and len(ids) > keep:
+        ids = ids[-keep:]
+        return ids, await engine.decode(ids), True
+    return ids, prompt if isinstance(prompt, str) else await engine.decode(prompt), False
 
 
-async def chat_ids(body: ChatTemplateFields, engine) -> list[int]:
-    """A request's conversation (`body.messages`) through the model's chat template with the request's options."""
+async def chat_ids(body: ChatTemplateFields, engine, truncated: bool = False) -> list[int]:
+    """A request's conversation (`body.messages`) through the model's chat template with the request's options
+    (truncated: the caller keeps only the last tokens, so no length is refused here)."""
     messages = [{"role": m.role, "content": m.text} for m in body.messages]
-    return await encoded(engine.encode_chat(messages, body.template_options), "messages")
+    return await encoded(engine.encode_chat(messages, body.template_options, truncated), "messages")
 
 
 def check_vocabulary(ids: list[int], engine, param: str) -> None:
@@ -210,7 +235,8 @@ def sampling_fields(body: SamplingFields, defaults: dict) -> dict:
 
 def _choices(body: SamplingFields, prompt_index: int, ids: list[int], prompt_text: str, max_tokens: int,
              logprobs: int | None, first_index: int, prompt_logprobs: int | None = None,
-             echo_text: str = "", defaults: dict | None = None) -> list[Choice]:
+             echo_text: str = "", defaults: dict | None = None,
+             bad_words: tuple[tuple[int, ...], ...] = ()) -> list[Choice]:
     sampled = sampling_fields(body, defaults or {})
     choices = []
     for j in range(body.n):
@@ -223,7 +249,7 @@ def _choices(body: SamplingFields, prompt_index: int, ids: list[int], prompt_tex
                                     ignore_eos=body.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                                     logit_bias=body.bias, repetition_penalty=sampled["repetition_penalty"],
                                     allowed_token_ids=None if body.allowed_token_ids is None
-                                    else tuple(body.allowed_token_ids),
+                                    else tuple(body.allowed_token_ids), bad_words_ids=bad_words,
                                     frequency_penalty=body.frequency_penalty or 0.0,
                                     presence_penalty=body.presence_penalty or 0.0, min_p=sampled["min_p"],
                                     min_tokens=body.min_tokens or 0,

@@ -6,7 +6,7 @@ Bad input is refused by the schema itself (bounds, Literal, strict types: a floa
 that depend on the loaded model or the settings (model name, prompt length, max_tokens limit). Unknown
 fields are ignored, as OpenAI clients send fields this server does not use; OpenAI fields it does not implement
 (best_of, suffix, response_format, tools, tool_choice, functions, function_call) and vLLM's extensions it does not
-implement (guided_*, structured_outputs, bad_words, use_beam_search, ...) pass only with their neutral
+implement (guided_*, structured_outputs, use_beam_search, ...) pass only with their neutral
 values, and anything else is a 400 rather than silently dropped. Streaming chunks are plain
 dicts built in server/formatting.py, in OpenAI's chunk shape.
 """
@@ -55,6 +55,12 @@ def neutral_only(*neutral):
             raise ValueError(f"not supported by this server; leave it out{shown}")
         return value
     return AfterValidator(check)
+
+
+def has_text(word: str) -> str:
+    if not word.strip():
+        raise ValueError("a bad word must have a character other than whitespace")
+    return word
 
 
 def token_id_key(key: str) -> str:
@@ -153,6 +159,12 @@ class SamplingFields(BaseModel):
         None, description="vLLM's extension: the text ends with the stop string (or stop token) that ended it")
     skip_special_tokens: StrictBool | None = Field(None, description="vLLM's extension: false keeps special "
                                                    "tokens' text in the output")
+    bad_words: Annotated[list[Annotated[NonEmptyStr, AfterValidator(has_text)]], Field(max_length=256)] | None = \
+        Field(None, description="vLLM's extension: words the output may not contain (each as written and, as a "
+              "word mid-text, after a space); only output tokens count")
+    truncate_prompt_tokens: Annotated[StrictInt, Field(ge=-1)] | None = Field(
+        None, description="vLLM's extension: keep only the prompt's last k tokens (left truncation; -1: the "
+        "context's length); the generator then reads the kept tokens' text (chat: the user messages, as always)")
     # vLLM's sampling extensions not implemented here: only their neutral values are accepted
     spaces_between_special_tokens: Annotated[object, neutral_only(True)] = None
     use_beam_search: Annotated[object, neutral_only(False)] = None
@@ -163,8 +175,6 @@ class SamplingFields(BaseModel):
     guided_whitespace_pattern: Annotated[object, neutral_only()] = None
     response_format: Annotated[object, neutral_only({"type": "text"})] = None   # vLLM's on completions too
     structured_outputs: Annotated[object, neutral_only()] = None
-    bad_words: Annotated[object, neutral_only([])] = None
-    truncate_prompt_tokens: Annotated[object, neutral_only()] = None
     prompt_logprobs: Annotated[object, neutral_only()] = None          # (completions: echo with logprobs)
     logprob_token_ids: Annotated[object, neutral_only()] = None
     return_tokens_as_token_ids: Annotated[object, neutral_only(False)] = None
@@ -175,6 +185,13 @@ class SamplingFields(BaseModel):
     repetition_detection: Annotated[object, neutral_only()] = None
     vllm_xargs: Annotated[object, neutral_only()] = None
     kv_transfer_params: Annotated[object, neutral_only()] = None
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _keeps_a_token(cls, value):
+        if value == 0:
+            raise ValueError("0 keeps no prompt token: send k >= 1 (the last k tokens) or -1 (the context's length)")
+        return value
 
     @field_validator("stream_options")
     @classmethod

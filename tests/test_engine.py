@@ -454,6 +454,67 @@ def test_logit_processing_is_the_documented_expression():
     assert torch.equal(logits, torch.tensor([[2.0, -1.0, 0.5, 3.0, 0.0, 1.0, 3.0]]))   # the input is never changed
 
 
+def test_bad_words_block_the_last_token_of_a_word_whose_other_tokens_end_the_output():
+    """vLLM's bad words: a one-token word is always -inf; a longer word's last token is -inf when the output (not
+    the prompt) ends with the word's other tokens; nothing else changes (exact)."""
+    from atv_core.engine.logits_processors import LogitsProcessors, completing
+    process = LogitsProcessors().process
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, 0.0, 1.0, 3.0]])
+    inf = float("-inf")
+    request = Request("w", [4, 5], SamplingParams(bad_words_ids=[[1], (4, 5, 6), (5, 3)], logit_bias={1: 5.0}),
+                      SteeringSpec("off"))
+    assert request.params.processes_logits and request.params.bad_words_ids == ((1,), (4, 5, 6), (5, 3))
+    # no output yet: only the one-token word (the prompt's 4, 5 does not count), and a bias cannot lift it
+    assert torch.equal(process(logits, [request])[0], torch.tensor([2.0, inf, 0.5, 3.0, 0.0, 1.0, 3.0]))
+    request.output_ids = [0, 4, 5]                                     # ends with 4 5 (-> 6) and with 5 (-> 3)
+    assert torch.equal(process(logits, [request])[0], torch.tensor([2.0, inf, 0.5, inf, 0.0, 1.0, inf]))
+    request.output_ids = [5, 4]                                        # ends with neither prefix
+    assert torch.equal(process(logits, [request])[0], torch.tensor([2.0, inf, 0.5, 3.0, 0.0, 1.0, 3.0]))
+    assert completing([(7, 8, 9)], [8]) == [] and completing([(7, 8, 9)], [7, 8]) == [9]
+    for bad in ([()], [(1, -2)], [5]):
+        with pytest.raises(InvalidRequest) as info:
+            SamplingParams(bad_words_ids=bad)
+        assert info.value.field == "bad_words"
+
+
+def test_bad_words_are_tokenized_as_written_and_after_a_space_by_vllms_rule():
+    from atv_core.engine.tokenization import bad_word_sequences
+    encode = {"cat": [5], " cat": [9], "hot dog": [1, 2], " hot dog": [3, 2], "a b": [4, 0, 6], " a b": [0, 4, 0, 6],
+              "x": [7], " x": [7]}.__getitem__
+    # " cat" is another token: both; " a b" has more tokens and " x" the same first token: as written only
+    assert bad_word_sequences(encode, ["cat", "  hot dog", "a b", "x"]) == [(5,), (9,), (1, 2), (3, 2), (4, 0, 6), (7,)]
+
+
+def test_greedy_bad_words_match_transformers_generate(parts):
+    """A one-token bad word (the plain model's first token) and a two-token word taken from the output that
+    results: the engine's greedy tokens equal transformers `generate` with the same bad_words_ids, and the word
+    is gone from the output."""
+    model, tok, _ = parts
+    prompt = tok("a b c d e f")["input_ids"]
+
+    def run(words):
+        engine = _engine(parts)
+        request = Request("w", prompt, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True,
+                                                      bad_words_ids=words), SteeringSpec("off"))
+        engine.add_request(request)
+        _drain(engine)
+        ids = torch.tensor([prompt])
+        hf = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                            eos_token_id=None, pad_token_id=0,
+                            **({"bad_words_ids": [list(w) for w in words]} if words else {}))
+        assert request.output_ids == hf[0, len(prompt):].tolist(), words
+        return request.output_ids
+
+    plain = run(())
+    first = run(((plain[0],),))
+    assert plain[0] not in first
+    pair = (first[2], first[3])
+    assert prompt[-1] != pair[0]   # (transformers also matches a word's start in the prompt; vLLM does not)
+    both = run(((plain[0],), pair))
+    assert both[:3] == first[:3] and both[3] != first[3]
+    assert all(tuple(both[i:i + 2]) != pair for i in range(len(both) - 1)) and plain[0] not in both
+
+
 @pytest.mark.parametrize("options, hf", [
     ({"repetition_penalty": 1.8}, {"repetition_penalty": 1.8}),
     ({"logit_bias": {7: 3.0, 11: -2.0, 40: 1.5}}, {"sequence_bias": {(7,): 3.0, (11,): -2.0, (40,): 1.5}}),
@@ -575,6 +636,9 @@ def test_min_tokens_masks_stop_tokens_and_include_stop_keeps_the_stop_token_text
     with pytest.raises(InvalidRequest, match="allowed_token_ids: token id 100000") as info:
         engine.validate(_request(tok, "v", "x", SamplingParams(allowed_token_ids=[5, 100000]), mode="off"))
     assert info.value.field == "allowed_token_ids"
+    with pytest.raises(InvalidRequest, match="bad_words: token id 100000") as info:
+        engine.validate(_request(tok, "v", "x", SamplingParams(bad_words_ids=[(5, 100000)]), mode="off"))
+    assert info.value.field == "bad_words"
     with pytest.raises(InvalidRequest, match="only tokens that end") as info:   # nothing min_tokens leaves to sample
         engine.validate(_request(tok, "v", "x", SamplingParams(allowed_token_ids=[2, 5], stop_token_ids=[5],
                                                                min_tokens=1), mode="off"))

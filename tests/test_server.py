@@ -561,7 +561,7 @@ def test_invalid_json_and_chat_fields_are_400(main):
     assert completion(main, best_of=1, suffix="", frequency_penalty=0, max_tokens=2)["choices"]
     unsupported = (("guided_choice", ["a"]), ("use_beam_search", True), ("spaces_between_special_tokens", False),
                    ("response_format", {"type": "json_object"}), ("structured_outputs", {"choice": ["a", "b"]}),
-                   ("bad_words", ["a"]), ("truncate_prompt_tokens", 8), ("prompt_logprobs", 1),
+                   ("prompt_logprobs", 1),
                    ("logprob_token_ids", [5]), ("return_tokens_as_token_ids", True), ("return_token_ids", True),
                    ("length_penalty", 2.0), ("priority", 1), ("thinking_token_budget", 5),
                    ("repetition_detection", {"max_pattern_size": 4}), ("vllm_xargs", {"k": 1}),
@@ -613,6 +613,53 @@ def test_logit_bias_penalties_and_min_p_reach_the_sampler(main):
         tokens = completion(main, **{**greedy, "temperature": 1.0}, seed=s,
                             allowed_token_ids=[9, 13])["choices"][0]["logprobs"]["tokens"]
         assert set(tokens) <= labels and len(tokens) == 8, tokens
+
+
+def test_bad_words_never_appear_in_the_output(main):
+    """vLLM's bad_words: the plain greedy output's first non-space token, banned, is in no token of the output
+    (greedy or sampled, completions and chat); a blank word is a 400 on its item."""
+    greedy = dict(temperature=0, max_tokens=8, logprobs=0, atv={"mode": "off"}, ignore_eos=True)
+    plain = completion(main, **greedy)["choices"][0]["logprobs"]["tokens"]
+    word = next(t for t in plain if t.strip())
+    banned = completion(main, **greedy, bad_words=[word])["choices"][0]["logprobs"]["tokens"]
+    assert word not in banned and banned != plain, (plain, banned)
+    for seed in range(3):
+        sampled = completion(main, **{**greedy, "temperature": 1.0}, seed=seed, bad_words=[word, "zz"])
+        assert word not in sampled["choices"][0]["logprobs"]["tokens"]
+    chat = {"messages": [{"role": "user", "content": "Hello there"}], "temperature": 0, "max_tokens": 8,
+            "ignore_eos": True, "atv": {"mode": "off"}, "logprobs": True}
+    tokens = [e["token"] for e in main.post("/v1/chat/completions", {**chat, "bad_words": [word]}).json()[
+        "choices"][0]["logprobs"]["content"]]
+    assert word not in tokens and len(tokens) == 8
+    assert_error(main.post("/v1/completions", {"prompt": "x", "bad_words": [" "]}), 400, "bad_words.0")
+
+
+def test_truncate_prompt_tokens_keeps_the_last_tokens(main):
+    """vLLM's truncate_prompt_tokens: the prompt's last k tokens, answered exactly as the same k token ids sent
+    alone (greedy text, echo, the generator's gate and vector read from their text); a prompt over the size
+    that could ever fit is then taken; chat truncates the templated conversation; 0 or over the context: 400."""
+    text = "the start is cut away; " * 500                  # 11,500 characters: refused whole
+    assert_error(main.post("/v1/completions", {"prompt": text}), 413, "prompt")
+    kept = main.post("/tokenize", {"prompt": text[-20:]}).json()["tokens"]   # (one token per byte here)
+    assert len(kept) == 20
+    body = dict(max_tokens=6, temperature=0, echo=True, logprobs=0, atv={})
+    cut = completion(main, prompt=text, truncate_prompt_tokens=20, **body)
+    alone = completion(main, prompt=kept, **body)
+    assert cut["usage"]["prompt_tokens"] == 20
+    for key in ("text", "logprobs"):
+        assert cut["choices"][0][key] == alone["choices"][0][key], key
+    assert cut["choices"][0]["text"].startswith(text[-20:])
+    steered = [{k: r["choices"][0]["atv"][k] for k in ("gate", "vector_norm")} for r in (cut, alone)]
+    assert steered[0] == steered[1] and steered[0]["vector_norm"] > 0
+    whole = completion(main, prompt="Hello there", max_tokens=4, temperature=0)
+    assert completion(main, prompt="Hello there", max_tokens=4, temperature=0,
+                      truncate_prompt_tokens=-1)["choices"][0]["text"] == whole["choices"][0]["text"]
+    chat = main.post("/v1/chat/completions", {"messages": [{"role": "user", "content": text}], "max_tokens": 2,
+                                              "truncate_prompt_tokens": 30})
+    assert chat.status_code == 200 and chat.json()["usage"]["prompt_tokens"] == 30, chat.text
+    for bad in (0, 513, -2, 1.5):
+        assert_error(main.post("/v1/completions", {"prompt": "x", "truncate_prompt_tokens": bad}), 400,
+                     "truncate_prompt_tokens")
 
 
 def test_sampling_fields_left_out_default_to_the_models_generation_config(tmp_path):

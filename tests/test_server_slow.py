@@ -25,6 +25,9 @@ def test_embedded_default_serves_a_steered_completion(tmp_path):
         review = {**body, "prompt": "Review: A gorgeous, moving film with superb acting.\nSentiment:", "max_tokens": 3}
         sentiment = served.post("/v1/completions", {**review, "atv": {"mode": "atv"}}).json()
         assert sentiment["choices"][0]["text"].strip().lower().startswith("positive")  # the trained generator
+        # bad_words on a real BPE tokenizer: "positive" blocks " positive" (the word mid-text) too; case-sensitive
+        banned = served.post("/v1/completions", {**review, "atv": {"mode": "atv"}, "bad_words": ["positive"]}).json()
+        assert "positive" not in banned["choices"][0]["text"], banned
         steered = served.post("/v1/completions", {**body, "atv": {"mode": "atv", "scale": 1.0}})
         assert steered.status_code == 200, steered.text
         result = steered.json()

@@ -127,14 +127,20 @@ class AsyncEngine:
         self.engine.step_listeners.append(listener)
 
     # ---- tokenization (off the event loop) ------------------------------------------------------
-    async def encode(self, text: str) -> list[int]:
-        """A prompt's token ids. PromptTooLong at once when no prompt that long can fit."""
-        return await self._tokens.encode(text)
+    async def encode(self, text: str, truncated: bool = False) -> list[int]:
+        """A prompt's token ids. PromptTooLong at once when no prompt that long can fit, unless `truncated` (the
+        caller keeps only the last tokens)."""
+        return await self._tokens.encode(text, truncated)
 
-    async def encode_chat(self, messages: list[dict[str, str]],
-                          template: ChatTemplateOptions | None = None) -> list[int]:
-        """[{role, content}, ...] through the chat template. PromptTooLong, or ValueError if the template refuses."""
-        return await self._tokens.encode_chat(messages, template)
+    async def encode_chat(self, messages: list[dict[str, str]], template: ChatTemplateOptions | None = None,
+                          truncated: bool = False) -> list[int]:
+        """[{role, content}, ...] through the chat template. PromptTooLong (unless `truncated`), or ValueError if
+        the template refuses."""
+        return await self._tokens.encode_chat(messages, template, truncated)
+
+    async def bad_words_ids(self, words: list[str]) -> list[tuple[int, ...]]:
+        """vLLM's `bad_words` as the token sequences the logits processors block (tokenization.py)."""
+        return await self._tokens.bad_words_ids(words)
 
     async def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """The text of token ids, special tokens dropped (what the generator reads of a token-id prompt) or kept."""

@@ -189,7 +189,8 @@ class LLMEngine:
             raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
         for name, ids in (("stop_token_ids", request.params.stop_token_ids),
                           ("logit_bias", [t for t, _ in request.params.logit_bias]),
-                          ("allowed_token_ids", request.params.allowed_token_ids or ())):
+                          ("allowed_token_ids", request.params.allowed_token_ids or ()),
+                          ("bad_words", [t for word in request.params.bad_words_ids for t in word])):
             bad = [t for t in ids if not 0 <= t < self.vocab_size]
             if bad:
                 raise InvalidRequest(f"{name}: token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})",

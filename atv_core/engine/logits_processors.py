@@ -1,9 +1,10 @@
-"""Allowed token ids, min_tokens, logit bias and repetition / frequency / presence penalties, per request, before
-sampling (vLLM's order and meaning; min_p is the sampler's, as it comes after the temperature).
+"""Allowed token ids, bad words, min_tokens, logit bias and repetition / frequency / presence penalties, per
+request, before sampling (vLLM's order and meaning; min_p is the sampler's, as it comes after the temperature).
 
 For a row of logits x [V] of a request with prompt tokens P and output tokens O so far:
 
     x[t] = -inf                                          for t not in allowed_token_ids (when given)
+    x[w_k] = -inf                                        for each bad word w = (w_1..w_k) whose w_1..w_k-1 end O
     x[t] = -inf                                          for t in EOS + stop_token_ids, while |O| < min_tokens
     x[t] += bias[t]                                      for each (t, bias) in logit_bias
     x[t] = x[t] / r if x[t] > 0 else x[t] * r            for each distinct t in P + O   (repetition_penalty r)
@@ -64,6 +65,10 @@ class LogitsProcessors:
                 blocked = self._blocked[request.request_id] = torch.ones(row.shape[0], dtype=torch.bool, device=device)
                 blocked[torch.tensor(params.allowed_token_ids, device=device)] = False
             row.masked_fill_(blocked, float("-inf"))
+        if params.bad_words_ids:
+            banned = completing(params.bad_words_ids, request.output_ids)
+            if banned:
+                row[torch.tensor(banned, device=device)] = float("-inf")
         if len(request.output_ids) < params.min_tokens:
             stops = self.end_tokens(params)
             if stops:
@@ -91,3 +96,14 @@ class LogitsProcessors:
         if counted:
             ids, counts = output.unique(return_counts=True)
             row[ids] -= params.frequency_penalty * counts.to(row.dtype) + params.presence_penalty
+
+
+def completing(words: Sequence[tuple[int, ...]], output: Sequence[int]) -> list[int]:
+    """The last token of each bad word whose other tokens end the output so far (a one-token word: always), as
+    vLLM's bad words: only output tokens count, so a word begun in the prompt is not blocked."""
+    banned = []
+    for word in words:
+        k = len(word) - 1
+        if k == 0 or (k <= len(output) and tuple(output[-k:]) == word[:-1]):
+            banned.append(word[-1])
+    return banned

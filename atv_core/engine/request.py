@@ -53,6 +53,7 @@ class SamplingParams:
     # logit processing (logits_processors.py), in vLLM's order and meaning: allowed ids, min_tokens, bias, then
     # penalties, then min_p
     allowed_token_ids: tuple[int, ...] | None = None  # only these may be sampled (None: any)
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()  # token sequences that may not be completed in the output
     logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, bias added to its logit); a dict is taken too
     repetition_penalty: float = 1.0   # > 1 discourages every token of prompt + output (divides a positive logit)
     frequency_penalty: float = 0.0    # subtracted per occurrence in the output
@@ -70,6 +71,10 @@ class SamplingParams:
             raise InvalidRequest("logit_bias must be {token id: bias} or (token id, bias) pairs",
                                  "logit_bias") from None
         object.__setattr__(self, "logit_bias", tuple((t, b) for t, b in bias.items() if b != 0))
+        try:
+            object.__setattr__(self, "bad_words_ids", tuple(tuple(word) for word in self.bad_words_ids))
+        except TypeError:
+            raise InvalidRequest("bad_words_ids must be sequences of token ids", "bad_words") from None
         checks = [   # (holds, field at fault, message)
             (self.max_tokens >= 1 or (self.max_tokens == 0 and self.prompt_logprobs is not None), "max_tokens",
              f"max_tokens must be >= 1 (0 only to score the prompt, with prompt_logprobs), got {self.max_tokens}"),
@@ -93,6 +98,8 @@ class SamplingParams:
             (self.allowed_token_ids is None or (len(self.allowed_token_ids) > 0 and all(
                 isinstance(t, int) and t >= 0 for t in self.allowed_token_ids)), "allowed_token_ids",
              "allowed_token_ids must be a non-empty list of token ids >= 0 (leave it out to allow every token)"),
+            (all(word and all(isinstance(t, int) and t >= 0 for t in word) for word in self.bad_words_ids),
+             "bad_words", "bad_words_ids must be non-empty sequences of token ids >= 0"),
             (all(isinstance(t, int) and t >= 0 and isinstance(b, (int, float)) and -100 <= b <= 100
                  for t, b in self.logit_bias), "logit_bias",
              "logit_bias must map token ids >= 0 to biases in [-100, 100]"),
@@ -107,10 +114,10 @@ class SamplingParams:
 
     @property
     def processes_logits(self) -> bool:
-        """Whether the logits need the allowed-ids mask, a bias or penalties (min_tokens' mask: while the output
-        is shorter; min_p: the sampler's)."""
-        return self.allowed_token_ids is not None or bool(self.logit_bias) or self.repetition_penalty != 1 \
-            or bool(self.frequency_penalty) or bool(self.presence_penalty)
+        """Whether the logits need the allowed-ids mask, bad words, a bias or penalties (min_tokens' mask: while
+        the output is shorter; min_p: the sampler's)."""
+        return self.allowed_token_ids is not None or bool(self.bad_words_ids) or bool(self.logit_bias) \
+            or self.repetition_penalty != 1 or bool(self.frequency_penalty) or bool(self.presence_penalty)
 
     @property
     def greedy(self) -> bool:

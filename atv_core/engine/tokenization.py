@@ -18,6 +18,7 @@ import asyncio
 import inspect
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 
 from transformers import PreTrainedTokenizerBase
 
@@ -60,17 +61,24 @@ class TokenizerWorker:
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def encode(self, text: str) -> list[int]:
-        """Token ids of a prompt (with the tokenizer's special tokens, e.g. BOS)."""
-        self._check_chars(len(text), "prompt")
+    async def encode(self, text: str, truncated: bool = False) -> list[int]:
+        """Token ids of a prompt (with the tokenizer's special tokens, e.g. BOS). truncated: the caller keeps only
+        its last tokens (truncate_prompt_tokens), so no length is refused here."""
+        if not truncated:
+            self._check_chars(len(text), "prompt")
         return await self._run(self._encode, text, True)
 
-    async def encode_chat(self, messages: list[dict[str, str]],
-                          template: ChatTemplateOptions | None = None) -> list[int]:
+    async def encode_chat(self, messages: list[dict[str, str]], template: ChatTemplateOptions | None = None,
+                          truncated: bool = False) -> list[int]:
         """Token ids of a conversation through the chat template (by default ending with the assistant's turn).
-        ValueError when there is no template or it refuses the messages."""
-        self._check_chars(sum(len(m["content"]) for m in messages), "conversation")
-        return await self._run(self._encode_chat, messages, template or ChatTemplateOptions())
+        ValueError when there is no template or it refuses the messages. truncated: as for encode."""
+        if not truncated:
+            self._check_chars(sum(len(m["content"]) for m in messages), "conversation")
+        return await self._run(self._encode_chat, messages, template or ChatTemplateOptions(), truncated)
+
+    async def bad_words_ids(self, words: list[str]) -> list[tuple[int, ...]]:
+        """vLLM's bad_words as the token sequences to block (bad_word_sequences)."""
+        return await self._run(self._bad_words_ids, words)
 
     async def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """The text of token ids (by default special tokens dropped: what the generator reads of a token-id
@@ -94,7 +102,11 @@ class TokenizerWorker:
     def _token_texts(self, ids: list[int]) -> list[str]:
         return self._tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False)
 
-    def _encode_chat(self, messages: list[dict[str, str]], template: ChatTemplateOptions) -> list[int]:
+    def _bad_words_ids(self, words: list[str]) -> list[tuple[int, ...]]:
+        return bad_word_sequences(lambda text: self._encode(text, False), words)
+
+    def _encode_chat(self, messages: list[dict[str, str]], template: ChatTemplateOptions,
+                     truncated: bool = False) -> list[int]:
         if not self.has_chat_template:
             raise ValueError("this model has no chat template; use /v1/completions, or start the server with "
                              "--chat-template")
@@ -104,7 +116,8 @@ class TokenizerWorker:
                 continue_final_message=template.continue_final_message, **dict(template.kwargs))
         except Exception as exc:  # jinja2 errors: the template refuses this conversation (e.g. role order)
             raise ValueError(f"the chat template refused these messages: {exc}") from exc
-        self._check_chars(len(text), "templated conversation")
+        if not truncated:
+            self._check_chars(len(text), "templated conversation")
         return self._encode(text, False)
 
     def _describe(self) -> tuple[int | None, bool]:
@@ -116,6 +129,19 @@ class TokenizerWorker:
         if self.max_prompt_chars is not None and chars > self.max_prompt_chars:
             raise PromptTooLong(f"the {what} has {chars} characters; no text over {self.max_prompt_chars} "
                                 f"characters fits the context of {self.max_model_len} tokens: shorten it")
+
+
+def bad_word_sequences(encode: Callable[[str], list[int]], words: list[str]) -> list[tuple[int, ...]]:
+    """vLLM's rule for bad_words: each word's tokens as written (leading spaces dropped), and also after one space
+    when that gives another first token and as many tokens (the word mid-text, for tokenizers that fold the space
+    into the word's token)."""
+    out = []
+    for word in words:
+        plain, spaced = (tuple(encode(prefix + word.lstrip())) for prefix in ("", " "))
+        out += [plain] if plain else []
+        if spaced and (not plain or (spaced[0] != plain[0] and len(spaced) == len(plain))):
+            out.append(spaced)
+    return out
 
 
 def longest_token_chars(tokenizer) -> int:
