@@ -11,7 +11,7 @@ import torch
 from atv_core.engine.llm_engine import EngineConfig, LLMEngine
 from atv_core.steering.checkpoint import load_generator
 from atv_core.tools import bench, bench_serve
-from atv_core.tools.bench_rounds import (difference_summary, output_lengths, ratio_summary, round_order,
+from atv_core.tools.bench_rounds import (difference_summary, median_interval, output_lengths, ratio_summary, round_order,
                                          run_rounds, spread, summarize)
 from tests.tiny import make_model, make_tiny_generator_dir, make_tiny_model_dir, make_tokenizer
 
@@ -47,6 +47,20 @@ def test_spread_and_ratios_from_given_round_figures():
     assert d["median_of_round_fractions"] == pytest.approx(0.1) and d["difference_of_medians"] == pytest.approx(0.1)
     with pytest.raises(ValueError, match="pair"):
         ratio_summary([1.0], [1.0, 2.0])
+    assert r["interval95"] == median_interval(r["rounds"])
+    assert d["fraction_interval95"] == pytest.approx(median_interval([0.1, 0.3, 0.0]))
+
+
+def test_median_interval_is_a_seeded_bootstrap_that_narrows_with_more_rounds():
+    noisy = [0.74, 1.22, 0.93, 1.05, 0.88, 0.97, 1.12, 0.81, 0.95, 1.01, 0.9]
+    low, high = median_interval(noisy)
+    assert min(noisy) <= low <= statistics.median(noisy) <= high <= max(noisy) and low < high
+    assert median_interval(noisy) == (low, high)                                      # seeded: repeatable
+    wide, narrow = high - low, (lambda i: i[1] - i[0])(median_interval(noisy * 9))   # the same spread, 9x rounds
+    assert narrow < wide / 2
+    assert median_interval([0.96] * 7) == (0.96, 0.96)
+    with pytest.raises(ValueError, match="no values"):
+        median_interval([])
     s = summarize({"x": [1.0, 3.0], "y": [2.0, 2.0], "z": []}, {"x_over_y": ("x", "y"), "z_over_y": ("z", "y")})
     assert s["figures"]["x"]["median"] == 2.0 and "z" not in s["figures"] and list(s["ratios"]) == ["x_over_y"]
 

@@ -416,13 +416,15 @@ def print_report(report: dict) -> None:
         print(f"{k:<24}{(f'{v:.1f}' if v else 'n/a'):>14}{rng:>18}")
     for k, v in report["ratios"].items():
         d = report["ratio_detail"].get(k)
-        extra = f"  [{d['min']:.3f}-{d['max']:.3f}; ratio of medians {d['ratio_of_medians']:.3f}]" if d else ""
+        extra = (f"  [{d['min']:.3f}-{d['max']:.3f}; 95 % interval {d['interval95'][0]:.3f}-{d['interval95'][1]:.3f}; "
+                 f"ratio of medians {d['ratio_of_medians']:.3f}]") if d else ""
         print(f"{k:<40}{v:>8.3f}x{extra}")
     if "step_cost" in report:
         c = report["step_cost"]
         print(f"decode step, batch {c['batch']}: steered {c['step_ms']['steered']['median']:.2f} ms, unsteered "
               f"{c['step_ms']['unsteered']['median']:.2f} ms, ratio {c['ratio']['median_of_round_ratios']:.4f} "
-              f"[{c['ratio']['min']:.4f}-{c['ratio']['max']:.4f}]")
+              f"[{c['ratio']['min']:.4f}-{c['ratio']['max']:.4f}; 95 % interval {c['ratio']['interval95'][0]:.4f}-"
+              f"{c['ratio']['interval95'][1]:.4f}]")
     for k, v in report.get("errors", {}).items():
         print(f"{k}: {v}")
 

@@ -4,7 +4,8 @@ A benchmark with variants A, B, C runs `rounds` rounds; each round runs every va
 rotated by one per round (A B C, B C A, C A B, ...), so slow drift of a shared machine and the position in
 a round (first after a pause, last before one) fall on every variant alike. Each figure is then reported as
 the median over rounds with its spread (min, max and the quartiles), and each ratio A/B twice: the median
-of the per-round ratios (A and B measured minutes apart, so drift cancels) and the ratio of the medians.
+of the per-round ratios (A and B measured minutes apart, so drift cancels), with a 95 % bootstrap interval that
+says whether the run can tell it from a target, and the ratio of the medians.
 
 Pure Python, no torch and no timing here: the callers time, this module orders and summarises, so the
 arithmetic is testable on made-up figures. Seeded per-request output lengths live here too.
@@ -49,25 +50,40 @@ def spread(values: list[float]) -> dict:
             "n": len(ordered)}
 
 
+def median_interval(values: list[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile-bootstrap interval of the median of `values` (seeded: the same figures give the same
+    interval). Whether a run can tell its median from a target: a target inside the interval is not shown either
+    way, however the median falls."""
+    if not values:
+        raise ValueError("interval of no values: run at least one round")
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
+
+
 def ratio_summary(numerator: list[float], denominator: list[float]) -> dict:
-    """A/B from paired rounds: median (min, max) of the per-round ratios, and the ratio of the medians."""
+    """A/B from paired rounds: median (min, max, 95 % bootstrap interval) of the per-round ratios, and the ratio of
+    the medians."""
     if len(numerator) != len(denominator):
         raise ValueError(f"ratio of {len(numerator)} rounds over {len(denominator)}: pair the same rounds")
     per_round = [a / b for a, b in zip(numerator, denominator)]
     s = spread(per_round)
     return {"median_of_round_ratios": s["median"], "min": s["min"], "max": s["max"],
+            "interval95": median_interval(per_round),
             "ratio_of_medians": statistics.median(numerator) / statistics.median(denominator), "rounds": per_round}
 
 
 def difference_summary(a: list[float], b: list[float]) -> dict:
     """A - B from paired rounds (e.g. TTFT(atv) - TTFT(off)): median (min, max) of the per-round
-    differences, the median of the per-round relative differences (A - B) / B, and the medians' difference."""
+    differences, the median of the per-round relative differences (A - B) / B with its 95 % bootstrap interval,
+    and the medians' difference."""
     if len(a) != len(b):
         raise ValueError(f"difference of {len(a)} rounds and {len(b)}: pair the same rounds")
     diffs = [x - y for x, y in zip(a, b)]
+    fractions = [d / y for d, y in zip(diffs, b)]
     s = spread(diffs)
     return {"median_of_round_differences": s["median"], "min": s["min"], "max": s["max"],
-            "median_of_round_fractions": statistics.median([d / y for d, y in zip(diffs, b)]),
+            "median_of_round_fractions": statistics.median(fractions), "fraction_interval95": median_interval(fractions),
             "difference_of_medians": statistics.median(a) - statistics.median(b), "rounds": diffs}
 
 

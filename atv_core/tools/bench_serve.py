@@ -335,14 +335,16 @@ def table(records: list[dict], base: dict, targets: dict) -> str:
     if targets:
         lines += ["", f"| at concurrency {targets['concurrency']} | value |", "|---|---|"]
         detail = targets["ratio_detail"]["http_atv_over_http_off"]
-        lines.append(f"| HTTP ATV / off (median of per-round ratios; min-max; ratio of medians) | "
+        low, high = detail["interval95"]
+        lines.append(f"| HTTP ATV / off (median of per-round ratios; min-max; 95 % interval; ratio of medians) | "
                      f"{detail['median_of_round_ratios']:.3f}x; {detail['min']:.3f}-{detail['max']:.3f}; "
-                     f"{detail['ratio_of_medians']:.3f}x |")
+                     f"{low:.3f}-{high:.3f}; {detail['ratio_of_medians']:.3f}x |")
         if "ttft_detail" in targets:
             d = targets["ttft_detail"]
-            lines.append(f"| TTFT p50 atv - off (median of rounds; min-max; % of off) | "
+            low, high = d["fraction_interval95"]
+            lines.append(f"| TTFT p50 atv - off (median of rounds; min-max; % of off, its 95 % interval) | "
                          f"{d['median_of_round_differences']:.3f} s; {d['min']:.3f}-{d['max']:.3f} s; "
-                         f"{100 * d['median_of_round_fractions']:.1f} % |")
+                         f"{100 * d['median_of_round_fractions']:.1f} % ({100 * low:.1f} to {100 * high:.1f} %) |")
         lines += [f"| {k} | {v:.2f}x |" for k, v in targets.items() if k.startswith("http_atv_over_") and
                   k != "http_atv_over_http_off"]
     return "\n".join(lines)
