@@ -65,7 +65,8 @@ class _Format:
         if not out.finished:
             return {"finish_reason": None}
         report = steering_report(choice.steering)
-        return {"finish_reason": out.finish_reason, "atv": report.model_dump() if report else None}
+        return {"finish_reason": out.finish_reason, "stop_reason": out.stop_reason,
+                "atv": report.model_dump() if report else None}
 
 
 class CompletionFormat(_Format):
@@ -122,7 +123,8 @@ class CompletionFormat(_Format):
             if self.want_logprobs:   # echo: prompt tokens, then the completion's
                 logprobs = self.logprobs(c.logprobs, self._first_offset(c, bool(c.prompt_logprobs)), c.prompt_logprobs)
             choices.append(CompletionChoice(index=c.index, text=prefix + c.text, logprobs=logprobs,
-                                            finish_reason=c.finish_reason, atv=steering_report(c.steering)))
+                                            finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                                            atv=steering_report(c.steering)))
         return CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
                                   usage=usage(job), atv=choices[0].atv)
 
@@ -190,7 +192,8 @@ class ChatFormat(_Format):
     def response(self, job: Job) -> ChatCompletionResponse:
         choices = [ChatChoice(index=c.index, message=AssistantMessage(role=self.role, content=c.text),
                               logprobs=self.logprobs(c.logprobs) if self.want_logprobs else None,
-                              finish_reason=c.finish_reason, atv=steering_report(c.steering))
+                              finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                              atv=steering_report(c.steering))
                    for c in job.choices]
         return ChatCompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
                                       usage=usage(job), atv=choices[0].atv)

@@ -48,6 +48,7 @@ class Choice:
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)   # echo + logprobs
     completion_tokens: int = 0
     finish_reason: str | None = None
+    stop_reason: int | str | None = None   # vLLM's: the stop token id or stop string that ended it
     error: str | None = None
     steering: SteeringReport | None = None
     first_token_at: float | None = None
@@ -74,7 +75,7 @@ class Choice:
         self.steering = out.steering or self.steering
         self.queue_time_s = out.queue_time_s if out.queue_time_s is not None else self.queue_time_s
         if out.finished:
-            self.finish_reason, self.error = out.finish_reason, out.error
+            self.finish_reason, self.stop_reason, self.error = out.finish_reason, out.stop_reason, out.error
 
 
 class JobStopped(Exception):

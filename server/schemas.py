@@ -391,6 +391,8 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
+    stop_reason: int | str | None = Field(None, description="vLLM's: the stop_token_ids token or stop string that "
+                                          "ended the choice (null: EOS, length, or not finished)")
     atv: SteeringReport | None = None
 
 
@@ -428,6 +430,8 @@ class ChatChoice(BaseModel):
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None
+    stop_reason: int | str | None = Field(None, description="vLLM's: the stop_token_ids token or stop string that "
+                                          "ended the choice (null: EOS, length, or not finished)")
     atv: SteeringReport | None = None
 
 

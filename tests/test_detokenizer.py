@@ -173,9 +173,9 @@ def test_stop_strings_unit():
     stops = StopStrings(("END", "!"))
     assert stops.feed("hello E") == "hello"       # "E" and the char before could start "END"
     assert stops.feed("N") == " "
-    assert stops.feed("D and more") == "" and stops.matched
+    assert stops.feed("D and more") == "" and stops.matched == "END"   # which one matched: vLLM's stop_reason
     other = StopStrings(("ab",))
-    assert other.feed("xa") + other.feed("c") + other.flush() == "xac" and not other.matched
+    assert other.feed("xa") + other.feed("c") + other.flush() == "xac" and other.matched is None
 
 
 def test_include_stop_str_in_output_ends_the_text_with_the_earliest_stop(byte_tok):

@@ -108,23 +108,25 @@ def test_max_tokens_stop_strings_and_stop_tokens(parts):
     free = _request(tok, "f", "stop test", SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
     engine.add_request(free)
     _drain(engine)
-    assert free.finish_reason == "length" and len(free.output_ids) == 12
+    assert free.finish_reason == "length" and len(free.output_ids) == 12 and free.stop_reason is None
     text = free.output_text
     stop = text[4:6]
     engine.add_request(r := _request(tok, "s", "stop test", SamplingParams(max_tokens=12, temperature=0.0, stop=(stop,),
                                                                           ignore_eos=True)))
     _drain(engine)
-    assert r.finish_reason == "stop" and r.output_text == text[: text.find(stop)]
+    assert r.finish_reason == "stop" and r.output_text == text[: text.find(stop)] and r.stop_reason == stop
     engine.add_request(t := _request(tok, "t", "stop test", SamplingParams(
         max_tokens=12, temperature=0.0, stop_token_ids=(free.output_ids[3],), ignore_eos=True)))
     _drain(engine)
     first = free.output_ids.index(free.output_ids[3])
     assert t.finish_reason == "stop" and t.output_ids == free.output_ids[: first + 1]
+    assert t.stop_reason == free.output_ids[3]   # vLLM's stop_reason: the token id
     assert t.output_text == tok.decode(t.output_ids[:-1])   # the stop token is not in the text (vLLM's default)
     engine.eos_ids = {free.output_ids[2]}
     engine.add_request(e := _request(tok, "e", "stop test", SamplingParams(max_tokens=12, temperature=0.0)))
     _drain(engine)
     assert e.finish_reason == "stop" and e.output_text == tok.decode(e.output_ids[:-1])
+    assert e.stop_reason is None                 # EOS: none (as vLLM)
 
 
 def test_streamed_deltas_never_split_a_utf8_character(parts):

@@ -276,9 +276,19 @@ def test_stop_echo_logprobs_and_max_tokens_default(main):
     stop = next(ch for ch in free[1:] if ch.isascii() and ch.isprintable())  # random bytes: pick a plain one
     stopped = completion(main, temperature=0, max_tokens=8, ignore_eos=True, stop=[stop])["choices"][0]
     assert stopped["finish_reason"] == "stop" and stopped["text"] == free[: free.index(stop)]
+    assert stopped["stop_reason"] == stop                         # vLLM's: which stop string ended it
     stop_id = make_tokenizer().convert_tokens_to_ids(make_tokenizer().tokenize(stop))[0]   # one byte, one token
     by_id = completion(main, temperature=0, max_tokens=8, ignore_eos=True, stop_token_ids=[stop_id])["choices"][0]
     assert by_id["finish_reason"] == "stop" and by_id["text"] == free[: free.index(stop)]   # vLLM's extension
+    assert by_id["stop_reason"] == stop_id
+    with httpx.stream("POST", main.url + "/v1/completions", timeout=30, json={
+            "prompt": "Hello there", "max_tokens": 8, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stop": ["\u2603", stop]}) as response:
+        last = sse_events(response)[-1]["choices"][0]
+    assert last["finish_reason"] == "stop" and last["stop_reason"] == stop
+    chat = main.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hello there"}],
+                                              "max_tokens": 4, "temperature": 0, "ignore_eos": True}).json()
+    assert chat["choices"][0]["finish_reason"] == "length" and chat["choices"][0]["stop_reason"] is None
     echoed = completion(main, temperature=0, max_tokens=8, ignore_eos=True, echo=True)["choices"][0]
     assert echoed["text"] == "Hello there" + free
     back = completion(main, max_tokens=0, echo=True)   # the prompt back, nothing sampled (OpenAI), no logprobs asked

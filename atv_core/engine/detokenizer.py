@@ -107,18 +107,18 @@ class StopStrings:
         self.stops, self.include = stops, include
         self.hold = max((len(s) for s in stops), default=1) - 1
         self.tail = ""                 # released by the detokenizer, not streamed yet
-        self.matched = False
+        self.matched: str | None = None   # the stop string that ended the text
 
     def feed(self, text: str, armed: bool = True) -> str:
         """Take new text; return what may be streamed now: up to a stop string once one matched (through it with
         `include`). Only a stop string that ends in `text` matches (vLLM's window); not `armed` (up to
         min_tokens), none does, and the tail is still held back."""
-        if self.matched or not text:
+        if self.matched is not None or not text:
             return ""
         buffer = self.tail + text      # a match ending in `text` starts inside the tail: the tail is long enough
         hit = find_stop(buffer, self.stops, len(self.tail)) if armed else None
         if hit is not None:
-            self.matched, self.tail = True, ""
+            self.matched, self.tail = hit[1], ""
             end = hit[0] + len(hit[1]) if self.include else hit[0]
             return buffer[:end]
         cut = max(0, len(buffer) - self.hold)
@@ -155,6 +155,11 @@ class OutputText:
     @property
     def stopped(self) -> bool:
         """A stop string matched: the text ends just before it (or with it, `include_stop`)."""
+        return self.stop_strings.matched is not None
+
+    @property
+    def stop_string(self) -> str | None:
+        """The stop string that matched (vLLM's stop_reason), if one did."""
         return self.stop_strings.matched
 
     @property

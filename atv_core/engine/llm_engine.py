@@ -488,6 +488,10 @@ class LLMEngine:
         elif len(request.output_ids) >= params.max_tokens or request.num_tokens >= self.max_model_len:
             delta += text.finish()
             request.finish("stop" if text.stopped else "length")
+        if stop_token:   # vLLM's stop_reason: a stop_token_ids token, not EOS; else the stop string
+            request.stop_reason = None if token in self.eos_ids and not params.ignore_eos else token
+        elif request.finish_reason == "stop":
+            request.stop_reason = text.stop_string
         if logprob is not None:
             self._name_tokens(logprob)
         if request.finished:
@@ -509,7 +513,8 @@ class LLMEngine:
                 len(request.prompt_logprobs) == request.num_prompt_tokens:
             prompt_logprobs, request.prompt_logprobs_sent = request.prompt_logprobs, True
         out = RequestOutput(request.request_id, delta, token_ids, [logprob] if logprob else None, request.finished,
-                            finish_reason=request.finish_reason, error=request.error, error_field=request.error_field,
+                            finish_reason=request.finish_reason, stop_reason=request.stop_reason,
+                            error=request.error, error_field=request.error_field,
                             prompt_tokens=request.num_prompt_tokens, completion_tokens=len(request.output_ids),
                             steering=request.steering_report, queue_time_s=queue_time, prompt_logprobs=prompt_logprobs)
         if request.on_output is not None:

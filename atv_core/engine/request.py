@@ -200,6 +200,7 @@ class RequestOutput:
     logprobs: list[TokenLogprob] | None
     finished: bool
     finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None  # vLLM's: the stop_token_ids token or stop string that ended it (EOS: None)
     error: str | None = None
     error_field: str | None = None    # with an error: the request's part at fault (as InvalidRequest.field), when
                                       # the request itself was unservable (HTTP 400), else None (a server failure)
@@ -225,6 +226,7 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     output: OutputText | None = None  # the streamed text (detokenizer and stop strings), made by the engine
     finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None  # see RequestOutput.stop_reason
     error: str | None = None
     error_field: str | None = None    # see RequestOutput.error_field
     vector_slot: int = 0              # 0 = unsteered; kept while preempted, so recompute steers the same
