@@ -24,7 +24,8 @@ from atv_core.engine.request import SteeringReport as EngineSteeringReport
 
 from .jobs import Choice, Job
 from .schemas import (AssistantMessage, ChatChoice, ChatCompletionResponse, ChatLogprobs, CompletionChoice,
-                      CompletionLogprobs, CompletionResponse, SteeringReport, TokenLogprobEntry, TopLogprob, Usage)
+                      CompletionLogprobs, CompletionResponse, PromptLogprob, PromptLogprobs, SteeringReport,
+                      TokenLogprobEntry, TopLogprob, Usage)
 
 DONE = "data: [DONE]\n\n"
 
@@ -51,9 +52,26 @@ def choice_usage(choice: Choice, completion_tokens: int) -> dict:
 class _Format:
     chunk_object = ""
 
-    def __init__(self, response_id: str, model: str, logprobs: bool):
+    def __init__(self, response_id: str, model: str, logprobs: bool, prompt_top: int | None = None):
         self.id, self.model, self.want_logprobs = response_id, model, logprobs   # logprobs: the client asked for them
+        self.prompt_top = prompt_top   # vLLM's prompt_logprobs: alternatives per prompt token (None: not asked)
         self.created = int(time.time())
+
+    def prompt_logprobs(self, choice: Choice) -> PromptLogprobs | None:
+        """vLLM's `prompt_logprobs` of a choice: per prompt token null (the first) or {token id: logprob, rank,
+        decoded_token}, the prompt token's own entry first, then the `prompt_top` most likely."""
+        if self.prompt_top is None:
+            return None
+        out = []
+        for e in choice.prompt_logprobs:
+            if e.logprob is None:
+                out.append(None)
+                continue
+            entries = {str(e.token_id): PromptLogprob(logprob=e.logprob, rank=e.rank, decoded_token=e.text)}
+            for rank, ((token, logprob), text) in enumerate(zip(e.top[:self.prompt_top], e.top_text), start=1):
+                entries.setdefault(str(token), PromptLogprob(logprob=logprob, rank=rank, decoded_token=text))
+            out.append(entries)
+        return out
 
     def envelope(self, obj: str, choices: list) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
@@ -72,9 +90,9 @@ class _Format:
 class CompletionFormat(_Format):
     chunk_object = "text_completion"
 
-    def __init__(self, response_id: str, model: str, logprobs: bool, echo: bool):
-        super().__init__(response_id, model, logprobs)
-        self.echo = echo
+    def __init__(self, response_id: str, model: str, logprobs: int | None, echo: bool, prompt_top: int | None = None):
+        super().__init__(response_id, model, logprobs is not None, prompt_top)
+        self.top_n, self.echo = logprobs, echo   # (the engine may score the prompt with more: prompt_top)
         self._offsets: dict[int, TextOffsets] = {}   # choice index -> offsets of its tokens so far (streaming)
 
     def logprobs(self, entries: list[TokenLogprob], offsets: "TextOffsets",
@@ -90,7 +108,7 @@ class CompletionFormat(_Format):
         return CompletionLogprobs(tokens=[e.text for e in entries], token_logprobs=[e.logprob for e in entries],
                                   text_offset=text_offset,
                                   top_logprobs=[None if e.logprob is None else
-                                                {text: lp for text, (_, lp) in zip(e.top_text, e.top)} |
+                                                {text: lp for text, (_, lp) in zip(e.top_text, e.top[:self.top_n])} |
                                                 {e.text: e.logprob} for e in entries])
 
     def _first_offset(self, choice: Choice, with_prompt: bool) -> "TextOffsets":
@@ -107,10 +125,11 @@ class CompletionFormat(_Format):
         if not (out.text_delta or out.logprobs or out.prompt_logprobs or out.finished):
             return None
         logprobs = None
-        if self.want_logprobs and (out.logprobs or out.prompt_logprobs):   # prompt logprobs: once, with the first output
-            if out.prompt_logprobs or choice.index not in self._offsets:
-                self._offsets[choice.index] = self._first_offset(choice, bool(out.prompt_logprobs))
-            logprobs = self.logprobs(out.logprobs or [], self._offsets[choice.index], out.prompt_logprobs or [])
+        prompt = out.prompt_logprobs if self.echo else None   # (streamed: vLLM's prompt_logprobs are refused)
+        if self.want_logprobs and (out.logprobs or prompt):   # prompt logprobs: once, with the first output
+            if prompt or choice.index not in self._offsets:
+                self._offsets[choice.index] = self._first_offset(choice, bool(prompt))
+            logprobs = self.logprobs(out.logprobs or [], self._offsets[choice.index], prompt or [])
         body = {"index": choice.index, "text": out.text_delta,
                 "logprobs": logprobs.model_dump() if logprobs else None, **self._finish_fields(choice, out)}
         return self.envelope(self.chunk_object, [body])
@@ -121,8 +140,10 @@ class CompletionFormat(_Format):
             prefix = c.echo_text if self.echo else ""
             logprobs = None
             if self.want_logprobs:   # echo: prompt tokens, then the completion's
-                logprobs = self.logprobs(c.logprobs, self._first_offset(c, bool(c.prompt_logprobs)), c.prompt_logprobs)
+                prompt = c.prompt_logprobs if self.echo else []
+                logprobs = self.logprobs(c.logprobs, self._first_offset(c, bool(prompt)), prompt)
             choices.append(CompletionChoice(index=c.index, text=prefix + c.text, logprobs=logprobs,
+                                            prompt_logprobs=self.prompt_logprobs(c),
                                             finish_reason=c.finish_reason, stop_reason=c.stop_reason,
                                             atv=steering_report(c.steering)))
         return CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
@@ -164,8 +185,9 @@ def _continues(held: bytes, byte: bytes) -> bool:
 class ChatFormat(_Format):
     chunk_object = "chat.completion.chunk"
 
-    def __init__(self, response_id: str, model: str, logprobs: bool, role: str = "assistant"):
-        super().__init__(response_id, model, logprobs)
+    def __init__(self, response_id: str, model: str, logprobs: bool, role: str = "assistant",
+                 prompt_top: int | None = None):
+        super().__init__(response_id, model, logprobs, prompt_top)
         self.role = role   # the reply's: the assistant's, or (no generation prompt) the continued message's, as vLLM
 
     def logprobs(self, entries: list[TokenLogprob]) -> ChatLogprobs:
@@ -196,4 +218,5 @@ class ChatFormat(_Format):
                               atv=steering_report(c.steering))
                    for c in job.choices]
         return ChatCompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
-                                      usage=usage(job), atv=choices[0].atv)
+                                      usage=usage(job), prompt_logprobs=self.prompt_logprobs(job.choices[0]),
+                                      atv=choices[0].atv)

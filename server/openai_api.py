@@ -77,7 +77,8 @@ def api_router(state: ServingState) -> APIRouter:
         choices = await completion_choices(body, engine, state)
         if _default_steering(body, preset, steering):
             unsteer_unreadable(choices)
-        fmt = CompletionFormat(f"cmpl-{uuid.uuid4().hex[:24]}", preset.id, body.logprobs is not None, body.echo)
+        fmt = CompletionFormat(f"cmpl-{uuid.uuid4().hex[:24]}", preset.id, body.logprobs, body.echo,
+                               body.prompt_logprobs)
         return await respond(state, request, body, choices, steering, fmt, "completions", preset.id)
 
     @router.post("/chat/completions", response_model=ChatCompletionResponse)
@@ -91,7 +92,7 @@ def api_router(state: ServingState) -> APIRouter:
             raise APIError(400, "atv steering reads the user messages, and they are empty; send user content "
                            "or atv.mode 'off'", "messages")
         role = "assistant" if body.add_generation_prompt else body.messages[-1].role     # as vLLM
-        fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex[:24]}", preset.id, body.logprobs, role)
+        fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex[:24]}", preset.id, body.logprobs, role, body.prompt_logprobs)
         return await respond(state, request, body, choices, steering, fmt, "chat", preset.id)
 
     return router
@@ -102,8 +103,10 @@ async def completion_choices(body: CompletionRequest, engine, state: ServingStat
     if body.max_tokens == 0 and not body.echo:
         raise APIError(400, "max_tokens 0 samples nothing: send it with echo true (the prompt back; with logprobs "
                        "also scored)", "max_tokens")
-    # echo with max_tokens 0 is the prompt back (OpenAI); the engine runs it as a prompt scoring, logprobs or not
-    prompt_logprobs = body.echo_logprobs if body.echo_logprobs is not None or body.max_tokens != 0 else 0
+    # echo with max_tokens 0 is the prompt back (OpenAI); the engine runs it as a prompt scoring, logprobs or not;
+    # vLLM's prompt_logprobs too: the engine scores the prompt once with the larger number of alternatives
+    echoed = body.echo_logprobs if body.echo_logprobs is not None or body.max_tokens != 0 else 0
+    prompt_logprobs = max((k for k in (echoed, body.prompt_logprobs) if k is not None), default=None)
     _check_choice_count(len(body.prompts) * body.n, engine)
     keep, bad_words = _truncation(body, engine), await _bad_words(body, engine)
     choices = []
@@ -127,8 +130,8 @@ async def chat_choices(body: ChatCompletionRequest, engine, state: ServingState)
     ids = ids if keep is None else ids[-keep:]
     max_tokens = _max_tokens(body.max_new_tokens, len(ids), engine, state, "messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    return _choices(body, 0, ids, user_text, max_tokens, logprobs, 0, defaults=state.sampling_defaults,
-                    bad_words=await _bad_words(body, engine))
+    return _choices(body, 0, ids, user_text, max_tokens, logprobs, 0, body.prompt_logprobs,
+                    defaults=state.sampling_defaults, bad_words=await _bad_words(body, engine))
 
 
 def _truncation(body: SamplingFields, engine) -> int | None:

@@ -162,6 +162,9 @@ class SamplingFields(BaseModel):
     bad_words: Annotated[list[Annotated[NonEmptyStr, AfterValidator(has_text)]], Field(max_length=256)] | None = \
         Field(None, description="vLLM's extension: words the output may not contain (each as written and, as a "
               "word mid-text, after a space); only output tokens count")
+    prompt_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = Field(
+        None, description="vLLM's extension: each prompt token's logprob and rank, and that many most likely "
+        "alternatives (a completion choice's `prompt_logprobs`; chat: the response's); not with stream")
     truncate_prompt_tokens: Annotated[StrictInt, Field(ge=-1)] | None = Field(
         None, description="vLLM's extension: keep only the prompt's last k tokens (left truncation; -1: the "
         "context's length); the generator then reads the kept tokens' text (chat: the user messages, as always)")
@@ -175,7 +178,6 @@ class SamplingFields(BaseModel):
     guided_whitespace_pattern: Annotated[object, neutral_only()] = None
     response_format: Annotated[object, neutral_only({"type": "text"})] = None   # vLLM's on completions too
     structured_outputs: Annotated[object, neutral_only()] = None
-    prompt_logprobs: Annotated[object, neutral_only()] = None          # (completions: echo with logprobs)
     logprob_token_ids: Annotated[object, neutral_only()] = None
     return_tokens_as_token_ids: Annotated[object, neutral_only(False)] = None
     return_token_ids: Annotated[object, neutral_only(False)] = None
@@ -185,6 +187,13 @@ class SamplingFields(BaseModel):
     repetition_detection: Annotated[object, neutral_only()] = None
     vllm_xargs: Annotated[object, neutral_only()] = None
     kv_transfer_params: Annotated[object, neutral_only()] = None
+
+    @field_validator("prompt_logprobs")
+    @classmethod
+    def _not_streamed(cls, value, info):
+        if value is not None and info.data.get("stream"):
+            raise ValueError("not available with stream true (as vLLM); send stream false, or echo with logprobs")
+        return value
 
     @field_validator("truncate_prompt_tokens")
     @classmethod
@@ -386,10 +395,21 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's entry of `prompt_logprobs` (keyed by token id)."""
+    logprob: float
+    rank: int | None
+    decoded_token: str
+
+
+PromptLogprobs = list[dict[str, PromptLogprob] | None]   # per prompt token; the first null (nothing predicts it)
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
+    prompt_logprobs: PromptLogprobs | None = None
     finish_reason: str | None
     stop_reason: int | str | None = Field(None, description="vLLM's: the stop_token_ids token or stop string that "
                                           "ended the choice (null: EOS, length, or not finished)")
@@ -442,6 +462,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobs | None = None
     atv: SteeringReport | None = None
 
 

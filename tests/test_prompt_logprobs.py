@@ -59,6 +59,9 @@ def test_unsteered_prompt_logprobs_equal_a_plain_forward(model, store, batched):
     got = torch.tensor([e.logprob for e in entries[1:]])
     want = ref[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    ranks = (ref[:-1] > want.unsqueeze(1)).sum(dim=1) + 1                # vLLM's rank: 1 + the more likely tokens
+    assert [e.rank for e in entries[1:]] == ranks.tolist() and entries[0].rank is None
+    assert len(set(ranks.tolist())) > 5                                  # (ranks of every kind in this prompt)
     for p, entry in enumerate(entries[1:]):
         top_values, top_ids = ref[p].topk(3)
         assert [t for t, _ in entry.top] == top_ids.tolist()

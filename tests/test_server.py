@@ -571,7 +571,6 @@ def test_invalid_json_and_chat_fields_are_400(main):
     assert completion(main, best_of=1, suffix="", frequency_penalty=0, max_tokens=2)["choices"]
     unsupported = (("guided_choice", ["a"]), ("use_beam_search", True), ("spaces_between_special_tokens", False),
                    ("response_format", {"type": "json_object"}), ("structured_outputs", {"choice": ["a", "b"]}),
-                   ("prompt_logprobs", 1),
                    ("logprob_token_ids", [5]), ("return_tokens_as_token_ids", True), ("return_token_ids", True),
                    ("length_penalty", 2.0), ("priority", 1), ("thinking_token_budget", 5),
                    ("repetition_detection", {"max_pattern_size": 4}), ("vllm_xargs", {"k": 1}),
@@ -642,6 +641,38 @@ def test_bad_words_never_appear_in_the_output(main):
         "choices"][0]["logprobs"]["content"]]
     assert word not in tokens and len(tokens) == 8
     assert_error(main.post("/v1/completions", {"prompt": "x", "bad_words": [" "]}), 400, "bad_words.0")
+
+
+def test_vllm_prompt_logprobs_score_each_prompt_token(main):
+    """vLLM's prompt_logprobs: per prompt token null (the first), else {token id: logprob, rank, decoded_token},
+    the token's own entry (the values echo with logprobs reports) and the k most likely at ranks 1..k; chat: the
+    templated prompt's, at the top level; never mixed into `logprobs`; not with stream."""
+    body = dict(prompt="Hello there, general", max_tokens=2, temperature=0, atv={"mode": "off"})
+    ids = main.post("/tokenize", {"prompt": body["prompt"]}).json()["tokens"]
+    echoed = completion(main, **body, echo=True, logprobs=2)["choices"][0]["logprobs"]
+    got = completion(main, **body, prompt_logprobs=2)["choices"][0]
+    assert got["logprobs"] is None                                  # no echo: the prompt is not in `logprobs`
+    scored = got["prompt_logprobs"]
+    assert len(scored) == len(ids) and scored[0] is None
+    for i, (entry, token) in enumerate(zip(scored[1:], ids[1:]), start=1):
+        own = entry[str(token)]
+        assert own["logprob"] == pytest.approx(echoed["token_logprobs"][i], abs=1e-5)
+        assert own["decoded_token"] == echoed["tokens"][i]
+        best = [v for v in entry.values() if v["rank"] <= 2]
+        assert sorted(v["rank"] for v in best) == [1, 2] and len(entry) == (2 if own["rank"] <= 2 else 3)
+        more_likely = sum(v["logprob"] > own["logprob"] for v in entry.values())
+        assert own["rank"] == 1 + more_likely if own["rank"] <= 3 else more_likely == 2
+        first, second = sorted(best, key=lambda v: v["rank"])
+        assert first["logprob"] >= second["logprob"] >= own["logprob"]
+    assert {len(e) for e in completion(main, **body, prompt_logprobs=0)["choices"][0]["prompt_logprobs"][1:]} == {1}
+    assert completion(main, **body)["choices"][0]["prompt_logprobs"] is None
+    mixed = completion(main, **body, echo=True, logprobs=1, prompt_logprobs=3)["choices"][0]
+    assert all(len(t) <= 2 for t in mixed["logprobs"]["top_logprobs"][1:])   # echo keeps its own k
+    assert all(len(e) >= 3 for e in mixed["prompt_logprobs"][1:])
+    chat = main.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 2,
+                                              "prompt_logprobs": 1}).json()
+    assert len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"] and chat["prompt_logprobs"][0] is None
+    assert_error(main.post("/v1/completions", {**body, "prompt_logprobs": 1, "stream": True}), 400, "prompt_logprobs")
 
 
 def test_truncate_prompt_tokens_keeps_the_last_tokens(main):

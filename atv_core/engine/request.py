@@ -174,6 +174,7 @@ class TokenLogprob:
     token_id: int
     logprob: float | None             # None only for a prompt's first token (nothing predicts it)
     top: list[tuple[int, float]]      # (token id, logprob), best first
+    rank: int | None = None           # 1 + how many tokens are more likely (vLLM's prompt_logprobs report it)
     text: str = ""                    # the token decoded alone (filled in by the engine)
     top_text: list[str] = field(default_factory=list)  # the same for each entry of `top`
     raw: bytes = b""                  # the token's own bytes (U+FFFD in `text` for part of a UTF-8 character)

@@ -131,10 +131,13 @@ def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top_n: int) -> list[TokenLogprob]:
-    """Log-probabilities of the chosen tokens under the model ([N, V] logits) and the top_n alternatives."""
+    """Log-probabilities of the chosen tokens under the model ([N, V] logits), their ranks and the top_n
+    alternatives."""
     logp = torch.log_softmax(logits.float(), dim=-1)
-    chosen = logp.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
+    chosen = logp.gather(1, tokens.unsqueeze(1))                                          # [N, 1]
+    ranks = ((logp > chosen).sum(dim=-1) + 1).tolist()
+    chosen = chosen.squeeze(1).tolist()
     top_values, top_ids = logp.topk(max(top_n, 1), dim=-1)
     top_ids, top_values = top_ids[:, :top_n].tolist(), top_values[:, :top_n].tolist()   # one copy each, not per row
-    return [TokenLogprob(token_id=token, logprob=chosen[i], top=list(zip(top_ids[i], top_values[i])))
+    return [TokenLogprob(token_id=token, logprob=chosen[i], top=list(zip(top_ids[i], top_values[i])), rank=ranks[i])
             for i, token in enumerate(tokens.tolist())]
