@@ -108,7 +108,7 @@ async def completion_choices(body: CompletionRequest, engine, state: ServingStat
     echoed = body.echo_logprobs if body.echo_logprobs is not None or body.max_tokens != 0 else 0
     prompt_logprobs = max((k for k in (echoed, body.prompt_logprobs) if k is not None), default=None)
     _check_choice_count(len(body.prompts) * body.n, engine)
-    keep, bad_words = _truncation(body, engine), await _bad_words(body, engine)
+    keep, bad_words = _truncation(body, engine, state), await _bad_words(body, engine)
     choices = []
     for p, prompt in enumerate(body.prompts):
         ids, text, cut = await prompt_ids(prompt, engine, keep)
@@ -125,22 +125,23 @@ async def completion_choices(body: CompletionRequest, engine, state: ServingStat
 async def chat_choices(body: ChatCompletionRequest, engine, state: ServingState) -> list[Choice]:
     _check_choice_count(body.n, engine)
     user_text = "\n".join(m.text for m in body.messages if m.role == "user")  # what the generator reads
-    keep = _truncation(body, engine)
-    ids = await chat_ids(body, engine, truncated=keep is not None)
-    ids = ids if keep is None else ids[-keep:]
+    keep = _truncation(body, engine, state)
+    ids = await chat_ids(body, engine)
+    ids = ids if keep is None else ids[-keep:]   # the template's text: its special tokens are in the text
     max_tokens = _max_tokens(body.max_new_tokens, len(ids), engine, state, "messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     return _choices(body, 0, ids, user_text, max_tokens, logprobs, 0, body.prompt_logprobs,
                     defaults=state.sampling_defaults, bad_words=await _bad_words(body, engine))
 
 
-def _truncation(body: SamplingFields, engine) -> int | None:
-    """vLLM's truncate_prompt_tokens: how many of the prompt's last tokens to keep (-1: the context's length)."""
+def _truncation(body: SamplingFields, engine, state: ServingState) -> int | None:
+    """vLLM's truncate_prompt_tokens: how many of the prompt's last tokens to keep (-1: as many as this server
+    takes: the context's length, or --max-prompt-tokens where lower)."""
     keep, context = body.truncate_prompt_tokens, engine.limits.max_model_len
     if keep is not None and keep > context:
         raise APIError(400, f"truncate_prompt_tokens is {keep}, over the context of {context} tokens: send at "
                        f"most {context}, or -1 for the context's length", "truncate_prompt_tokens")
-    return context if keep == -1 else keep
+    return min(context, state.settings.max_prompt_tokens or context) if keep == -1 else keep
 
 
 async def _bad_words(body: SamplingFields, engine) -> tuple[tuple[int, ...], ...]:
@@ -164,22 +165,20 @@ def unsteer_unreadable(choices: list[Choice]) -> None:
 async def prompt_ids(prompt: str | list[int], engine, keep: int | None = None) -> tuple[list[int], str, bool]:
     """(token ids, text the generator reads, whether they were cut) of a text prompt or a token-id prompt (checked
     against the vocab); keep: only its last `keep` tokens (truncate_prompt_tokens), whose text the generator reads."""
+    if isinstance(prompt, str) and keep is not None:   # left truncation keeps the tokens the tokenizer adds (BOS)
+        ids, cut = await encoded(engine.encode_last(prompt, keep), "prompt")
+        return ids, await engine.decode(ids) if cut else prompt, cut
     if isinstance(prompt, str):
-        ids = await encoded(engine.encode(prompt, truncated=keep is not None), "prompt")
-    else:
-        check_vocabulary(prompt, engine, "prompt")
-        ids = list(prompt)
-    if keep is not None and len(ids) > keep:
-        ids = ids[-keep:]
-        return ids, await engine.decode(ids), True
-    return ids, prompt if isinstance(prompt, str) else await engine.decode(prompt), False
+        return await encoded(engine.encode(prompt), "prompt"), prompt, False
+    check_vocabulary(prompt, engine, "prompt")
+    ids = prompt[-keep:] if keep is not None else list(prompt)   # token ids: the caller's own, cut as they are
+    return ids, await engine.decode(ids), len(ids) < len(prompt)
 
 
-async def chat_ids(body: ChatTemplateFields, engine, truncated: bool = False) -> list[int]:
-    """A request's conversation (`body.messages`) through the model's chat template with the request's options
-    (truncated: the caller keeps only the last tokens, so no length is refused here)."""
+async def chat_ids(body: ChatTemplateFields, engine) -> list[int]:
+    """A request's conversation (`body.messages`) through the model's chat template with the request's options."""
     messages = [{"role": m.role, "content": m.text} for m in body.messages]
-    return await encoded(engine.encode_chat(messages, body.template_options, truncated), "messages")
+    return await encoded(engine.encode_chat(messages, body.template_options), "messages")
 
 
 def check_vocabulary(ids: list[int], engine, param: str) -> None:

@@ -479,6 +479,27 @@ def test_bad_words_block_the_last_token_of_a_word_whose_other_tokens_end_the_out
         assert info.value.field == "bad_words"
 
 
+def test_truncated_prompts_keep_the_tokens_the_tokenizer_adds_as_transformers_left_truncation():
+    """truncate_prompt_tokens on a tokenizer that adds BOS: BOS + the last k - 1 tokens, exactly transformers'
+    left truncation (vLLM's), and whether anything was cut."""
+    from tokenizers import processors
+    from atv_core.engine.tokenization import TokenizerWorker
+    tok = make_tokenizer()
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>",
+                                                                  tok.bos_token_id)])
+    worker = TokenizerWorker(tok, 512)
+    text = "the start is cut away"
+    full = tok(text).input_ids
+    assert full[0] == tok.bos_token_id and len(full) == len(text) + 1
+    tok.truncation_side = "left"
+    for keep in (1, 2, 5, len(full) - 1):
+        ids, cut = asyncio.run(worker.encode_last(text, keep))
+        assert cut and ids == tok(text, truncation=True, max_length=keep).input_ids, keep
+    assert asyncio.run(worker.encode_last(text, 5))[0] == [tok.bos_token_id] + full[-4:]
+    assert asyncio.run(worker.encode_last(text, len(full))) == (full, False)
+    worker.shutdown()
+
+
 def test_bad_words_are_tokenized_as_written_and_after_a_space_by_vllms_rule():
     from atv_core.engine.tokenization import bad_word_sequences
     encode = {"cat": [5], " cat": [9], "hot dog": [1, 2], " hot dog": [3, 2], "a b": [4, 0, 6], " a b": [0, 4, 0, 6],
@@ -646,6 +667,15 @@ def test_min_tokens_masks_stop_tokens_and_include_stop_keeps_the_stop_token_text
                                                                min_tokens=1), mode="off"))
     assert info.value.field == "allowed_token_ids"
     engine.validate(_request(tok, "v", "x", SamplingParams(allowed_token_ids=[2, 5], min_tokens=1), mode="off"))
+    with pytest.raises(InvalidRequest, match="only tokens that bad_words ban") as info:   # the sampler's token 0
+        engine.validate(_request(tok, "v", "x", SamplingParams(allowed_token_ids=[5, 7], bad_words_ids=[(5,), (7,)]),
+                                 mode="off"))
+    assert info.value.field == "allowed_token_ids"
+    with pytest.raises(InvalidRequest, match="only tokens that end"):
+        engine.validate(_request(tok, "v", "x", SamplingParams(allowed_token_ids=[2, 5], bad_words_ids=[(5,)],
+                                                               min_tokens=1), mode="off"))
+    engine.validate(_request(tok, "v", "x", SamplingParams(allowed_token_ids=[5, 7], bad_words_ids=[(5,), (3, 7)]),
+                             mode="off"))   # a longer word bans 7 only after 3
     with pytest.raises(InvalidRequest, match="min_tokens") as info:
         SamplingParams(max_tokens=3, min_tokens=4)
     assert info.value.field == "min_tokens"

@@ -675,11 +675,11 @@ def test_vllm_prompt_logprobs_score_each_prompt_token(main):
     assert_error(main.post("/v1/completions", {**body, "prompt_logprobs": 1, "stream": True}), 400, "prompt_logprobs")
 
 
-def test_truncate_prompt_tokens_keeps_the_last_tokens(main):
+def test_truncate_prompt_tokens_keeps_the_last_tokens(main, monkeypatch):
     """vLLM's truncate_prompt_tokens: the prompt's last k tokens, answered exactly as the same k token ids sent
-    alone (greedy text, echo, the generator's gate and vector read from their text); a prompt over the size
-    that could ever fit is then taken; chat truncates the templated conversation; 0 or over the context: 400."""
-    text = "the start is cut away; " * 500                  # 11,500 characters: refused whole
+    alone (greedy text, echo, the generator's gate and vector read from their text); chat truncates the templated
+    conversation; -1 keeps what the server takes; 0 or over the context: 400; the character bound still holds."""
+    text = "the start is cut away; " * 30                   # 690 tokens: over the context of 512, refused whole
     assert_error(main.post("/v1/completions", {"prompt": text}), 413, "prompt")
     kept = main.post("/tokenize", {"prompt": text[-20:]}).json()["tokens"]   # (one token per byte here)
     assert len(kept) == 20
@@ -701,6 +701,11 @@ def test_truncate_prompt_tokens_keeps_the_last_tokens(main):
     for bad in (0, 513, -2, 1.5):
         assert_error(main.post("/v1/completions", {"prompt": "x", "truncate_prompt_tokens": bad}), 400,
                      "truncate_prompt_tokens")
+    huge = "x" * (main.engine.limits.max_prompt_chars + 1)   # one request's tokenizer work stays bounded
+    assert_error(main.post("/v1/completions", {"prompt": huge, "truncate_prompt_tokens": 8}), 413, "prompt")
+    assert_error(main.post("/v1/completions", {"prompt": text, "truncate_prompt_tokens": -1}), 413, "prompt")  # fills
+    monkeypatch.setattr(main.state.settings, "max_prompt_tokens", 100)   # -1: as many as the server takes
+    assert completion(main, prompt=text, truncate_prompt_tokens=-1, max_tokens=2)["usage"]["prompt_tokens"] == 100
 
 
 def test_sampling_fields_left_out_default_to_the_models_generation_config(tmp_path):

@@ -127,16 +127,18 @@ class AsyncEngine:
         self.engine.step_listeners.append(listener)
 
     # ---- tokenization (off the event loop) ------------------------------------------------------
-    async def encode(self, text: str, truncated: bool = False) -> list[int]:
-        """A prompt's token ids. PromptTooLong at once when no prompt that long can fit, unless `truncated` (the
-        caller keeps only the last tokens)."""
-        return await self._tokens.encode(text, truncated)
+    async def encode(self, text: str) -> list[int]:
+        """A prompt's token ids. PromptTooLong at once when no prompt that long can fit."""
+        return await self._tokens.encode(text)
 
-    async def encode_chat(self, messages: list[dict[str, str]], template: ChatTemplateOptions | None = None,
-                          truncated: bool = False) -> list[int]:
-        """[{role, content}, ...] through the chat template. PromptTooLong (unless `truncated`), or ValueError if
-        the template refuses."""
-        return await self._tokens.encode_chat(messages, template, truncated)
+    async def encode_last(self, text: str, keep: int) -> tuple[list[int], bool]:
+        """A prompt's ids left-truncated to `keep` tokens, BOS and the like kept -> (ids, whether cut)."""
+        return await self._tokens.encode_last(text, keep)
+
+    async def encode_chat(self, messages: list[dict[str, str]],
+                          template: ChatTemplateOptions | None = None) -> list[int]:
+        """[{role, content}, ...] through the chat template. PromptTooLong, or ValueError if the template refuses."""
+        return await self._tokens.encode_chat(messages, template)
 
     async def bad_words_ids(self, words: list[str]) -> list[tuple[int, ...]]:
         """vLLM's `bad_words` as the token sequences the logits processors block (tokenization.py)."""

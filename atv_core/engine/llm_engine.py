@@ -196,11 +196,15 @@ class LLMEngine:
                 raise InvalidRequest(f"{name}: token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})",
                                      name)
         params = request.params
-        if params.min_tokens and params.allowed_token_ids is not None and \
-                set(params.allowed_token_ids) <= self.processors.end_tokens(params):
-            raise InvalidRequest("allowed_token_ids holds only tokens that end the completion (EOS or "
-                                 "stop_token_ids), which min_tokens forbids before its count: allow another token "
-                                 "or drop min_tokens", "allowed_token_ids")
+        if params.allowed_token_ids is not None:   # nothing left to sample: the sampler would pick token 0
+            allowed = set(params.allowed_token_ids) - {w[0] for w in params.bad_words_ids if len(w) == 1}
+            if not allowed:
+                raise InvalidRequest("allowed_token_ids holds only tokens that bad_words ban: allow another token "
+                                     "or drop the bad word", "allowed_token_ids")
+            if params.min_tokens and allowed <= self.processors.end_tokens(params):
+                raise InvalidRequest("allowed_token_ids holds only tokens that end the completion (EOS or "
+                                     "stop_token_ids) or that bad_words ban, and min_tokens forbids the first before "
+                                     "its count: allow another token or drop min_tokens", "allowed_token_ids")
         total = request.num_prompt_tokens + request.params.max_tokens
         if total > self.max_model_len:
             raise PromptTooLong(f"prompt ({request.num_prompt_tokens} tokens) + max_tokens "

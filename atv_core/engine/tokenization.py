@@ -61,20 +61,24 @@ class TokenizerWorker:
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def encode(self, text: str, truncated: bool = False) -> list[int]:
-        """Token ids of a prompt (with the tokenizer's special tokens, e.g. BOS). truncated: the caller keeps only
-        its last tokens (truncate_prompt_tokens), so no length is refused here."""
-        if not truncated:
-            self._check_chars(len(text), "prompt")
+    async def encode(self, text: str) -> list[int]:
+        """Token ids of a prompt (with the tokenizer's special tokens, e.g. BOS)."""
+        self._check_chars(len(text), "prompt")
         return await self._run(self._encode, text, True)
 
-    async def encode_chat(self, messages: list[dict[str, str]], template: ChatTemplateOptions | None = None,
-                          truncated: bool = False) -> list[int]:
+    async def encode_last(self, text: str, keep: int) -> tuple[list[int], bool]:
+        """vLLM's truncate_prompt_tokens: a prompt's ids cut to `keep` tokens from the left, the tokens the
+        tokenizer adds (BOS, ...) kept, as transformers' left truncation -> (ids, whether anything was cut).
+        The character bound still applies: it bounds the work of one request on this shared thread."""
+        self._check_chars(len(text), "prompt")
+        return await self._run(self._encode_last, text, keep)
+
+    async def encode_chat(self, messages: list[dict[str, str]],
+                          template: ChatTemplateOptions | None = None) -> list[int]:
         """Token ids of a conversation through the chat template (by default ending with the assistant's turn).
-        ValueError when there is no template or it refuses the messages. truncated: as for encode."""
-        if not truncated:
-            self._check_chars(sum(len(m["content"]) for m in messages), "conversation")
-        return await self._run(self._encode_chat, messages, template or ChatTemplateOptions(), truncated)
+        ValueError when there is no template or it refuses the messages."""
+        self._check_chars(sum(len(m["content"]) for m in messages), "conversation")
+        return await self._run(self._encode_chat, messages, template or ChatTemplateOptions())
 
     async def bad_words_ids(self, words: list[str]) -> list[tuple[int, ...]]:
         """vLLM's bad_words as the token sequences to block (bad_word_sequences)."""
@@ -102,11 +106,22 @@ class TokenizerWorker:
     def _token_texts(self, ids: list[int]) -> list[str]:
         return self._tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False)
 
+    def _encode_last(self, text: str, keep: int) -> tuple[list[int], bool]:
+        full = self._encode(text, True)
+        if len(full) <= keep:
+            return full, False
+        plain = self._encode(text, False)
+        added = len(full) - len(plain)    # BOS, EOS, ...: where they sit is found, not assumed
+        start = next((p for p in range(added + 1) if full[p:p + len(plain)] == plain), None)
+        if start is None:
+            return full[-keep:], True
+        kept = max(keep - added, 0)   # (keep <= added: the added tokens alone, as transformers)
+        return full[:start] + plain[len(plain) - kept:] + full[start + len(plain):], True
+
     def _bad_words_ids(self, words: list[str]) -> list[tuple[int, ...]]:
         return bad_word_sequences(lambda text: self._encode(text, False), words)
 
-    def _encode_chat(self, messages: list[dict[str, str]], template: ChatTemplateOptions,
-                     truncated: bool = False) -> list[int]:
+    def _encode_chat(self, messages: list[dict[str, str]], template: ChatTemplateOptions) -> list[int]:
         if not self.has_chat_template:
             raise ValueError("this model has no chat template; use /v1/completions, or start the server with "
                              "--chat-template")
@@ -116,8 +131,7 @@ class TokenizerWorker:
                 continue_final_message=template.continue_final_message, **dict(template.kwargs))
         except Exception as exc:  # jinja2 errors: the template refuses this conversation (e.g. role order)
             raise ValueError(f"the chat template refused these messages: {exc}") from exc
-        if not truncated:
-            self._check_chars(len(text), "templated conversation")
+        self._check_chars(len(text), "templated conversation")
         return self._encode(text, False)
 
     def _describe(self) -> tuple[int | None, bool]:
