@@ -16,7 +16,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 
 from atv_core.engine.async_engine import PromptTooLong
-from atv_core.engine.request import Example, InvalidRequest, RequestOutput, SamplingParams, SteeringSpec
+from atv_core.engine.request import (Example, InvalidRequest, RequestOutput, SamplingParams, SteeringSpec,
+                                     chat_query)
 
 from .errors import APIError, from_engine_error
 from .formatting import DONE, ChatFormat, CompletionFormat, choice_usage, sse
@@ -124,7 +125,7 @@ async def completion_choices(body: CompletionRequest, engine, state: ServingStat
 
 async def chat_choices(body: ChatCompletionRequest, engine, state: ServingState) -> list[Choice]:
     _check_choice_count(body.n, engine)
-    user_text = "\n".join(m.text for m in body.messages if m.role == "user")  # what the generator reads
+    user_text = chat_query((m.role, m.text) for m in body.messages)   # what the generator reads
     keep = _truncation(body, engine, state)
     ids = await chat_ids(body, engine)
     ids = ids if keep is None else ids[-keep:]   # the template's text: its special tokens are in the text

@@ -124,6 +124,13 @@ class SamplingParams:
         return self.temperature == 0 or self.top_k == 1
 
 
+def chat_query(messages) -> str:
+    """What the generator reads of a chat conversation (a request's `prompt_text`): its user messages' text joined
+    by newlines, without the chat template, whatever the template options. `messages`: (role, text) pairs. The
+    one definition for serving, training (the gate's negatives) and evaluation (the generic prompts)."""
+    return "\n".join(text for role, text in messages if role == "user")
+
+
 @dataclass(frozen=True)
 class Example:
     """One demonstration (input -> output) that shapes a generated vector; never put in the target's prompt."""

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from atv_core.steering.checkpoint import load_generator
 from atv_core.engine.llm_engine import EngineConfig, LLMEngine
 from atv_core.models import generator_dir, load_target
-from atv_core.engine.request import Request, SamplingParams, SteeringSpec
+from atv_core.engine.request import Request, SamplingParams, SteeringSpec, chat_query
 from atv_core.tools.tasks import Task, default_data_dir, load_suite, load_task_file, unique_names
 from atv_core.tools.train import (PRESETS, TrainConfig, answer_loss, chat_prompt, control_file, encode,
                                   load_task_vectors, with_config_file, read_prompts, select_tasks, train, training_items)
@@ -90,13 +90,15 @@ def normalise(text: str) -> str:
 
 
 def run_engine(engine: LLMEngine, prompts: list[str], vectors=None, mode="off", max_new_tokens=6,
-               stop=("\n",)) -> list[Request]:
+               stop=("\n",), queries: list[str] | None = None) -> list[Request]:
+    """Greedy answers to `prompts`; queries: what the generator reads of each (default: the prompt)."""
     tok = engine.tokenizer
     params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0, stop=tuple(stop))
     requests = []
     for i, prompt in enumerate(prompts):
         vector = vectors[i] if vectors is not None else None
-        requests.append(Request(f"e{i}", tok(prompt)["input_ids"], params, SteeringSpec(mode), prompt, vector=vector))
+        query = prompt if queries is None else queries[i]
+        requests.append(Request(f"e{i}", tok(prompt)["input_ids"], params, SteeringSpec(mode), query, vector=vector))
     pending = list(requests)
     while pending or engine.has_work():
         while pending and len(engine.scheduler.waiting) < engine.config.max_waiting:
@@ -214,13 +216,15 @@ def run_method(engine, method, tasks, seed, args, generator, controls) -> dict:
 
 
 def generic_check(engine: LLMEngine, generator, path, tokens: int = GENERIC_TOKENS) -> dict:
-    """Generic prompts as chat requests: how often ATV's greedy output equals steering off (gated and ungated)."""
+    """Generic prompts as chat requests, as the server sends them (the target reads the chat-templated prompt, the
+    generator the user text: chat_query): how often ATV's greedy output equals steering off (gated and ungated)."""
     rows = read_prompts(path)
     prompts = [chat_prompt(engine.tokenizer, r["prompt"]) for r in rows]
+    queries = [chat_query([("user", r["prompt"])]) for r in rows]
     off = run_engine(engine, prompts, None, "off", tokens, stop=())
-    served = run_engine(engine, prompts, None, "atv", tokens, stop=())
+    served = run_engine(engine, prompts, None, "atv", tokens, stop=(), queries=queries)
     with torch.no_grad():
-        ungated = list(generator(prompts, use_gate=False).vectors)
+        ungated = list(generator(queries, use_gate=False).vectors)
     nogate = run_engine(engine, prompts, ungated, "atv", tokens, stop=())
     same = [a.output_ids == b.output_ids for a, b in zip(off, served)]
     same_nogate = [a.output_ids == b.output_ids for a, b in zip(off, nogate)]

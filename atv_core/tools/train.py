@@ -32,6 +32,7 @@ from atv_core.steering.checkpoint import save_generator
 from atv_core.steering.generator import ATVGenerator, GeneratorConfig
 from atv_core.steering.injection import make_table, steering
 from atv_core.steering.layers import find_decoder_layers
+from atv_core.engine.request import chat_query
 from atv_core.models import EMBEDDED_BACKBONE, EMBEDDED_TARGET, load_backbone, load_target, select_device
 from atv_core.tools.tasks import DEFAULT_TEMPLATE, Task, load_suite, load_task_file, unique_names
 
@@ -190,7 +191,8 @@ def read_prompts(path: Path | str) -> list[dict]:
 
 
 def chat_prompt(tokenizer, text: str) -> str:
-    """A user message as the server's chat endpoint sends it (the target's chat template), or the text."""
+    """A user message as the server's chat endpoint sends it to the target (its chat template), or the text
+    (what the generator reads of it: chat_query)."""
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                              add_generation_prompt=True)
@@ -216,12 +218,15 @@ def unsteered_answers(model, tokenizer, prompts: list[str], max_new_tokens: int,
 
 
 def negative_items(path, model, tokenizer, split: str, max_new_tokens: int, seed: int) -> list[Item]:
-    """Negatives (gate label 0) of one split (every 5th prompt is validation), target = unsteered answer."""
+    """Negatives (gate label 0) of one split (every 5th prompt is validation), sent as the chat endpoint sends
+    them: the target reads the chat-templated prompt and its target is the unsteered answer to it; the generator
+    reads what the server's generator reads of a chat (chat_query: the user text, no template)."""
     rows = read_prompts(path)
     rows = [r for i, r in enumerate(rows) if (i % 5 == 4) == (split == "valid")]
     prompts = [chat_prompt(tokenizer, r["prompt"]) for r in rows]
     answers = unsteered_answers(model, tokenizer, prompts, max_new_tokens)
-    items = [Item(p, a, "negative:" + r.get("kind", "generic"), gate_label=0.0)
+    items = [Item(p, a, "negative:" + r.get("kind", "generic"), gen_input=chat_query([("user", r["prompt"])]),
+                  gate_label=0.0)
              for p, a, r in zip(prompts, answers, rows) if a.strip()]
     random.Random(seed).shuffle(items)
     return items
