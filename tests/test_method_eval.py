@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from atv_core.engine.llm_engine import EngineConfig, LLMEngine
+from atv_core.engine.request import chat_query
 from atv_core.steering.checkpoint import load_generator
 from atv_core.tools.evaluate import (differences, generic_check, paired_bootstrap, run_method, suite_and_files,
                                      test_prompts as make_test_prompts, with_demos)
 from atv_core.tools.tasks import load_suite, load_task_file
-from atv_core.tools.train import TrainConfig, chat_prompt, load_task_vectors, train
+from atv_core.tools.train import TrainConfig, chat_prompt, load_task_vectors, negative_items, train
 from tests.tiny import make_model, make_tiny_generator_dir, make_tiny_model_dir, make_tokenizer
 
 
@@ -123,9 +124,23 @@ def test_learned_gate_closes_on_negatives_and_examples_are_trained(tmp_path):
     task = load_suite(names=["antonym"])[0]
     with torch.no_grad():
         on_task = generator([task.prompt(e.input, 0) for e in task.examples("test")[:8]]).gates
-        # held-out negatives as the server's chat endpoint hands them to the generator (the target's chat template)
-        off_task = generator([chat_prompt(tok, f"Tell me a long story about thing {i}.") for i in range(50, 58)]).gates
+        # held-out negatives as the server's chat endpoint hands them to the generator (the user text: chat_query)
+        off_task = generator([chat_query([("user", f"Tell me a long story about thing {i}.")])
+                              for i in range(50, 58)]).gates
     assert on_task.mean() > 0.5 > off_task.mean()
+
+
+def test_negatives_are_sent_as_the_chat_endpoint_sends_them(tmp_path):
+    """The target reads the chat-templated prompt (its unsteered answer is the target), the generator the user
+    text, exactly what the server's chat route gives it (chat_query): training saw the template only on negatives
+    before, and the gate learned the template instead of the content."""
+    model, tok = make_model("llama"), make_tokenizer()
+    items = negative_items(_negatives(tmp_path, 10), model, tok, "train", 3, seed=0)
+    assert items and all(i.gate_label == 0.0 for i in items)
+    for item in items:
+        text = item.gen_input
+        assert text.startswith("Tell me a long story") and "<|im_start|>" not in text
+        assert item.prompt == chat_prompt(tok, text) != text and text == chat_query([("user", text)])
 
 
 def test_generic_check_counts_identical_outputs(tmp_path):
