@@ -168,9 +168,18 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
 
 
+async def _listen(server: DrainingServer, settings: Settings) -> None:
+    try:
+        await server.serve()
+    except SystemExit:   # uvicorn exits when it cannot bind; it has logged why (e.g. the address is in use)
+        log.error("could not listen on %s:%d; exiting (free the port, or pick another with --port / ATV_PORT)",
+                  settings.host, settings.port)
+
+
 async def serve(server: DrainingServer, settings: Settings) -> int:
-    """Listen at once, load and warm up meanwhile; 0 after a clean (drained) stop, 1 when loading failed."""
-    listening = asyncio.create_task(server.serve())
+    """Listen at once, load and warm up meanwhile; 0 after a clean (drained) stop, 1 when loading or listening
+    failed."""
+    listening = asyncio.create_task(_listen(server, settings))
     loading = _on_daemon_thread(load_engine, settings)
     await asyncio.wait({listening, loading}, return_when=asyncio.FIRST_COMPLETED)
     if not loading.done():  # stopped (or failed to bind) while loading

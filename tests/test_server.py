@@ -1158,6 +1158,21 @@ def test_cli_passes_the_chat_template_to_the_engine(assets, tmp_path, caplog):
                                     "file, or the template text itself) (--log-level debug shows the traceback)"]
 
 
+def test_a_port_in_use_is_one_line_and_exit_1(assets, tmp_path):
+    """uvicorn exits when it cannot bind: `atv serve` says so in one line (no traceback) and exits 1."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ATV_")}
+        env.update(ATV_CACHE_DIR=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+        cmd = [sys.executable, "-m", "atv_core.cli", "serve", "--model", str(assets.model), "--generator", "none",
+               "--device", "cpu", "--port", str(taken.getsockname()[1])]
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    output = done.stdout + done.stderr
+    assert done.returncode == 1 and "could not listen on 127.0.0.1" in output, output
+    assert "Traceback" not in output, output
+
+
 def test_sigterm_drains_in_flight_requests_and_exits_0(assets, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"

@@ -430,7 +430,7 @@ def print_report(report: dict) -> None:
 
 
 def cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="atv bench engine", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="atv bench engine", description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenario", choices=("uniform", "mixed"), default="uniform")
     parser.add_argument("--model", default=EMBEDDED_TARGET)
     parser.add_argument("--generator", default=str(DEFAULT_GENERATOR_DIR))

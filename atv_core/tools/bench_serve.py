@@ -233,7 +233,7 @@ def cli(argv: list[str]) -> int:
     from atv_core.tools.bench import machine_info
     from atv_core.tools.tasks import workload_prompts
 
-    parser = argparse.ArgumentParser(prog="atv bench serve", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="atv bench serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", help="a running server; default: start the embedded default here")
     parser.add_argument("--model", default=EMBEDDED_TARGET)
     parser.add_argument("--generator", default=str(DEFAULT_GENERATOR_DIR))

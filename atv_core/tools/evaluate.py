@@ -597,7 +597,7 @@ def recipe(args) -> TrainConfig:
 
 
 def cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="atv eval", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="atv eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/eval")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)

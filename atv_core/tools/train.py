@@ -593,7 +593,7 @@ def fit_gate(generator: ATVGenerator, tasks: list[Task], quantile: float = 0.02,
 
 
 def cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="atv train", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="atv train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
     parser.add_argument("--config", help="JSON file of TrainConfig fields (overrides the preset)")
     for f in TrainConfig.__dataclass_fields__.values():

@@ -70,7 +70,7 @@ def build(args) -> Path:
 
 
 def build_cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="atv vectors build", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="atv vectors build", description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--task-file", help="JSONL file of {input, output} records (split 60/20/20 by hash)")
     source.add_argument("--task", help="a task of the built-in suite (data/tasks), e.g. sentiment_rt")
