@@ -279,8 +279,8 @@ def steering_spec(body: SamplingFields, engine, preset: Preset) -> SteeringSpec:
     examples = tuple(Example(e.input, e.output) for e in options.examples or ())
     try:
         return SteeringSpec(mode, options.scale, options.vector, options.vector_weight, examples)
-    except ValueError as exc:
-        raise APIError(400, str(exc), "atv") from exc
+    except ValueError as exc:   # InvalidRequest naming its field (atv.vector, ...)
+        raise from_engine_error(exc) from exc
 
 
 # ---- running and answering ----------------------------------------------------------------------

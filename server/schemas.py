@@ -317,6 +317,11 @@ class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
     tool_choice: Annotated[object, neutral_only("none", "auto")] = None
     functions: Annotated[object, neutral_only([])] = None          # the deprecated form of tools
     function_call: Annotated[object, neutral_only("none", "auto")] = None
+    modalities: Annotated[object, neutral_only(["text"])] = None   # audio output
+    audio: Annotated[object, neutral_only()] = None
+    prediction: Annotated[object, neutral_only()] = None           # predicted outputs
+    web_search_options: Annotated[object, neutral_only()] = None
+    # accepted and ignored, as vLLM: service_tier, reasoning_effort (no reasoning model is served here)
     # vLLM's chat extensions not implemented here
     documents: Annotated[object, neutral_only([])] = None
     echo: Annotated[object, neutral_only(False)] = None

@@ -1,7 +1,7 @@
 """The request objects as plain data: the `atv` steering spec shared by the API, presets and the engine."""
 import pytest
 
-from atv_core.engine.request import Example, SteeringSpec
+from atv_core.engine.request import Example, InvalidRequest, SteeringSpec
 
 
 def test_steering_spec_defaults_to_the_generator():
@@ -9,14 +9,16 @@ def test_steering_spec_defaults_to_the_generator():
     assert spec.uses_generator and not spec.uses_named_vector
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(mode="vector"), "needs a named vector"),
-    (dict(mode="off", examples=(Example("a", "b"),)), "need mode 'atv'"),
-    (dict(mode="steer"), "must be 'atv', 'vector' or 'off'"),
+@pytest.mark.parametrize("kwargs, message, field", [
+    (dict(mode="vector"), "needs a named vector", "atv.vector"),
+    (dict(mode="off", examples=(Example("a", "b"),)), "need mode 'atv'", "atv.examples"),
+    (dict(mode="steer"), "must be 'atv', 'vector' or 'off'", "atv.mode"),
+    (dict(mode="atv", vector_weight=0.5), "none is given", "atv.vector_weight"),   # it would weigh nothing
 ])
-def test_steering_spec_refuses_contradictions_with_a_fix(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+def test_steering_spec_refuses_contradictions_with_a_fix(kwargs, message, field):
+    with pytest.raises(InvalidRequest, match=message) as info:
         SteeringSpec(**kwargs)
+    assert info.value.field == field   # the HTTP error's param
 
 
 def test_named_vector_with_and_without_the_generator():

@@ -379,6 +379,9 @@ def test_default_mode_follows_the_generator(main, plain):
     assert completion(main)["atv"]["mode"] == "atv"
     assert completion(plain)["atv"]["mode"] == "off"
     assert_error(plain.post("/v1/completions", {"prompt": "x", "atv": {"mode": "atv"}}), 400, "atv.mode")
+    assert_error(main.post("/v1/completions", {"prompt": "x", "atv": {"mode": "vector"}}), 400, "atv.vector")
+    assert_error(main.post("/v1/completions", {"prompt": "x", "atv": {"vector_weight": 0.5}}), 400,
+                 "atv.vector_weight")   # it weighs a named vector, and none is given: not silently ignored
 
 
 def test_default_steering_serves_a_prompt_without_text_unsteered_and_asked_for_atv_refuses_it(main):
@@ -561,12 +564,15 @@ def test_invalid_json_and_chat_fields_are_400(main):
     bad = main.post("/v1/chat/completions", {"messages": user, "top_logprobs": 2, "logprobs": "yes"})
     assert assert_error(bad, 400, "logprobs")["message"].startswith("logprobs: Input should be a valid boolean")
     for field, value in (("response_format", {"type": "json_object"}), ("tools", [{"type": "function"}]),
+                         ("modalities", ["text", "audio"]), ("audio", {"voice": "alloy"}),
+                         ("prediction", {"type": "content", "content": "x"}), ("web_search_options", {}),
                          ("tool_choice", "required"), ("documents", [{"text": "d"}]), ("echo", True),
                          ("add_special_tokens", True), ("mm_processor_kwargs", {"a": 1}),
                          ("stop_token_ids", [10**8])):
         assert_error(main.post("/v1/chat/completions", {"messages": user, field: value}), 400, field)
     neutral = {"frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {}, "response_format": {"type": "text"},
-               "tools": [], "tool_choice": "auto", "max_tokens": 2}   # what some clients send by default
+               "tools": [], "tool_choice": "auto", "max_tokens": 2, "modalities": ["text"], "service_tier": "auto",
+               "reasoning_effort": "low"}   # what some clients send by default; the last two change nothing here
     assert main.post("/v1/chat/completions", {"messages": user, **neutral}).status_code == 200
     assert completion(main, best_of=1, suffix="", frequency_penalty=0, max_tokens=2)["choices"]
     unsupported = (("guided_choice", ["a"]), ("use_beam_search", True), ("spaces_between_special_tokens", False),

@@ -155,11 +155,16 @@ class SteeringSpec:
 
     def __post_init__(self):
         if self.mode not in ("atv", "vector", "off"):
-            raise ValueError(f"steering mode must be 'atv', 'vector' or 'off', got {self.mode!r}")
+            raise InvalidRequest(f"steering mode must be 'atv', 'vector' or 'off', got {self.mode!r}", "atv.mode")
         if self.mode == "vector" and not self.vector:
-            raise ValueError("steering mode 'vector' needs a named vector: set atv.vector to its name")
+            raise InvalidRequest("steering mode 'vector' needs a named vector: set atv.vector to its name",
+                                 "atv.vector")
+        if self.vector_weight != 1.0 and not self.vector:
+            raise InvalidRequest("atv.vector_weight weighs a named vector, and none is given: set atv.vector, or "
+                                 "leave vector_weight out", "atv.vector_weight")
         if self.examples and self.mode != "atv":
-            raise ValueError(f"atv.examples shape the generated vector, so they need mode 'atv', not {self.mode!r}")
+            raise InvalidRequest(f"atv.examples shape the generated vector, so they need mode 'atv', not "
+                                 f"{self.mode!r}", "atv.examples")
         object.__setattr__(self, "examples", tuple(self.examples))
 
     @property
