@@ -90,6 +90,8 @@ def test_checkpoint_round_trip_gives_identical_vectors(tmp_path):
     generator.centroids = torch.randn(4, generator.backbone.config.hidden_size)
     path = save_generator(generator, tmp_path / "ckpt")
     assert sorted(p.name for p in path.iterdir()) == ["atv_config.json", "atv_weights.safetensors"]
+    modes = {p.name: p.stat().st_mode & 0o777 for p in path.iterdir()}   # safetensors alone would write 0600
+    assert modes["atv_weights.safetensors"] == modes["atv_config.json"] and modes["atv_config.json"] & 0o044
     loaded = load_generator(path, target=make_model("llama"))
     assert loaded.config == generator.config
     prompts = ["hello", "what is the capital of France?"]

@@ -62,6 +62,8 @@ def test_store_loads_validates_and_reloads(tmp_path):
     assert meta["layers"] == [0, 1, 2] and meta["hidden_size"] == 32 and meta["target"] == "tiny-llama"
     assert meta["norm"] == pytest.approx(float(a.norm())) and meta["built_from"] == {"recipe": "test"}
     write_vector(tmp_path, "beta", b, LAYOUT, {})
+    mode = lambda name: (tmp_path / name).stat().st_mode & 0o777   # noqa: E731
+    assert mode("beta.safetensors") == mode("beta.json") and mode("beta.json") & 0o044   # readable by a server's user
     assert "beta" not in store                       # nothing changes until reload()
     assert store.reload() == ["alpha", "beta"] and torch.equal(store.get("beta").vector, b)
     (tmp_path / "beta.safetensors").unlink()

@@ -28,7 +28,8 @@ def save_generator(generator: ATVGenerator, path: str | Path, dtype: torch.dtype
     state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
              for k, v in generator.trainable_state_dict().items()}
     save_file(state, str(path / WEIGHTS_FILE), metadata={"format": "atv", "version": str(FORMAT_VERSION)})
-    return path
+    (path / WEIGHTS_FILE).chmod((path / CONFIG_FILE).stat().st_mode & 0o777)   # safetensors writes 0600 (a
+    return path                                                                 # server in a container reads it)
 
 
 def read_config(path: str | Path) -> GeneratorConfig:

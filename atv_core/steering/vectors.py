@@ -238,6 +238,7 @@ def write_vector(folder: str | Path, name: str, vector: torch.Tensor, layout: Ve
     save_file({TENSOR_KEY: vector.detach().to("cpu", torch.float32).contiguous()}, str(tensor_tmp),
               metadata={"format": "atv-vector", "version": str(FORMAT_VERSION)})
     meta_tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    tensor_tmp.chmod(meta_tmp.stat().st_mode & 0o777)   # safetensors writes 0600: as readable as the JSON (umask)
     tensor_tmp.replace(folder / f"{name}.safetensors")
     meta_tmp.replace(folder / f"{name}.json")
     return folder / f"{name}.safetensors"
