@@ -44,8 +44,9 @@ def api_router(state: ServingState) -> APIRouter:
 
     def cards() -> list[ModelCard]:
         engine, base = state.engine, state.settings.model_id
+        default = None if engine is None else "atv" if engine.has_generator else "off"   # (unknown while loading)
         return [ModelCard(id=p.id, created=state.started, root=state.settings.model,
-                          parent=None if p.id == base else base, steering=p.mode, vector=p.vector,
+                          parent=None if p.id == base else base, steering=p.mode or default, vector=p.vector,
                           max_model_len=engine.limits.max_model_len if engine else None,
                           has_generator=bool(engine and engine.has_generator)) for p in state.presets()]
 

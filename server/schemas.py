@@ -478,7 +478,8 @@ class ModelCard(BaseModel):
     owned_by: str = "atv"
     root: str
     parent: str | None = Field(None, description="the base model id, for a steering preset")
-    steering: str | None = Field(None, description="the preset's steering mode (null: the server default)")
+    steering: str | None = Field(None, description="the steering mode a request without an `atv` field gets with "
+                                 "this id (the base id: the server's default, atv with a generator, else off)")
     vector: str | None = Field(None, description="the preset's named vector")
     max_model_len: int | None = None
     has_generator: bool

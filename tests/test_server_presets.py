@@ -71,13 +71,16 @@ def _model_ids(served) -> list[str]:
 
 def test_models_lists_the_base_and_every_preset(served):
     assert _model_ids(served) == [BASE, f"{BASE}:off", f"{BASE}:atv", f"{BASE}:vector/alpha"]
+    cards = httpx.get(served.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()["data"]
+    assert [c["steering"] for c in cards] == ["atv", "off", "atv", "vector"]   # the base: the server's default
 
 
 def test_a_server_without_generator_lists_no_atv_preset(assets):
     model, _, vectors = assets
     with serving(_engine(model, None, vectors), make_settings(model="tiny", vectors=str(vectors))) as s:
-        ids = [c["id"] for c in httpx.get(s.url + "/v1/models", timeout=10).json()["data"]]
-        assert ids == ["tiny", "tiny:off", "tiny:vector/alpha"]
+        cards = httpx.get(s.url + "/v1/models", timeout=10).json()["data"]
+        assert [c["id"] for c in cards] == ["tiny", "tiny:off", "tiny:vector/alpha"]
+        assert cards[0]["steering"] == "off"   # the default without a generator
 
 
 @pytest.mark.parametrize("suffix, mode, vector", [("", "atv", None), (":off", "off", None), (":atv", "atv", None),
