@@ -390,3 +390,34 @@ print("finished")
                           env={**__import__("os").environ, "PYTHONPATH": str(root)})
     assert "finished" in done.stdout, done.stderr[-2000:]
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_closed_gate_gives_no_vector_and_the_output_of_steering_off(parts, monkeypatch):
+    """A gate below GATE_OPEN zeroes the request's vector (a soft gate of ~0.01 still moves greedy tokens), and a
+    zero delta takes no vector slot: the request is served exactly as steering off; an open gate still steers."""
+    from atv_core.engine import vector_worker
+    from atv_core.steering.generator import GeneratorOutput
+    model, tok, generator = parts
+    real = generator.forward
+
+    def forward(prompts, use_gate=True):   # the real vectors, gates of 0.3 (closed) and 0.7 (open), alternately
+        out = real(prompts, use_gate=False)
+        gates = torch.tensor([0.3 if i % 2 == 0 else 0.7 for i in range(len(prompts))])
+        return GeneratorOutput(vectors=out.vectors * gates.view(-1, 1, 1), gates=gates, pooled=out.pooled)
+
+    monkeypatch.setattr(generator, "forward", forward)
+    vectors, gates = vector_worker.generate(generator, TEXTS[:2])
+    assert gates == pytest.approx([0.3, 0.7]) and not vectors[0].any() and vectors[1].abs().sum() > 0
+    engine = LLMEngine(model, tok, generator, EngineConfig(max_running=8, generator_worker=False))
+    logits = record_logits(engine)
+    closed, opened = (Request(f"r{i}", tok(t)["input_ids"], GREEDY, SteeringSpec("atv"), t)
+                      for i, t in enumerate(TEXTS[:2]))
+    plain = [Request(f"p{i}", tok(t)["input_ids"], GREEDY, SteeringSpec("off"), t) for i, t in enumerate(TEXTS[:2])]
+    for request in (closed, opened, *plain):
+        engine.add_request(request)
+    engine.step()
+    assert closed.vector_slot == 0 and opened.vector_slot != 0
+    assert closed.steering_report.gate == pytest.approx(0.3) and closed.steering_report.vector_norm == 0
+    drain(engine)
+    assert closed.output_ids == plain[0].output_ids and opened.output_ids != plain[1].output_ids
+    assert torch.equal(logits["r0"][0], logits["p0"][0])   # the same first-step logits, bit for bit

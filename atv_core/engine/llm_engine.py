@@ -423,8 +423,10 @@ class LLMEngine:
         if not math.isfinite(norm):
             request.finish("error", "the steering vector is non-finite (the generator's output, or a scale or "
                                     "vector_weight too large)")
-        else:
+        elif norm > 0:
             self.runner.assign_vector(request, vector)
+        else:   # an all-zero delta (a closed gate): no slot, and its KV is steering off's (prefix cache included)
+            request.steering = replace(request.steering, scale=0.0)
 
     def _score_prompt(self, chunk, logits: torch.Tensor) -> None:
         """Prompt logprobs from one chunk's logits [chunk length, V]: position p scores prompt token p + 1
