@@ -213,7 +213,6 @@ class RequestOutput:
     logprobs: list[TokenLogprob] | None
     finished: bool
     finish_reason: FinishReason | None = None
-    stop_reason: int | str | None = None  # vLLM's: the stop_token_ids token or stop string that ended it (EOS: None)
     error: str | None = None
     error_field: str | None = None    # with an error: the request's part at fault (as InvalidRequest.field), when
                                       # the request itself was unservable (HTTP 400), else None (a server failure)
@@ -222,6 +221,7 @@ class RequestOutput:
     steering: SteeringReport | None = None  # what was applied (set once the request reached a prefill)
     queue_time_s: float | None = None # arrival -> admission into a prefill batch
     prompt_logprobs: list[TokenLogprob] | None = None  # every prompt token's, once, with the first output
+    stop_reason: int | str | None = None  # vLLM's: the stop_token_ids token or stop string that ended it (EOS: None)
 
 
 @dataclass(eq=False)
