@@ -36,7 +36,7 @@ from typing import Callable
 import torch
 
 from atv_core.engine.detokenizer import OutputText, token_bytes
-from atv_core.engine.logits_processors import LogitsProcessors
+from atv_core.engine.logits_processors import LogitsProcessors, completing
 from atv_core.engine.request import (InvalidRequest, Request, RequestOutput, SamplingParams, SteeringReport,
                                     Status, TokenLogprob)
 from atv_core.engine.runner import ModelRunner
@@ -197,7 +197,7 @@ class LLMEngine:
                                      name)
         params = request.params
         if params.allowed_token_ids is not None:   # nothing left to sample: the sampler would pick token 0
-            allowed = set(params.allowed_token_ids) - {w[0] for w in params.bad_words_ids if len(w) == 1}
+            allowed = set(params.allowed_token_ids) - set(completing(params.bad_words_ids, ()))   # banned from the start
             if not allowed:
                 raise InvalidRequest("allowed_token_ids holds only tokens that bad_words ban: allow another token "
                                      "or drop the bad word", "allowed_token_ids")
@@ -484,7 +484,8 @@ class LLMEngine:
             request.output = OutputText(self.tokenizer, params.stop, params.skip_special_tokens,
                                         params.include_stop_str_in_output, params.min_tokens)
         text = request.output
-        stop_token = (token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids
+        eos = token in self.eos_ids and not params.ignore_eos
+        stop_token = eos or token in params.stop_token_ids
         if stop_token:   # not part of the text unless include_stop_str_in_output (as vLLM)
             delta = (text.add(token) if params.include_stop_str_in_output else "") + text.finish()
         else:
@@ -495,7 +496,7 @@ class LLMEngine:
             delta += text.finish()
             request.finish("stop" if text.stopped else "length")
         if stop_token:   # vLLM's stop_reason: a stop_token_ids token, not EOS; else the stop string
-            request.stop_reason = None if token in self.eos_ids and not params.ignore_eos else token
+            request.stop_reason = None if eos else token
         elif request.finish_reason == "stop":
             request.stop_reason = text.stop_string
         if logprob is not None:
