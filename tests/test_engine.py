@@ -538,6 +538,37 @@ def test_greedy_bad_words_match_transformers_generate(parts):
     assert all(tuple(both[i:i + 2]) != pair for i in range(len(both) - 1)) and plain[0] not in both
 
 
+def test_a_request_left_with_no_token_to_sample_ends_with_an_error_and_its_neighbour_goes_on(parts):
+    """allowed_token_ids {5, 7} with bad words "5 7" and "5 5": after the output's first 5 both are banned, so
+    nothing may be sampled. The request ends with an error on bad_words after that one token (before, the sampler
+    took the argmax of an all -inf row: token 0, which the request forbade); a plain request in the same batch
+    gets exactly the tokens it gets alone."""
+    _, tok, _ = parts
+    prompt = tok("a b c d e f")["input_ids"]
+    plain = lambda: Request("p", prompt, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True),  # noqa: E731
+                            SteeringSpec("off"))
+    engine = _engine(parts)
+    alone = plain()
+    engine.add_request(alone)
+    _drain(engine)
+    engine = _engine(parts)
+    stuck = Request("s", prompt, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True,
+                                                allowed_token_ids=[5, 7], logit_bias={5: 100.0},
+                                                bad_words_ids=[(5, 7), (5, 5)]), SteeringSpec("off"))
+    engine.validate(stuck)                       # nothing is banned before any output: validation lets it through
+    neighbour = plain()
+    engine.add_request(stuck)
+    engine.add_request(neighbour)
+    outputs = []
+    while engine.has_work():
+        outputs += engine.step()
+    assert stuck.output_ids == [5] and stuck.finish_reason == "error" and stuck.error_field == "bad_words"
+    assert "no token to sample after 1 output tokens" in stuck.error
+    assert [o.finish_reason for o in outputs if o.request_id == "s" and o.finished] == ["error"]
+    assert neighbour.output_ids == alone.output_ids and neighbour.finish_reason == "length"
+    assert engine.processors.cached == 0
+
+
 @pytest.mark.parametrize("options, hf", [
     ({"repetition_penalty": 1.8}, {"repetition_penalty": 1.8}),
     ({"logit_bias": {7: 3.0, 11: -2.0, 40: 1.5}}, {"sequence_bias": {(7,): 3.0, (11,): -2.0, (40,): 1.5}}),

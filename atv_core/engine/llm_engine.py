@@ -459,8 +459,19 @@ class LLMEngine:
         return outputs + self._sample_tokens(requests, logits)
 
     def _sample_tokens(self, requests: list[Request], logits: torch.Tensor) -> list[RequestOutput]:
-        params = [r.params for r in requests]
         processed = self.processors.process(logits, requests)   # logprobs below: from the model's own logits
+        empty, outputs = self.processors.empty_rows(processed, requests), []
+        if empty:   # allowed_token_ids all banned by a bad word completed in the output: nothing may be sampled
+            for i in empty:
+                requests[i].finish("error", "allowed_token_ids and bad_words leave no token to sample after "
+                                   f"{len(requests[i].output_ids)} output tokens: allow another token or drop the "
+                                   "bad word", "bad_words")
+            outputs = [self._retire(requests[i], [], None) for i in empty]
+            keep = [i for i in range(len(requests)) if i not in empty]
+            if not keep:
+                return outputs
+            requests, logits, processed = [requests[i] for i in keep], logits[keep], processed[keep]
+        params = [r.params for r in requests]
         tokens = sample(processed, params, [self._generators[r.request_id] for r in requests])
         want = [i for i, p in enumerate(params) if p.logprobs is not None]
         logprobs = {}
@@ -471,7 +482,6 @@ class LLMEngine:
                 lp.top = lp.top[: params[i].logprobs]
                 logprobs[i] = lp
         now = time.monotonic()
-        outputs = []
         for i, (request, token) in enumerate(zip(requests, tokens.tolist())):
             request.first_token_time = request.first_token_time or now
             outputs.append(self._append(request, token, logprobs.get(i)))

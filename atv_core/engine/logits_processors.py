@@ -15,6 +15,10 @@ they are (no copy). Otherwise the result is a copy: the engine reports logprobs 
 (vLLM's default, "raw" logprobs), and samples from these. A request's allowed-ids mask, bias tensors and the
 distinct ids of its prompt (for the repetition penalty) are built once, not every step, and kept until `forget`.
 Rows are processed one by one: cheap for the few requests that ask, not batched across rows.
+
+A row can be left with no token at all: allowed_token_ids whose every token a multi-token bad word bans after
+some output (the cases known before any output are refused by the engine's validation). `empty_rows` names
+those rows, so that the engine ends their requests with an error instead of sampling a token the request forbade.
 """
 from __future__ import annotations
 
@@ -42,6 +46,16 @@ class LogitsProcessors:
         for i in rows:
             self._row(logits[i], requests[i])
         return logits
+
+    @staticmethod
+    def empty_rows(processed: torch.Tensor, requests: Sequence[Request]) -> list[int]:
+        """The rows of `process`'s result where every token is -inf, so nothing may be sampled (only a request with
+        allowed_token_ids can get there; the others are not looked at)."""
+        restricted = [i for i, r in enumerate(requests) if r.params.allowed_token_ids is not None]
+        if not restricted:
+            return []
+        left = torch.isneginf(processed[restricted]).all(dim=-1).tolist()
+        return [i for i, empty in zip(restricted, left) if empty]
 
     def end_tokens(self, params: SamplingParams) -> set[int]:
         """The tokens that end a completion, which min_tokens masks: stop_token_ids and, unless ignore_eos, EOS."""
