@@ -210,21 +210,22 @@ def _check_choice_count(count: int, engine) -> None:
 
 def _max_tokens(requested: int | None, prompt_len: int, engine, state: ServingState, prompt_param: str,
                 default: int | None = None) -> int:
-    """The request's max_tokens, checked; unset: `default` (completions: 16, as OpenAI), or as many as the
-    server allows, either way clamped to the room the prompt leaves in the context (as vLLM)."""
+    """The request's max_tokens, checked; unset: `default` (completions: 16, as OpenAI), else the generation
+    config's max_new_tokens, else as many as the server allows, clamped to the room the prompt leaves in the
+    context; either way at most --override-generation-config's max_new_tokens (as vLLM)."""
     limit, prompt_limit = state.settings.max_tokens, state.settings.max_prompt_tokens
     if prompt_limit is not None and prompt_len > prompt_limit:
         raise APIError(413, f"prompt has {prompt_len} tokens; this server accepts at most {prompt_limit}",
                        prompt_param, "context_length_exceeded")
     context = engine.limits.max_model_len
     if requested is None:
-        requested = min(limit, context - prompt_len, default or limit)
+        requested = min(limit, context - prompt_len, default or state.default_max_tokens or limit)
         if requested < 1:
             raise APIError(413, f"prompt has {prompt_len} tokens, which fills the context of {context}",
                            prompt_param, "context_length_exceeded")
     if requested > limit:
         raise APIError(400, f"max_tokens is {requested}; this server allows at most {limit}", "max_tokens")
-    return requested
+    return min(requested, state.max_tokens_cap or requested)
 
 
 NEUTRAL_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0}

@@ -7,12 +7,14 @@ target is converted once) is read by atv_core.models, not here. This module load
 from __future__ import annotations
 
 import argparse
+import json
 import re
 from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from atv_core.engine.request import generation_default_problem
 from atv_core.models import DTYPES, EMBEDDED_TARGET
 
 DtypeName = Literal[("auto", *DTYPES)]   # the names atv_core.models.select_dtype takes
@@ -61,6 +63,10 @@ class Settings(BaseSettings):
         "auto", description="auto: sampling fields a request leaves out (temperature, top_p, top_k, min_p, "
         "repetition_penalty) default to the model's generation_config.json, as vLLM's default; vllm: to the "
         "neutral values")
+    override_generation_config: dict[str, int | float] | None = Field(
+        None, description='JSON over the generation_config, as vLLM\'s flag, e.g. \'{"temperature": 0.5, '
+        '"max_new_tokens": 256}\': merged over the model\'s with --generation-config auto, alone with vllm; '
+        'max_new_tokens is also the most tokens any request gets (larger max_tokens are cut to it)')
     enable_prefix_caching: bool = Field(True, description="reuse the KV blocks of a prompt prefix already computed "
                                         "for another request where steering leaves them equal (steering off, the "
                                         "same vector, or tokens before the last prompt token under policy last)")
@@ -81,6 +87,20 @@ class Settings(BaseSettings):
     def _known_device(cls, value):
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps|xpu(:\d+)?", value):
             raise ValueError("use auto, cpu, cuda or cuda:N")
+        return value
+
+    @field_validator("override_generation_config", mode="before")
+    @classmethod
+    def _generation_json(cls, value):
+        if isinstance(value, str):   # a flag's text (the environment variable is parsed as JSON by pydantic-settings)
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"is not JSON ({exc.msg}); e.g. '{{\"temperature\": 0.5}}'") from None
+        if isinstance(value, dict):
+            problems = [p for name, v in value.items() if (p := generation_default_problem(name, v)) is not None]
+            if problems:
+                raise ValueError("; ".join(problems))
         return value
 
     @field_validator("log_level", mode="before")

@@ -35,15 +35,23 @@ class ServingState:
         self.jobs: set = set()        # running server.jobs.Job objects (stopped on drain timeout)
         self.started = int(time.time())
         self.sampling_defaults: dict = {}   # request fields left out -> the model's (--generation-config auto)
+        self.default_max_tokens: int | None = None   # max_tokens left out (chat) -> the generation config's
+        self.max_tokens_cap: int | None = None       # --override-generation-config's max_new_tokens: every request
 
     def attach(self, async_engine) -> None:
         """The engine is loaded and warmed: serve it."""
         self.metrics.bind(async_engine)
-        if self.settings.generation_config == "auto":
-            self.sampling_defaults = async_engine.sampling_defaults
-        if self.sampling_defaults:
-            log.info("sampling fields a request leaves out default to the model's generation_config: %s "
-                     "(--generation-config vllm: to the neutral values)", self.sampling_defaults)
+        defaults = dict(async_engine.sampling_defaults) if self.settings.generation_config == "auto" else {}
+        override = self.settings.override_generation_config or {}
+        defaults.update(override)   # vLLM: merged over the model's (auto), alone (vllm)
+        self.default_max_tokens = defaults.pop("max_new_tokens", None)
+        self.max_tokens_cap = override.get("max_new_tokens")
+        self.sampling_defaults = defaults
+        if defaults or self.default_max_tokens:
+            log.info("fields a request leaves out default to the generation config (%s%s): %s%s",
+                     "the model's" if self.settings.generation_config == "auto" else "--generation-config vllm",
+                     ", --override-generation-config" if override else "", defaults,
+                     f", max_tokens {self.default_max_tokens}" if self.default_max_tokens else "")
         self.engine = async_engine
 
     @property

@@ -720,7 +720,7 @@ def test_sampling_defaults_are_the_generation_configs_sampling_fields_in_range()
     from atv_core.engine.llm_engine import sampling_defaults
     config = GenerationConfig(do_sample=True, temperature=0.6, top_p=0.9, top_k=20, max_new_tokens=7, bos_token_id=1)
     assert sampling_defaults(SimpleNamespace(generation_config=config)) == {"temperature": 0.6, "top_p": 0.9,
-                                                                            "top_k": 20}
+                                                                            "top_k": 20, "max_new_tokens": 7}
     bad = GenerationConfig(do_sample=True, top_p=1.5, repetition_penalty=1.2)   # a top_p no request could send
     assert sampling_defaults(SimpleNamespace(generation_config=bad)) == {"repetition_penalty": 1.2}
     assert sampling_defaults(SimpleNamespace()) == {}

@@ -26,7 +26,7 @@ import pytest
 import torch
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 
 from atv_core.engine.build import build_engine
 from atv_core.engine.async_engine import AsyncEngine
@@ -740,6 +740,41 @@ def test_sampling_fields_left_out_default_to_the_models_generation_config(tmp_pa
         assert served.state.sampling_defaults == {}
         assert tokens(served, temperature=0) == plain
         assert len({tuple(tokens(served, temperature=1.0, seed=s)) for s in range(3)}) > 1
+
+
+def test_override_generation_config_merges_over_the_models_and_caps_max_tokens(tmp_path):
+    """--override-generation-config (vLLM's): merged over the model's generation_config with auto, alone with
+    vllm. The model's max_new_tokens is the default max_tokens of a chat (completions keep OpenAI's 16); the
+    override's is that default too and cuts every request's max_tokens to it."""
+    from transformers import GenerationConfig
+    model = make_tiny_model_dir(tmp_path / "model")
+    GenerationConfig(do_sample=True, top_k=1, repetition_penalty=50.0, max_new_tokens=5, bos_token_id=1,
+                     eos_token_id=2).save_pretrained(model)
+    chat = {"messages": [{"role": "user", "content": "Hello there"}], "ignore_eos": True, "atv": {"mode": "off"}}
+
+    def count(served, path, **body):
+        response = served.post(path, {**(chat if "chat" in path else {"prompt": "Hello there", "ignore_eos": True}),
+                                      **body})
+        assert response.status_code == 200, response.text
+        return response.json()["usage"]["completion_tokens"]
+
+    merged = make_settings(override_generation_config={"repetition_penalty": 1.0, "temperature": 0})
+    with serving(async_engine(model, None), merged) as served:
+        assert served.state.sampling_defaults == {"top_k": 1, "repetition_penalty": 1.0, "temperature": 0}
+        assert (served.state.default_max_tokens, served.state.max_tokens_cap) == (5, None)
+        assert count(served, "/v1/chat/completions") == 5
+        assert count(served, "/v1/chat/completions", max_tokens=9) == 9                 # not a cap
+        assert count(served, "/v1/completions") == 16
+        penalty_off = completion(served, max_tokens=6, logprobs=0)["choices"][0]["logprobs"]["tokens"]
+        assert penalty_off == completion(served, max_tokens=6, logprobs=0, temperature=0,
+                                         repetition_penalty=1.0)["choices"][0]["logprobs"]["tokens"]
+    alone = make_settings(generation_config="vllm", override_generation_config={"max_new_tokens": 3})
+    with serving(async_engine(model, None), alone) as served:
+        assert served.state.sampling_defaults == {} and served.state.max_tokens_cap == 3
+        assert [count(served, "/v1/chat/completions"), count(served, "/v1/chat/completions", max_tokens=9),
+                count(served, "/v1/completions"), count(served, "/v1/completions", max_tokens=2)] == [3, 3, 3, 2]
+    with pytest.raises(ValidationError, match="top_p must be"):
+        make_settings(override_generation_config={"top_p": 1.5})
 
 
 def test_min_tokens_include_stop_str_and_special_tokens_reach_the_engine(main):

@@ -37,8 +37,8 @@ import torch
 
 from atv_core.engine.detokenizer import OutputText, token_bytes
 from atv_core.engine.logits_processors import LogitsProcessors, completing
-from atv_core.engine.request import (InvalidRequest, Request, RequestOutput, SamplingParams, SteeringReport,
-                                    Status, TokenLogprob)
+from atv_core.engine.request import (GENERATION_DEFAULT_FIELDS, InvalidRequest, Request, RequestOutput,
+                                    SteeringReport, Status, TokenLogprob, generation_default_problem)
 from atv_core.engine.runner import ModelRunner
 from atv_core.engine.sampler import make_generator, sample, token_logprobs
 from atv_core.engine.scheduler import Scheduler, SchedulerConfig
@@ -105,23 +105,21 @@ class EngineStats:
     num_queued: int = 0                 # of num_waiting, those never admitted (what max_waiting bounds)
 
 
-SAMPLING_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-
-
 def sampling_defaults(model) -> dict[str, float | int]:
-    """The sampling fields the model's generation_config.json sets away from transformers' defaults (vLLM's
-    `--generation-config auto`): what a request that leaves them out gets instead of the neutral values."""
+    """The fields of GENERATION_DEFAULT_FIELDS the model's generation_config.json sets away from transformers'
+    defaults (vLLM's `--generation-config auto`): what a request that leaves them out gets instead of the neutral
+    values (max_new_tokens: its max_tokens)."""
     config = getattr(model, "generation_config", None)
     found = config.to_diff_dict() if config is not None else {}
     defaults = {}
-    for name in SAMPLING_DEFAULT_FIELDS:
+    for name in GENERATION_DEFAULT_FIELDS:
         value = found.get(name)
         if value is None:
             continue
-        try:   # a value no request could send would make every request that leaves it out fail: not taken
-            SamplingParams(**{name: max(value, 0) if name == "top_k" else value})
-        except (TypeError, ValueError):
-            log.warning("the model's generation_config sets %s=%r, which is out of range: not used", name, value)
+        problem = generation_default_problem(name, value)
+        if problem is not None:
+            log.warning("the model's generation_config sets %s=%r, which cannot be a default (%s): not used",
+                        name, value, problem)
             continue
         defaults[name] = value
     return defaults

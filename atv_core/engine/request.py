@@ -124,6 +124,26 @@ class SamplingParams:
         return self.temperature == 0 or self.top_k == 1
 
 
+GENERATION_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
+
+
+def generation_default_problem(name: str, value) -> str | None:
+    """Why `value` cannot be the default of `name`, a generation_config field that requests leaving the matching
+    field out get (max_new_tokens: max_tokens), or None when it can: a default no request could send would make
+    every request that leaves the field out fail."""
+    if name not in GENERATION_DEFAULT_FIELDS:
+        return f"{name!r} is not one of {', '.join(GENERATION_DEFAULT_FIELDS)}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"{name} must be a number, got {value!r}"
+    if name == "max_new_tokens":
+        return None if isinstance(value, int) and value >= 1 else f"max_new_tokens must be an int >= 1, got {value!r}"
+    try:
+        SamplingParams(**{name: max(value, 0) if name == "top_k" else value})   # top_k -1 is "off" in requests
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def chat_query(messages) -> str:
     """What the generator reads of a chat conversation (a request's `prompt_text`): its user messages' text joined
     by newlines, without the chat template, whatever the template options. `messages`: (role, text) pairs. The
