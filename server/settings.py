@@ -61,8 +61,8 @@ class Settings(BaseSettings):
                                      "given to the KV cache when --kv-cache-gib is not set")
     generation_config: Literal["auto", "vllm"] = Field(
         "auto", description="auto: sampling fields a request leaves out (temperature, top_p, top_k, min_p, "
-        "repetition_penalty) default to the model's generation_config.json, as vLLM's default; vllm: to the "
-        "neutral values")
+        "repetition_penalty; a chat's max_tokens: max_new_tokens) default to the model's generation_config.json, "
+        "as vLLM's default; vllm: to the neutral values")
     override_generation_config: dict[str, int | float] | None = Field(
         None, description='JSON over the generation_config, as vLLM\'s flag, e.g. \'{"temperature": 0.5, '
         '"max_new_tokens": 256}\': merged over the model\'s with --generation-config auto, alone with vllm; '
