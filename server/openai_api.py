@@ -223,9 +223,10 @@ def _max_tokens(requested: int | None, prompt_len: int, engine, state: ServingSt
         if requested < 1:
             raise APIError(413, f"prompt has {prompt_len} tokens, which fills the context of {context}",
                            prompt_param, "context_length_exceeded")
+    requested = min(requested, state.max_tokens_cap or requested)   # vLLM: cut to it, not refused
     if requested > limit:
         raise APIError(400, f"max_tokens is {requested}; this server allows at most {limit}", "max_tokens")
-    return min(requested, state.max_tokens_cap or requested)
+    return requested
 
 
 NEUTRAL_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0}

@@ -647,6 +647,17 @@ def test_bad_words_never_appear_in_the_output(main):
         "choices"][0]["logprobs"]["content"]]
     assert word not in tokens and len(tokens) == 8
     assert_error(main.post("/v1/completions", {"prompt": "x", "bad_words": [" "]}), 400, "bad_words.0")
+    # allowed "a", "b"; bad words "ab" and "aa": once "a" is out nothing may follow (the engine used to emit token 0)
+    from tests.tiny import make_tokenizer
+    a, b = make_tokenizer()("ab", add_special_tokens=False).input_ids
+    stuck = dict(prompt="x", max_tokens=4, atv={"mode": "off"}, allowed_token_ids=[a, b], logit_bias={str(a): 100},
+                 bad_words=["ab", "aa"])
+    error = assert_error(main.post("/v1/completions", stuck), 400, "bad_words")
+    assert "no token to sample after 1 output tokens" in error["message"]
+    with httpx.stream("POST", main.url + "/v1/completions", json={**stuck, "stream": True}, timeout=30) as response:
+        events = sse_events(response)
+    assert events[0]["choices"][0]["text"] == "a" and events[-1]["error"]["param"] == "bad_words"
+    assert completion(main, prompt="x", allowed_token_ids=[a, b], max_tokens=4, temperature=0, atv={"mode": "off"})
 
 
 def test_vllm_prompt_logprobs_score_each_prompt_token(main):
@@ -751,6 +762,7 @@ def test_override_generation_config_merges_over_the_models_and_caps_max_tokens(t
     GenerationConfig(do_sample=True, top_k=1, repetition_penalty=50.0, max_new_tokens=5, bos_token_id=1,
                      eos_token_id=2).save_pretrained(model)
     chat = {"messages": [{"role": "user", "content": "Hello there"}], "ignore_eos": True, "atv": {"mode": "off"}}
+    repeated = dict(prompt="a a a a a a a a", max_tokens=16, logprobs=0, atv={"mode": "off"}, ignore_eos=True)
 
     def count(served, path, **body):
         response = served.post(path, {**(chat if "chat" in path else {"prompt": "Hello there", "ignore_eos": True}),
@@ -765,14 +777,15 @@ def test_override_generation_config_merges_over_the_models_and_caps_max_tokens(t
         assert count(served, "/v1/chat/completions") == 5
         assert count(served, "/v1/chat/completions", max_tokens=9) == 9                 # not a cap
         assert count(served, "/v1/completions") == 16
-        penalty_off = completion(served, max_tokens=6, logprobs=0)["choices"][0]["logprobs"]["tokens"]
-        assert penalty_off == completion(served, max_tokens=6, logprobs=0, temperature=0,
-                                         repetition_penalty=1.0)["choices"][0]["logprobs"]["tokens"]
+        tokens = [completion(served, **repeated, **extra)["choices"][0]["logprobs"]["tokens"]
+                  for extra in ({}, {"repetition_penalty": 1.0}, {"repetition_penalty": 50.0})]
+        assert tokens[0] == tokens[1] != tokens[2]                          # the override's 1.0, not the model's 50
     alone = make_settings(generation_config="vllm", override_generation_config={"max_new_tokens": 3})
     with serving(async_engine(model, None), alone) as served:
         assert served.state.sampling_defaults == {} and served.state.max_tokens_cap == 3
         assert [count(served, "/v1/chat/completions"), count(served, "/v1/chat/completions", max_tokens=9),
-                count(served, "/v1/completions"), count(served, "/v1/completions", max_tokens=2)] == [3, 3, 3, 2]
+                count(served, "/v1/completions"), count(served, "/v1/completions", max_tokens=2),
+                count(served, "/v1/completions", max_tokens=1000)] == [3, 3, 3, 2, 3]    # above --max-tokens 64: cut
     with pytest.raises(ValidationError, match="top_p must be"):
         make_settings(override_generation_config={"top_p": 1.5})
 
@@ -1129,8 +1142,12 @@ def test_settings_flags_beat_environment(monkeypatch):
     monkeypatch.setenv("ATV_MAX_RUNNING", "3")
     monkeypatch.setenv("ATV_PORT", "9001")
     monkeypatch.setenv("ATV_API_KEY", "from-env")
+    monkeypatch.setenv("ATV_OVERRIDE_GENERATION_CONFIG", '{"top_p": 0.5}')
     settings = parse_settings(["--port", "9002", "--log-prompts", "--model", "some/model"])
     assert (settings.max_running, settings.port, settings.model, settings.log_prompts) == (3, 9002, "some/model", True)
+    assert settings.override_generation_config == {"top_p": 0.5}
+    flag = parse_settings(["--override-generation-config", '{"top_k": 40, "max_new_tokens": 8}'])
+    assert flag.override_generation_config == {"top_k": 40, "max_new_tokens": 8}
     assert settings.api_key.get_secret_value() == "from-env" and settings.model_id == "some/model"
     with pytest.raises(SystemExit):
         parse_settings(["--port", "not-a-port"])
@@ -1143,6 +1160,9 @@ def test_settings_flags_beat_environment(monkeypatch):
     (["--dtype", "fp8"], {}, "--dtype: Input should be 'auto'"),
     ([], {"ATV_API_KEY": " "}, "ATV_API_KEY: is empty: unset it to serve without a key"),
     (["--device", "cpu", "--device-map", "auto"], {}, "with device cpu leave it out"),
+    (["--override-generation-config", '{"temperature": 1e400}'], {}, "temperature must be a finite number, got inf"),
+    ([], {"ATV_OVERRIDE_GENERATION_CONFIG": '{"do_sample": true}'}, "'do_sample' is not one of temperature, top_p"),
+    (["--override-generation-config", "{top_k: 4}"], {}, "--override-generation-config: is not JSON"),
 ])
 def test_bad_settings_exit_2_with_one_line_naming_the_setting(monkeypatch, capsys, argv, env, said):
     for name, value in env.items():

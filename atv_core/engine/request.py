@@ -10,6 +10,7 @@ steering was applied.
 from __future__ import annotations
 
 import enum
+import math
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Literal
@@ -133,8 +134,8 @@ def generation_default_problem(name: str, value) -> str | None:
     every request that leaves the field out fail."""
     if name not in GENERATION_DEFAULT_FIELDS:
         return f"{name!r} is not one of {', '.join(GENERATION_DEFAULT_FIELDS)}"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return f"{name} must be a number, got {value!r}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return f"{name} must be a finite number, got {value!r}"
     if name == "max_new_tokens":
         return None if isinstance(value, int) and value >= 1 else f"max_new_tokens must be an int >= 1, got {value!r}"
     try:
