@@ -461,10 +461,12 @@ class LLMEngine:
         empty, outputs = self.processors.empty_rows(processed, requests), []
         if empty:   # allowed_token_ids all banned by a bad word completed in the output: nothing may be sampled
             for i in empty:
-                request, ending = requests[i], len(requests[i].output_ids) < requests[i].params.min_tokens
-                request.finish("error", f"allowed_token_ids, bad_words{' and min_tokens' if ending else ''} leave no "
-                               f"token to sample after {len(request.output_ids)} output tokens: allow another token "
-                               f"or drop the bad word{' or min_tokens' if ending else ''}", "bad_words")
+                request = requests[i]
+                ending = len(request.output_ids) < request.params.min_tokens   # min_tokens bans EOS too
+                causes = "allowed_token_ids, bad_words and min_tokens" if ending else "allowed_token_ids and bad_words"
+                request.finish("error", f"{causes} leave no token to sample after {len(request.output_ids)} output "
+                               f"tokens: allow another token or drop the bad word{' or min_tokens' if ending else ''}",
+                               "bad_words")
             outputs = [self._retire(requests[i], [], None) for i in empty]
             keep = [i for i in range(len(requests)) if i not in empty]
             if not keep:
