@@ -46,6 +46,9 @@ class ServingState:
         defaults.update(override)   # vLLM: merged over the model's (auto), alone (vllm)
         self.default_max_tokens = defaults.pop("max_new_tokens", None)
         self.max_tokens_cap = override.get("max_new_tokens")
+        if (self.default_max_tokens or 0) > self.settings.max_tokens:
+            log.warning("the generation config's max_new_tokens %d is above --max-tokens %d: requests get at most %d",
+                        self.default_max_tokens, self.settings.max_tokens, self.settings.max_tokens)
         self.sampling_defaults = defaults
         if defaults or self.default_max_tokens:
             log.info("fields a request leaves out default to the generation config (%s%s): %s%s",

@@ -563,7 +563,7 @@ def test_a_request_left_with_no_token_to_sample_ends_with_an_error_and_its_neigh
     while engine.has_work():
         outputs += engine.step()
     assert stuck.output_ids == [5] and stuck.finish_reason == "error" and stuck.error_field == "bad_words"
-    assert "no token to sample after 1 output tokens" in stuck.error
+    assert "no token to sample after 1 output token:" in stuck.error
     assert [o.finish_reason for o in outputs if o.request_id == "s" and o.finished] == ["error"]
     assert neighbour.output_ids == alone.output_ids and neighbour.finish_reason == "length"
     assert engine.processors.cached == 0

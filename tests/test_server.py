@@ -653,7 +653,7 @@ def test_bad_words_never_appear_in_the_output(main):
     stuck = dict(prompt="x", max_tokens=4, atv={"mode": "off"}, allowed_token_ids=[a, b], logit_bias={str(a): 100},
                  bad_words=["ab", "aa"])
     error = assert_error(main.post("/v1/completions", stuck), 400, "bad_words")
-    assert "no token to sample after 1 output tokens" in error["message"]
+    assert "no token to sample after 1 output token:" in error["message"]
     with httpx.stream("POST", main.url + "/v1/completions", json={**stuck, "stream": True}, timeout=30) as response:
         events = sse_events(response)
     assert events[0]["choices"][0]["text"] == "a" and events[-1]["error"]["param"] == "bad_words"

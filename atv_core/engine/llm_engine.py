@@ -200,9 +200,10 @@ class LLMEngine:
                 raise InvalidRequest("allowed_token_ids holds only tokens that bad_words ban: allow another token "
                                      "or drop the bad word", "allowed_token_ids")
             if params.min_tokens and allowed <= self.processors.end_tokens(params):
+                banned = " or that bad_words ban" if params.bad_words_ids else ""
                 raise InvalidRequest("allowed_token_ids holds only tokens that end the completion (EOS or "
-                                     "stop_token_ids) or that bad_words ban, and min_tokens forbids the first before "
-                                     "its count: allow another token or drop min_tokens", "allowed_token_ids")
+                                     f"stop_token_ids){banned}, and min_tokens forbids the first before its count: "
+                                     "allow another token or drop min_tokens", "allowed_token_ids")
         total = request.num_prompt_tokens + request.params.max_tokens
         if total > self.max_model_len:
             raise PromptTooLong(f"prompt ({request.num_prompt_tokens} tokens) + max_tokens "
@@ -464,9 +465,10 @@ class LLMEngine:
                 request = requests[i]
                 ending = len(request.output_ids) < request.params.min_tokens   # min_tokens bans EOS too
                 causes = "allowed_token_ids, bad_words and min_tokens" if ending else "allowed_token_ids and bad_words"
-                request.finish("error", f"{causes} leave no token to sample after {len(request.output_ids)} output "
-                               f"tokens: allow another token or drop the bad word{' or min_tokens' if ending else ''}",
-                               "bad_words")
+                count = len(request.output_ids)
+                request.finish("error", f"{causes} leave no token to sample after {count} output "
+                               f"token{'s' if count != 1 else ''}: allow another token or drop the bad word"
+                               f"{' or min_tokens' if ending else ''}", "bad_words")
             outputs = [self._retire(requests[i], [], None) for i in empty]
             keep = [i for i in range(len(requests)) if i not in empty]
             if not keep:
