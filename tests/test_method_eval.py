@@ -175,6 +175,22 @@ def test_run_method_scores_every_item_and_counts_target_tokens(tmp_path):
     assert len(ex["gates"]) == 9 and 0 <= ex["first_token"] <= 1
 
 
+def test_examples_are_evaluated_as_served_a_gate_below_gate_open_adds_no_vector(tmp_path):
+    from dataclasses import replace
+
+    from atv_core.tools.evaluate import method_prompts, test_prompts
+    model = make_model("llama")
+    generator = load_generator(make_tiny_generator_dir(tmp_path / "g", max_examples=5, gate="learned"), target=model)
+    task = load_suite(names=["antonym"])[0]
+    items = test_prompts(task, 3)
+    _, vectors, _, gates = method_prompts("atv_examples", task, items, 0, 2, generator, {})
+    assert all(v.abs().sum() > 0 for v in vectors) and all(0 < g < 1 for g in gates)
+    cut = sorted(gates)[len(gates) // 2] + 1e-6               # closes the lower half of this seed's gates
+    generator.config = replace(generator.config, gate_open=cut)
+    _, vectors, _, again = method_prompts("atv_examples", task, items, 0, 2, generator, {})
+    assert again == gates and [not v.any() for v in vectors] == [g < cut for g in gates]
+
+
 def test_evaluate_seed_end_to_end_resumes_and_reports(tmp_path):
     from atv_core.tools.evaluate import evaluate_seed, report
     model, tok = make_model("llama"), make_tokenizer()

@@ -393,8 +393,10 @@ print("finished")
 
 
 def test_a_closed_gate_gives_no_vector_and_the_output_of_steering_off(parts, monkeypatch):
-    """A gate below GATE_OPEN zeroes the request's vector (a soft gate of ~0.01 still moves greedy tokens), and a
-    zero delta takes no vector slot: the request is served exactly as steering off; an open gate still steers."""
+    """A gate below the checkpoint's gate_open (0.5 by default) zeroes the request's vector (a soft gate of ~0.01
+    still moves greedy tokens), and a zero delta takes no vector slot: the request is served exactly as steering
+    off; an open gate still steers. A checkpoint with gate_open 0.8 closes the gate of 0.7 too."""
+    from dataclasses import replace
     from atv_core.engine import vector_worker
     from atv_core.steering.generator import GeneratorOutput
     model, tok, generator = parts
@@ -408,6 +410,9 @@ def test_a_closed_gate_gives_no_vector_and_the_output_of_steering_off(parts, mon
     monkeypatch.setattr(generator, "forward", forward)
     vectors, gates = vector_worker.generate(generator, TEXTS[:2])
     assert gates == pytest.approx([0.3, 0.7]) and not vectors[0].any() and vectors[1].abs().sum() > 0
+    monkeypatch.setattr(generator, "config", replace(generator.config, gate_open=0.8))
+    assert not vector_worker.generate(generator, TEXTS[:2])[0].any()
+    monkeypatch.setattr(generator, "config", replace(generator.config, gate_open=0.5))
     engine = LLMEngine(model, tok, generator, EngineConfig(max_running=8, generator_worker=False))
     logits = record_logits(engine)
     closed, opened = (Request(f"r{i}", tok(t)["input_ids"], GREEDY, SteeringSpec("atv"), t)

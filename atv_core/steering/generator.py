@@ -54,6 +54,7 @@ class GeneratorConfig:
     gate: Literal["none", "distance", "learned"] = "none"
     gate_threshold: float = 0.0        # distance gate: g = sigmoid((max cos(q, centroid) - threshold) / temperature)
     gate_temperature: float = 0.05
+    gate_open: float = 0.5             # serving: a gate below this adds no vector (exactly steering off)
     train_backbone: bool = False
     backbone_trainable_layers: int = 0 # >0: the top N backbone blocks are fine-tuned and stored (train_backbone=False)
     backbone_layers: int | None = None # keep only the first N backbone blocks (a cheaper generator); None = all
@@ -71,6 +72,8 @@ class GeneratorConfig:
             raise ValueError(f"position must be one of {POSITION_POLICIES}, got {self.position!r}")
         if self.gate not in GATES:
             raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
+        if not 0 <= self.gate_open < 1:
+            raise ValueError(f"gate_open must be in [0, 1) (0: no gate closes), got {self.gate_open!r}")
         if "{prompt}" not in self.input_template:
             raise ValueError(f"input_template must contain '{{prompt}}', got {self.input_template!r}")
         for name, keys in (("examples_format", ("{prompt}", "{examples}")), ("example_template", ("{input}", "{output}"))):

@@ -34,6 +34,7 @@ from atv_core.steering.checkpoint import load_generator
 from atv_core.engine.llm_engine import EngineConfig, LLMEngine
 from atv_core.models import generator_dir, load_target
 from atv_core.engine.request import Request, SamplingParams, SteeringSpec, chat_query
+from atv_core.engine.vector_worker import generate
 from atv_core.tools.tasks import Task, default_data_dir, load_suite, load_task_file, unique_names
 from atv_core.tools.train import (PRESETS, TrainConfig, answer_loss, chat_prompt, control_file, encode,
                                   load_task_vectors, with_config_file, read_prompts, select_tasks, train, training_items)
@@ -168,14 +169,14 @@ def method_prompts(method: str, task: Task, items: list[tuple[str, str, int]], s
         return [with_demos(task, t, p, demos) for p, _, t in items], None, "off", None
     if method == "atv":
         return prompts, None, "atv", None
-    if method in ("atv_nogate", "atv_examples"):
+    if method == "atv_nogate":
         with torch.no_grad():
-            if method == "atv_nogate":
-                out = generator(prompts, use_gate=False)
-            else:  # the generator reads k demonstrations (the ICL ones); the target reads the query alone
-                demos = icl_prefix(task, k, seed)
-                out = generator([generator.format_input(p, demos) for p in prompts])
+            out = generator(prompts, use_gate=False)
         return prompts, list(out.vectors), "atv", out.gates.tolist()
+    if method == "atv_examples":   # the generator reads k demonstrations (the ICL ones); the target the query alone
+        demos = icl_prefix(task, k, seed)   # as served: a gate below the checkpoint's gate_open adds no vector
+        vectors, gates = generate(generator, [generator.format_input(p, demos) for p in prompts])
+        return prompts, list(vectors), "atv", gates
     if method == "task_vector":
         return prompts, [static_task_vector(task, generator)] * len(prompts), "atv", None
     if method == "shared":
