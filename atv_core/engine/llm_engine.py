@@ -462,10 +462,9 @@ class LLMEngine:
         empty, outputs = self.processors.empty_rows(processed, requests), []
         if empty:   # allowed_token_ids all banned by a bad word completed in the output: nothing may be sampled
             for i in empty:
-                request = requests[i]
-                ending = len(request.output_ids) < request.params.min_tokens   # min_tokens bans EOS too
+                request, count = requests[i], len(requests[i].output_ids)
+                ending = count < request.params.min_tokens   # min_tokens bans EOS too
                 causes = "allowed_token_ids, bad_words and min_tokens" if ending else "allowed_token_ids and bad_words"
-                count = len(request.output_ids)
                 request.finish("error", f"{causes} leave no token to sample after {count} output "
                                f"token{'s' if count != 1 else ''}: allow another token or drop the bad word"
                                f"{' or min_tokens' if ending else ''}", "bad_words")

@@ -220,12 +220,16 @@ def unsteered_answers(model, tokenizer, prompts: list[str], max_new_tokens: int,
     return answers
 
 
+def negative_rows(path, split: str) -> list[dict]:
+    """The negatives' prompts of one split: every 5th is validation."""
+    return [r for i, r in enumerate(read_prompts(path)) if (i % 5 == 4) == (split == "valid")]
+
+
 def negative_items(path, model, tokenizer, split: str, max_new_tokens: int, seed: int) -> list[Item]:
     """Negatives (gate label 0) of one split (every 5th prompt is validation), sent as the chat endpoint sends
     them: the target reads the chat-templated prompt and its target is the unsteered answer to it; the generator
     reads what the server's generator reads of a chat (chat_query: the user text, no template)."""
-    rows = read_prompts(path)
-    rows = [r for i, r in enumerate(rows) if (i % 5 == 4) == (split == "valid")]
+    rows = negative_rows(path, split)
     prompts = [chat_prompt(tokenizer, r["prompt"]) for r in rows]
     answers = unsteered_answers(model, tokenizer, prompts, max_new_tokens)
     items = [Item(p, a, "negative:" + r.get("kind", "generic"), gen_input=chat_query([("user", r["prompt"])]),

@@ -16,7 +16,7 @@ import torch
 from atv_core.engine.request import chat_query
 from atv_core.steering.checkpoint import load_generator
 from atv_core.tools.tasks import load_suite
-from atv_core.tools.train import default_negatives, read_prompts, training_items
+from atv_core.tools.train import default_negatives, negative_rows, training_items
 
 
 def gates(generator, texts: list[str]) -> torch.Tensor:
@@ -26,7 +26,7 @@ def gates(generator, texts: list[str]) -> torch.Tensor:
 
 def main(argv: list[str]) -> None:
     tasks = load_suite(seen=True)
-    negatives = [r for i, r in enumerate(read_prompts(default_negatives())) if i % 5 == 4]
+    negatives = negative_rows(default_negatives(), "valid")
     for spec in argv:
         seed, path = spec.split("=", 1)
         generator = load_generator(path)
