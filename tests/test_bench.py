@@ -122,6 +122,29 @@ def test_serve_levels_interleave_modes_with_the_same_lengths(monkeypatch):
     assert [r["mode"] for r in records] == ["atv", "off"] and records[0]["rounds_n"] == 3
 
 
+def test_ttft_waves_pair_one_token_waves_of_every_prompt(monkeypatch):
+    calls = []
+
+    async def fake_request(client, url, prompt, mode, new_tokens):
+        calls.append((mode, prompt, new_tokens))
+        wave = sum(1 for c in calls if c[1] == prompt) - 1           # this prompt's wave index
+        if mode == "atv" and prompt == "hi" and wave == 4:
+            return {"ok": False, "status": 500}
+        ttft = 1.0 + 0.1 * wave + (0.05 if mode == "atv" else 0.0)   # drift of 0.1 s per wave, atv + 50 ms
+        return {"ok": True, "ttft": ttft + 0.01 * PROMPTS.index(prompt), "itl": [], "e2e": ttft, "tokens": 1}
+    monkeypatch.setattr(bench_serve, "one_request", fake_request)
+    waves = bench_serve.ttft_waves("http://x", PROMPTS, ["atv", "off"], 3)
+    modes = [c[0] for c in calls]
+    assert modes == ["atv"] * 4 + ["off"] * 8 + ["atv"] * 8 + ["off"] * 4    # rotated per pair
+    assert {c[2] for c in calls} == {1} and all({c[1] for c in calls[i:i + 4]} == set(PROMPTS) for i in range(0, 24, 4))
+    assert waves["waves"] == 3 and waves["concurrency"] == 4 and waves["failures"] == 1
+    d = waves["atv_minus_off"]
+    # pairs: (atv wave 0, off wave 1), (off wave 2, atv wave 3), (atv wave 4 without "hi", off wave 5)
+    assert d["rounds"] == pytest.approx([0.05 - 0.1, 0.05 + 0.1, 0.05 - 0.1 + 0.005])
+    table = bench_serve.table([], {}, {"ttft_waves": waves})
+    assert "3 paired waves of 4 one-token requests" in table
+
+
 # ---- the closed-batch baseline against the engine (tiny Llama, fp32) ----------------------------------
 @pytest.fixture(scope="module")
 def model():
